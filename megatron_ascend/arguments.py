@@ -1,0 +1,272 @@
+"""Megatron-LM / MindSpeed-LLM compatible command-line flags -> the frozen config dataclasses.
+
+``parse_args(argv)`` returns the argparse namespace; ``build_configs(args, world_size)`` returns
+(model, parallel, optimizer, training, data) after every rule in config.py has been checked.
+``--model-config PATH`` reads a HuggingFace config.json; flags given on the command line override it.
+Errors are ConfigError; entry points turn them into one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Tuple
+
+from .config import (ConfigError, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, RopeScaling,
+                     TrainingConfig, validate_all)
+
+# flag -> ModelConfig field (Megatron name first; DeepSeek/HF names where Megatron has none)
+_MODEL_FLAGS = {
+    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_head_dim": "qk_nope_head_dim", "qk_pos_emb_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+    "num_experts": "n_routed_experts", "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_router_topk": "num_experts_per_tok", "moe_router_num_groups": "n_group",
+    "moe_router_group_topk": "topk_group", "moe_router_score_function": "scoring_func",
+    "moe_router_topk_scaling_factor": "routed_scaling_factor", "moe_router_topk_method": "topk_method",
+    "first_k_dense_replace": "first_k_dense_replace", "moe_layer_freq": "moe_layer_freq",
+    "moe_aux_loss_coeff": "aux_loss_alpha", "mtp_num_layers": "num_nextn_predict_layers",
+    "mtp_loss_scaling_factor": "mtp_loss_scaling_factor", "norm_epsilon": "rms_norm_eps",
+    "rotary_base": "rope_theta", "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "vocab_size", "init_method_std": "init_method_std", "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim", "index_topk": "index_topk", "model_type": "model_type",
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (DeepSeek architecture; overrides --model-config)")
+    g.add_argument("--model-config", default=None, help="HuggingFace config.json of a DeepSeek V2/V3/V3.2/V4 model")
+    g.add_argument("--model-type", default=None, help="deepseek_v2 | deepseek_v3 | deepseek_v32 | deepseek_v4")
+    g.add_argument("--num-layers", type=int, default=None, help="decoder layers (num_hidden_layers)")
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="dense FFN width (intermediate_size)")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--q-lora-rank", type=int, default=None, help="MLA query latent rank (0 = V2-Lite q_proj)")
+    g.add_argument("--kv-lora-rank", type=int, default=None, help="MLA key/value latent rank")
+    g.add_argument("--qk-head-dim", type=int, default=None, help="MLA no-rope head dim (qk_nope_head_dim)")
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=None, help="MLA decoupled RoPE dim (qk_rope_head_dim)")
+    g.add_argument("--v-head-dim", type=int, default=None)
+    g.add_argument("--num-experts", type=int, default=None, help="routed experts (n_routed_experts); 0 = dense")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN width")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="total shared-expert width (n_shared_experts x moe-ffn-hidden-size)")
+    g.add_argument("--n-shared-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=None, help="experts per token")
+    g.add_argument("--moe-router-num-groups", type=int, default=None, help="expert groups (n_group)")
+    g.add_argument("--moe-router-group-topk", type=int, default=None, help="groups kept per token (topk_group)")
+    g.add_argument("--moe-router-score-function", default=None, help="softmax | sigmoid | sqrtsoftplus")
+    g.add_argument("--moe-router-topk-method", default=None, help="greedy | group_limited_greedy | noaux_tc")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None, help="routed_scaling_factor")
+    g.add_argument("--norm-topk-prob", dest="norm_topk_prob", action="store_true", default=None)
+    g.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
+    g.add_argument("--first-k-dense-replace", type=int, default=None, help="leading dense-FFN layers")
+    g.add_argument("--moe-layer-freq", type=int, default=None)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="sequence-wise balance loss alpha")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="aux-loss-free expert-bias step gamma (0 disables)")
+    g.add_argument("--moe-token-dispatcher-type", default="alltoall", help="alltoall | allgather")
+    g.add_argument("--mtp-num-layers", type=int, default=None, help="multi-token-prediction modules")
+    g.add_argument("--mtp-loss-scaling-factor", type=float, default=None, help="MTP loss weight lambda")
+    g.add_argument("--norm-epsilon", type=float, default=None)
+    g.add_argument("--rotary-base", type=float, default=None, help="rope_theta")
+    g.add_argument("--rope-scaling-factor", type=float, default=None, help="YaRN factor (enables YaRN)")
+    g.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=None)
+    g.add_argument("--rope-scaling-mscale", type=float, default=None)
+    g.add_argument("--rope-scaling-mscale-all-dim", type=float, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="model vocab (default: the tokenizer's, padded)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--init-method-std", type=float, default=None, help="init std (DeepSeek: 0.006)")
+    g.add_argument("--index-n-heads", type=int, default=None, help="V3.2 DSA indexer heads")
+    g.add_argument("--index-head-dim", type=int, default=None)
+    g.add_argument("--index-topk", type=int, default=None)
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=1, help="(reserved; context parallel comes later)")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="default: same as TP")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--show-layout", action="store_true", help="print every process group and exit")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-retain", type=int, default=None, help="keep only the newest K checkpoints")
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration and optimizer")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--recompute-modules", nargs="*", default=[],
+                   help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts")
+    g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: platform table)")
+
+
+def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adam")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", help="constant | linear | cosine | WSD")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=[], help="PREFIX or 'W1 PREFIX1 W2 PREFIX2 ...'")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--tokenizer-type", default=None, help="SentencePieceTokenizer | HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--mock-data", action="store_true", help="random tokens (smoke tests, benchmarks)")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+
+
+def build_parser(prog: str = "megatron_ascend", description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    _add_parallel_args(p)
+    _add_training_args(p)
+    _add_optimizer_args(p)
+    _add_data_args(p)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None, prog: str = "megatron_ascend", description: str = "",
+               extra_args=None) -> argparse.Namespace:
+    p = build_parser(prog, description)
+    if extra_args is not None:
+        extra_args(p)
+    return p.parse_args(argv)
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    base = {}
+    if args.model_config:
+        base = ModelConfig.from_json_file(args.model_config).__dict__.copy()
+    over = {}
+    for flag, fld in _MODEL_FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            over[fld] = v
+    if args.norm_topk_prob is not None:
+        over["norm_topk_prob"] = args.norm_topk_prob
+    if args.untie_embeddings_and_output_weights:
+        over["tie_word_embeddings"] = False
+    if args.n_shared_experts is not None:
+        over["n_shared_experts"] = args.n_shared_experts
+    elif args.moe_shared_expert_intermediate_size is not None:
+        width = over.get("moe_intermediate_size", base.get("moe_intermediate_size"))
+        if not width or args.moe_shared_expert_intermediate_size % width:
+            raise ConfigError(f"--moe-shared-expert-intermediate-size {args.moe_shared_expert_intermediate_size} "
+                              f"is not a multiple of --moe-ffn-hidden-size {width}; give a multiple")
+        over["n_shared_experts"] = args.moe_shared_expert_intermediate_size // width
+    if args.rope_scaling_factor is not None:
+        rs = base.get("rope_scaling") or RopeScaling()
+        kw = dict(rs.__dict__)
+        kw["factor"] = args.rope_scaling_factor
+        if args.rope_scaling_original_max_position_embeddings is not None:
+            kw["original_max_position_embeddings"] = args.rope_scaling_original_max_position_embeddings
+        if args.rope_scaling_mscale is not None:
+            kw["mscale"] = args.rope_scaling_mscale
+        if args.rope_scaling_mscale_all_dim is not None:
+            kw["mscale_all_dim"] = args.rope_scaling_mscale_all_dim
+        over["rope_scaling"] = RopeScaling(**kw)
+    merged = {**base, **over}
+    return ModelConfig(**merged)
+
+
+def build_configs(args: argparse.Namespace, world_size: int
+                  ) -> Tuple[ModelConfig, ParallelConfig, OptimizerConfig, TrainingConfig, DataConfig]:
+    model = model_config_from_args(args)
+    par = ParallelConfig(
+        world_size=world_size, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+    opt = OptimizerConfig(
+        optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
+        lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+        lr_wsd_decay_iters=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style,
+        weight_decay=args.weight_decay, clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, bf16=args.bf16, fp16=args.fp16,
+        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window, moe_router_bias_update_rate=args.moe_router_bias_update_rate,
+        overlap_grad_reduce=args.overlap_grad_reduce)
+    train = TrainingConfig(
+        micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
+        seq_length=args.seq_length or min(4096, model.max_position_embeddings), train_iters=args.train_iters or 0,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
+        save_interval=args.save_interval, save=args.save, load=args.load, save_retain=args.save_retain,
+        finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+        exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins, seed=args.seed,
+        tensorboard_dir=args.tensorboard_dir, recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops)
+    data = DataConfig(
+        data_path=tuple(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        mock_data=args.mock_data, num_workers=args.num_workers, reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask)
+    validate_all(model, par, train, opt, data)
+    return model, par, opt, train, data
+
+
+def exit_on_config_error(fn):
+    """Decorator for CLI mains: a ConfigError becomes one line on stderr and exit code 2 (no traceback)."""
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

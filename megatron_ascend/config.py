@@ -1,0 +1,602 @@
+"""Configuration dataclasses and every cross-field validation rule.
+
+Owns: ModelConfig (one type for DeepSeek V2 / V2-Lite / V3 / V3.2 / V4, readable from a HuggingFace
+``config.json`` in both the hub style (``rope_scaling`` + ``rope_theta``) and the newer ``transformers``
+style (``rope_parameters``)), ParallelConfig, OptimizerConfig, TrainingConfig, DataConfig, and
+``validate_all`` which checks the rules that span several of them.
+
+Does not own: flag parsing (arguments.py), process groups (parallel_state.py).
+
+Every rule raises ``ConfigError`` with one sentence that names the value(s) seen and the fix.
+The dataclasses are frozen: build a new one with ``dataclasses.replace`` instead of mutating.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+RECOMPUTE_METHODS = (None, "uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+DISPATCHER_TYPES = ("alltoall", "allgather")
+LOAD_BALANCING_TYPES = ("seq_aux_loss", "aux_loss", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value (or combination) that cannot work. The message names the value and the fix."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN parameters exactly as the released configs define them (see deepseek_architecture.md 1.3)."""
+
+    type: str = "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        _require(self.type in ("yarn",), f"rope scaling type {self.type!r} is not supported; use 'yarn' or none")
+        _require(self.factor >= 1.0, f"rope scaling factor {self.factor} must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One DeepSeek family config. Field names follow the HuggingFace config.json keys."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # MLA
+    q_lora_rank: Optional[int] = 1536  # None (or 0) = V2-Lite form with a plain q_proj
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    # MoE (n_routed_experts == 0 means a dense model)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss coefficient (V3 paper: 1e-4)
+    seq_aux: bool = True
+    # norms / positions
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    # MTP
+    num_nextn_predict_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
+    # init
+    init_method_std: float = 0.006
+    # V3.2 DSA lightning indexer (index_topk == 0: off)
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+    dsa_indexer_loss_coeff: float = 0.0
+    # V4 (kept here so one config type describes the family; the V4 modules are a later issue)
+    hc_mult: int = 0
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    head_dim: int = 0
+    sliding_window: int = 0
+    compress_ratios: Tuple[int, ...] = ()
+    compress_rope_theta: float = 0.0
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    num_hash_layers: int = 0
+    swiglu_limit: float = 0.0
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 1
+
+    def __post_init__(self):
+        if self.q_lora_rank == 0:
+            object.__setattr__(self, "q_lora_rank", None)
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "compress_ratios", tuple(self.compress_ratios))
+        self.validate()
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def has_indexer(self) -> bool:
+        return self.index_topk > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """HF remote-code rule: MoE iff experts exist, idx >= first_k_dense_replace and idx % freq == 0."""
+        return (self.is_moe and layer_idx >= self.first_k_dense_replace
+                and layer_idx % self.moe_layer_freq == 0)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def validate(self) -> None:
+        _require(self.model_type in MODEL_TYPES,
+                 f"model_type {self.model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) > 0, f"{name} is {getattr(self, name)}; it must be a positive integer")
+        _require(self.qk_rope_head_dim % 2 == 0,
+                 f"qk_rope_head_dim {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        _require(self.scoring_func in SCORING_FUNCS,
+                 f"unknown router scoring function {self.scoring_func!r}; use one of {', '.join(SCORING_FUNCS)}")
+        _require(self.topk_method in TOPK_METHODS,
+                 f"unknown router type (topk_method) {self.topk_method!r}; use one of {', '.join(TOPK_METHODS)}")
+        if self.is_moe:
+            _require(self.num_experts_per_tok >= 1,
+                     f"num_experts_per_tok {self.num_experts_per_tok} must be >= 1 for a MoE model")
+            _require(self.num_experts_per_tok <= self.n_routed_experts,
+                     f"num_experts_per_tok {self.num_experts_per_tok} exceeds n_routed_experts "
+                     f"{self.n_routed_experts}; pick at most {self.n_routed_experts}")
+            _require(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive for a MoE model")
+            _require(self.moe_layer_freq >= 1, f"moe_layer_freq {self.moe_layer_freq} must be >= 1")
+            if self.topk_method in ("group_limited_greedy", "noaux_tc") and self.n_group > 1:
+                _require(self.n_routed_experts % self.n_group == 0,
+                         f"n_group {self.n_group} does not divide n_routed_experts {self.n_routed_experts}; "
+                         f"pick a divisor of {self.n_routed_experts}")
+                _require(1 <= self.topk_group <= self.n_group,
+                         f"topk_group {self.topk_group} must be between 1 and n_group {self.n_group}")
+                per_group = self.n_routed_experts // self.n_group
+                _require(self.topk_group * per_group >= self.num_experts_per_tok,
+                         f"topk_group {self.topk_group} groups of {per_group} experts cannot hold "
+                         f"num_experts_per_tok {self.num_experts_per_tok}; raise topk_group")
+                if self.topk_method == "noaux_tc":
+                    _require(per_group >= 2 or self.n_group == 1,
+                             f"noaux_tc scores a group by its top-2 experts, but n_group {self.n_group} leaves "
+                             f"{per_group} expert per group; use fewer groups")
+        if self.has_indexer:
+            _require(self.index_n_heads > 0 and self.index_head_dim > 0,
+                     "index_topk > 0 needs index_n_heads and index_head_dim > 0")
+            _require(self.index_head_dim >= self.qk_rope_head_dim,
+                     f"index_head_dim {self.index_head_dim} must be >= qk_rope_head_dim {self.qk_rope_head_dim}")
+        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+
+    # -- HuggingFace config.json ------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: Dict[str, Any], **overrides) -> "ModelConfig":
+        """Build from a HuggingFace DeepSeek config dict (hub style or transformers-5 style)."""
+        d = dict(d)
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"config.json model_type {model_type!r} is not a DeepSeek model we support; "
+                              f"use one of {', '.join(MODEL_TYPES)}")
+        kw: Dict[str, Any] = {"model_type": model_type}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            if k in names and k not in ("rope_scaling", "model_type", "compress_ratios"):
+                kw[k] = v
+        # rope: hub style {rope_theta, rope_scaling{type|rope_type, ...}} or rope_parameters
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict) and "main" in rope:  # V4 keeps per-attention-kind parameters
+            if "rope_theta" in rope.get("compress", {}):
+                kw.setdefault("compress_rope_theta", rope["compress"]["rope_theta"])
+            rope = rope["main"]
+        scaling = d.get("rope_scaling")
+        if rope is not None and scaling is None:
+            if "rope_theta" in rope:
+                kw["rope_theta"] = float(rope["rope_theta"])
+            if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+                scaling = rope
+        if scaling:
+            rtype = scaling.get("rope_type", scaling.get("type"))
+            if rtype not in (None, "default"):
+                kw["rope_scaling"] = RopeScaling(
+                    type=rtype, factor=float(scaling.get("factor", 1.0)),
+                    original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 4096)),
+                    beta_fast=float(scaling.get("beta_fast", 32)), beta_slow=float(scaling.get("beta_slow", 1)),
+                    mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)))
+        if "rope_theta" in d:
+            kw["rope_theta"] = float(d["rope_theta"])
+        # family defaults that HF configs leave implicit
+        if model_type == "deepseek_v3" or model_type == "deepseek_v32":
+            kw.setdefault("scoring_func", "sigmoid")
+            kw.setdefault("topk_method", "noaux_tc")
+        if model_type == "deepseek_v2":
+            kw.setdefault("scoring_func", "softmax")
+            kw.setdefault("topk_method", "greedy")
+            kw.setdefault("num_nextn_predict_layers", 0)
+        if model_type == "deepseek_v4":
+            kw.setdefault("topk_method", "noaux_tc")
+            if "layer_types" in d and "compress_rates" in d:
+                rates = d["compress_rates"]
+                kw["compress_ratios"] = tuple(int(rates.get(t, 0)) for t in d["layer_types"])
+            elif "compress_ratios" in d:
+                kw["compress_ratios"] = tuple(d["compress_ratios"])
+            if "mlp_layer_types" in d:
+                kw["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
+            kw.setdefault("first_k_dense_replace", 0)
+            kw.setdefault("qk_nope_head_dim", int(d.get("head_dim", 512)) - int(d.get("qk_rope_head_dim", 64)))
+            kw.setdefault("v_head_dim", int(d.get("head_dim", 512)))
+            kw.setdefault("kv_lora_rank", int(d.get("head_dim", 512)))
+        for key in ("n_group", "topk_group"):
+            if kw.get(key) is None:
+                kw[key] = 1
+        if kw.get("n_routed_experts") is None:
+            kw["n_routed_experts"] = 0
+        if kw.get("num_experts_per_tok") is None:
+            kw["num_experts_per_tok"] = 0 if not kw.get("n_routed_experts") else 1
+        if kw.get("n_shared_experts") is None:
+            kw["n_shared_experts"] = 0
+        if "aux_loss_alpha" not in d and "router_aux_loss_coef" in d:
+            kw["aux_loss_alpha"] = 0.0  # HF V4 key is an inference-time default; training sets its own alpha
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_json_file(cls, path: str, **overrides) -> "ModelConfig":
+        if not os.path.isfile(path):
+            raise ConfigError(f"--model-config {path!r} does not exist; pass the path of a HuggingFace config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-config {path!r} is not valid JSON ({e}); pass a HuggingFace config.json")
+        return cls.from_hf_dict(d, **overrides)
+
+    def to_hf_dict(self) -> Dict[str, Any]:
+        """The hub-style config.json that `transformers` loads for this model."""
+        arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}[self.model_type]
+        d = {
+            "architectures": [arch], "model_type": self.model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank, "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim, "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim, "n_routed_experts": self.n_routed_experts or None,
+            "n_shared_experts": self.n_shared_experts, "num_experts_per_tok": self.num_experts_per_tok or None,
+            "n_group": self.n_group, "topk_group": self.topk_group, "topk_method": self.topk_method,
+            "scoring_func": self.scoring_func, "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor, "first_k_dense_replace": self.first_k_dense_replace,
+            "moe_layer_freq": self.moe_layer_freq, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers, "attention_bias": self.attention_bias,
+            "hidden_act": "silu", "initializer_range": self.init_method_std,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+        }
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        if self.has_indexer:
+            d.update(index_n_heads=self.index_n_heads, index_head_dim=self.index_head_dim,
+                     index_topk=self.index_topk)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallelism
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParallelConfig:
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None = same as TP (Megatron default)
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    moe_token_dispatcher_type: str = "alltoall"
+
+    def __post_init__(self):
+        if self.expert_tensor_parallel_size is None:
+            object.__setattr__(self, "expert_tensor_parallel_size", self.tensor_model_parallel_size)
+        self.validate()
+
+    @property
+    def tp(self) -> int:
+        return self.tensor_model_parallel_size
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def cp(self) -> int:
+        return self.context_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
+    @property
+    def etp(self) -> int:
+        return self.expert_tensor_parallel_size
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def edp(self) -> int:
+        return self.world_size // (self.etp * self.ep * self.pp)
+
+    def validate(self) -> None:
+        for name in ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} is {v}; it must be an integer >= 1")
+        mp = self.tp * self.pp * self.cp
+        _require(self.world_size % mp == 0,
+                 f"world size {self.world_size} is not a multiple of tensor-model-parallel-size {self.tp} x "
+                 f"pipeline-model-parallel-size {self.pp} x context-parallel-size {self.cp} = {mp}; "
+                 f"launch a multiple of {mp} processes or shrink the model-parallel sizes")
+        stage = self.tp * self.cp * self.dp
+        _require(stage % (self.ep * self.etp) == 0,
+                 f"expert-model-parallel-size {self.ep} x expert-tensor-parallel-size {self.etp} = "
+                 f"{self.ep * self.etp} does not divide the {stage} ranks of a pipeline stage "
+                 f"(tp {self.tp} x cp {self.cp} x data-parallel size {self.dp}); pick an expert-model-parallel-size "
+                 f"that divides {stage // self.etp}")
+        _require(not (self.sequence_parallel and self.tp == 1),
+                 "--sequence-parallel needs --tensor-model-parallel-size > 1 (it is 1); drop the flag or raise TP")
+        _require(self.moe_token_dispatcher_type in DISPATCHER_TYPES,
+                 f"--moe-token-dispatcher-type {self.moe_token_dispatcher_type!r} is unknown; "
+                 f"use one of {', '.join(DISPATCHER_TYPES)}")
+        if self.virtual_pipeline_model_parallel_size is not None or self.num_layers_per_virtual_pipeline_stage:
+            _require(self.pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1 (it is 1)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer, training, data
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_style: str = "linear"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    bf16: bool = False
+    fp16: bool = False
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    moe_router_bias_update_rate: float = 1e-3
+    overlap_grad_reduce: bool = False
+    bucket_size: Optional[int] = None
+
+    def __post_init__(self):
+        _require(self.optimizer in ("adam", "sgd"), f"--optimizer {self.optimizer!r} is unknown; use adam or sgd")
+        _require(self.lr_decay_style in LR_DECAY_STYLES,
+                 f"--lr-decay-style {self.lr_decay_style!r} is unknown; use one of {', '.join(LR_DECAY_STYLES)}")
+        _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are both set; pick one")
+        _require(self.lr >= 0 and self.min_lr >= 0, f"--lr {self.lr} and --min-lr {self.min_lr} must be >= 0")
+        _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
+        _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters {self.lr_warmup_iters} must be >= 0")
+        _require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+                 f"--adam-beta1 {self.adam_beta1} / --adam-beta2 {self.adam_beta2} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    seq_length: int = 4096
+    train_iters: int = 0
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    log_interval: int = 100
+    save_interval: Optional[int] = None
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_retain: Optional[int] = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    exit_interval: Optional[int] = None
+    exit_duration_in_mins: Optional[float] = None
+    seed: int = 1234
+    tensorboard_dir: Optional[str] = None
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: Tuple[str, ...] = ()
+    peak_tflops: Optional[float] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
+        _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
+        _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
+        _require(self.recompute_granularity in RECOMPUTE_GRANULARITIES,
+                 f"--recompute-granularity {self.recompute_granularity!r} is unknown; use full or selective")
+        _require(self.recompute_method in RECOMPUTE_METHODS,
+                 f"--recompute-method {self.recompute_method!r} is unknown; use uniform or block")
+        if self.recompute_granularity == "full":
+            _require(self.recompute_method is not None,
+                     "--recompute-granularity full needs --recompute-method uniform or block")
+            _require(self.recompute_num_layers is not None and self.recompute_num_layers >= 1,
+                     f"--recompute-granularity full needs --recompute-num-layers >= 1 "
+                     f"(got {self.recompute_num_layers})")
+        bad = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+        _require(not bad, f"--recompute-modules {' '.join(bad)} unknown; use any of {' '.join(RECOMPUTE_MODULES)}")
+        if self.recompute_granularity == "selective" and not self.recompute_modules:
+            object.__setattr__(self, "recompute_modules", ("core_attn",))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: Tuple[str, ...] = ()
+    split: str = "969,30,1"
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    make_vocab_size_divisible_by: int = 128
+    mock_data: bool = False
+    num_workers: int = 0
+    sft: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "data_path", tuple(self.data_path))
+        try:
+            parts = [float(x) for x in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            raise ConfigError(f"--split {self.split!r} is not a list of numbers; use e.g. 969,30,1")
+        _require(len(parts) <= 3 and all(p >= 0 for p in parts) and sum(parts) > 0,
+                 f"--split {self.split!r} needs up to three non-negative weights with a positive sum, e.g. 969,30,1")
+        _require(self.make_vocab_size_divisible_by >= 1,
+                 f"--make-vocab-size-divisible-by {self.make_vocab_size_divisible_by} must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules across configs
+# ----------------------------------------------------------------------------------------------
+def pipeline_layer_split(num_layers: int, pp: int, vp: int = 1, first: Optional[int] = None,
+                         last: Optional[int] = None) -> List[List[int]]:
+    """Number of decoder layers held by each (virtual chunk, pp rank): result[v][p].
+
+    Uneven split: ``first`` / ``last`` layers on the first / last pipeline stage, the rest spread evenly
+    (Megatron's --decoder-first/last-pipeline-num-layers). Raises ConfigError when it does not divide.
+    """
+    fixed = {}
+    if first is not None:
+        fixed[0] = first
+    if last is not None:
+        fixed[pp - 1] = last
+    rest_layers = num_layers - sum(fixed.values())
+    rest_stages = pp - len(fixed)
+    if fixed:
+        _require(rest_layers >= 0,
+                 f"decoder-first/last-pipeline-num-layers ({first}, {last}) exceed num-layers {num_layers}")
+        if rest_stages == 0:
+            _require(rest_layers == 0, f"decoder-first/last-pipeline-num-layers ({first}, {last}) must sum to "
+                                       f"num-layers {num_layers} when pipeline-model-parallel-size is {pp}")
+        else:
+            _require(rest_layers % (rest_stages * vp) == 0,
+                     f"after decoder-first/last-pipeline-num-layers ({first}, {last}), the remaining {rest_layers} "
+                     f"layers do not split evenly over {rest_stages} middle stages x {vp} virtual stages; "
+                     f"adjust the first/last counts")
+        for p, n in fixed.items():
+            _require(n % vp == 0, f"{n} layers on stage {p} do not split over {vp} virtual stages")
+        per = rest_layers // (rest_stages * vp) if rest_stages else 0
+        return [[(fixed[p] // vp if p in fixed else per) for p in range(pp)] for _ in range(vp)]
+    _require(num_layers % (pp * vp) == 0,
+             f"num-layers {num_layers} does not split over pipeline-model-parallel-size {pp} x virtual stages {vp} "
+             f"= {pp * vp} chunks; pick sizes whose product divides {num_layers}, or use "
+             f"--decoder-first-pipeline-num-layers / --decoder-last-pipeline-num-layers")
+    return [[num_layers // (pp * vp)] * pp for _ in range(vp)]
+
+
+def virtual_stages(model: ModelConfig, par: ParallelConfig) -> int:
+    if par.virtual_pipeline_model_parallel_size:
+        return par.virtual_pipeline_model_parallel_size
+    if par.num_layers_per_virtual_pipeline_stage:
+        n = par.num_layers_per_virtual_pipeline_stage
+        total = n * par.pp
+        _require(model.num_hidden_layers % total == 0,
+                 f"num-layers {model.num_hidden_layers} is not a multiple of num-layers-per-virtual-pipeline-stage "
+                 f"{n} x pipeline-model-parallel-size {par.pp} = {total}; pick a divisor")
+        return model.num_hidden_layers // total
+    return 1
+
+
+def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[TrainingConfig] = None,
+                 opt: Optional[OptimizerConfig] = None, data: Optional[DataConfig] = None) -> None:
+    """Rules that need more than one config. Raises ConfigError on the first broken rule."""
+    tp, ep = par.tp, par.ep
+    _require(model.num_attention_heads % tp == 0,
+             f"num-attention-heads {model.num_attention_heads} is not divisible by tensor-model-parallel-size {tp}; "
+             f"pick a TP size that divides {model.num_attention_heads}")
+    if model.is_moe:
+        _require(model.n_routed_experts % ep == 0,
+                 f"expert-model-parallel-size {ep} does not divide num-experts {model.n_routed_experts}; "
+                 f"pick a divisor of {model.n_routed_experts}")
+        if par.etp > 1:
+            _require(model.moe_intermediate_size % par.etp == 0,
+                     f"moe-ffn-hidden-size {model.moe_intermediate_size} is not divisible by "
+                     f"expert-tensor-parallel-size {par.etp}")
+        if model.n_shared_experts:
+            _require((model.n_shared_experts * model.moe_intermediate_size) % tp == 0,
+                     f"shared-expert width {model.n_shared_experts * model.moe_intermediate_size} is not divisible "
+                     f"by tensor-model-parallel-size {tp}")
+    else:
+        _require(ep == 1, f"expert-model-parallel-size {ep} needs a MoE model (num-experts is 0); set it to 1")
+    _require(model.intermediate_size % tp == 0 or model.first_k_dense_replace == 0 and model.is_moe,
+             f"ffn-hidden-size {model.intermediate_size} is not divisible by tensor-model-parallel-size {tp}")
+    if model.has_indexer:
+        _require(model.index_n_heads % tp == 0,
+                 f"index_n_heads {model.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
+    vp = virtual_stages(model, par)
+    pipeline_layer_split(model.num_hidden_layers, par.pp, vp, par.decoder_first_pipeline_num_layers,
+                         par.decoder_last_pipeline_num_layers)
+    if train is not None:
+        gbs = train.global_batch_size
+        if gbs is not None:
+            unit = train.micro_batch_size * par.dp
+            _require(gbs % unit == 0,
+                     f"global-batch-size {gbs} is not divisible by micro-batch-size {train.micro_batch_size} x "
+                     f"data-parallel-size {par.dp} = {unit}; use a multiple of {unit}")
+        if par.sequence_parallel:
+            _require(train.seq_length % tp == 0,
+                     f"--sequence-parallel splits seq-length {train.seq_length} over tensor-model-parallel-size "
+                     f"{tp}; use a seq-length divisible by {tp}")
+        _require(train.seq_length <= model.max_position_embeddings or model.rope_scaling is not None,
+                 f"seq-length {train.seq_length} exceeds max-position-embeddings {model.max_position_embeddings}; "
+                 f"lower --seq-length or raise --max-position-embeddings")
+
+
+def num_microbatches(train: TrainingConfig, par: ParallelConfig) -> int:
+    gbs = train.global_batch_size or train.micro_batch_size * par.dp
+    return gbs // (train.micro_batch_size * par.dp)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: pad the vocab to a multiple of make_vocab_size_divisible_by x TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)

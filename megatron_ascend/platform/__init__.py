@@ -1,0 +1,15 @@
+"""The only package that knows whether we run on an Ascend NPU, CUDA or CPU.
+
+Owns: device selection per local rank, backend (hccl / nccl / gloo), distributed init, RNG state
+capture/restore for the accelerator, memory statistics, the peak FLOP/s table, and the fused-kernel table
+(torch_npu / MindSpeed ops when present, plain-PyTorch references otherwise).
+
+Nothing outside this package imports torch_npu or calls torch.cuda / torch.npu directly.
+"""
+from .device import (Platform, detect_platform, get_platform, get_rng_state, init_distributed, memory_stats,
+                     reset_peak_memory_stats, set_rng_state, synchronize)
+from .peak_flops import PEAK_TFLOPS_BF16, peak_tflops
+from . import kernels
+
+__all__ = ["Platform", "detect_platform", "get_platform", "init_distributed", "memory_stats",
+           "reset_peak_memory_stats", "synchronize", "get_rng_state", "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels"]

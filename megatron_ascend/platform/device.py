@@ -1,0 +1,154 @@
+"""Device, backend and distributed initialisation for npu / cuda / cpu.
+
+Detection order: an Ascend NPU (torch_npu importable and ``torch.npu.device_count() > 0``), then CUDA,
+then CPU. ``MEGATRON_ASCEND_DEVICE=cpu|cuda|npu`` forces a choice (the CPU tests set cpu).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    kind: str  # "npu" | "cuda" | "cpu"
+    device_name: str  # e.g. "Ascend910B3", "NVIDIA H200", "cpu"
+
+    @property
+    def backend(self) -> str:
+        return _BACKENDS[self.kind]
+
+    def device(self, local_rank: Optional[int] = None) -> torch.device:
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        if local_rank is None:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device(self.kind, local_rank)
+
+    @property
+    def module(self):
+        """torch.cuda or torch.npu (None on CPU): used only inside platform/."""
+        if self.kind == "cpu":
+            return None
+        return getattr(torch, self.kind)
+
+
+def _npu_available() -> bool:
+    try:
+        importlib.import_module("torch_npu")  # registers torch.npu
+    except Exception:
+        return False
+    try:
+        return torch.npu.device_count() > 0  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+def detect_platform() -> Platform:
+    forced = os.environ.get("MEGATRON_ASCEND_DEVICE")
+    if forced:
+        if forced not in _BACKENDS:
+            raise ValueError(f"MEGATRON_ASCEND_DEVICE={forced!r} is unknown; use npu, cuda or cpu")
+        kind = forced
+    elif _npu_available():
+        kind = "npu"
+    elif torch.cuda.is_available():
+        kind = "cuda"
+    else:
+        kind = "cpu"
+    if kind == "npu":
+        _npu_available()
+        name = torch.npu.get_device_name(0)  # type: ignore[attr-defined]
+    elif kind == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = "cpu"
+    return Platform(kind, name)
+
+
+_PLATFORM: Optional[Platform] = None
+
+
+def get_platform() -> Platform:
+    global _PLATFORM
+    if _PLATFORM is None:
+        _PLATFORM = detect_platform()
+    return _PLATFORM
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> Platform:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+
+    Works without torchrun too (a single process: world 1 on a free local port)."""
+    import torch.distributed as dist
+
+    plat = get_platform()
+    if dist.is_initialized():
+        return plat
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if plat.kind != "cpu":
+        plat.module.set_device(plat.device())
+    dist.init_process_group(backend=plat.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return plat
+
+
+def synchronize() -> None:
+    mod = get_platform().module
+    if mod is not None:
+        mod.synchronize()
+
+
+def reset_peak_memory_stats() -> None:
+    mod = get_platform().module
+    if mod is not None:
+        mod.reset_peak_memory_stats()
+
+
+def memory_stats() -> Dict[str, int]:
+    """Allocator figures in bytes: allocated, max_allocated, reserved (device) or the process RSS (CPU)."""
+    mod = get_platform().module
+    if mod is not None:
+        return {"allocated": int(mod.memory_allocated()), "max_allocated": int(mod.max_memory_allocated()),
+                "reserved": int(mod.memory_reserved())}
+    rss = 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        pass
+    peak = 0
+    try:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:
+        pass
+    return {"allocated": rss, "max_allocated": peak, "reserved": rss}
+
+
+def get_rng_state() -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    mod = get_platform().module
+    if mod is not None:
+        state["device"] = mod.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    mod = get_platform().module
+    if mod is not None and "device" in state:
+        mod.set_rng_state(state["device"])
