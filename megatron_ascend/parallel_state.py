@@ -216,6 +216,7 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     layout = RankLayout(config)
     pg = ProcessGroups(config=config, rank=rank)
     for name, groups in layout.all_groups().items():
+        pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group
         for ranks in groups:
             handle = dist.new_group(ranks) if len(groups) > 1 or len(ranks) != world else dist.group.WORLD
             if rank in ranks:
