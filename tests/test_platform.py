@@ -1,0 +1,64 @@
+"""Platform detection, backend choice, peak-FLOP table and the reference kernels."""
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_ascend.platform import device as dev
+from megatron_ascend.platform import kernels, peak_tflops
+
+
+def test_forced_cpu_uses_gloo(monkeypatch):
+    monkeypatch.setenv("MEGATRON_ASCEND_DEVICE", "cpu")
+    p = dev.detect_platform()
+    assert p.kind == "cpu" and p.backend == "gloo" and p.device() == torch.device("cpu")
+
+
+def test_bad_forced_device(monkeypatch):
+    monkeypatch.setenv("MEGATRON_ASCEND_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MEGATRON_ASCEND_DEVICE='tpu'"):
+        dev.detect_platform()
+
+
+def test_npu_detected_when_torch_npu_present(monkeypatch):
+    """A stand-in torch_npu: detection picks npu / hccl and the 910B3 peak from the table."""
+    monkeypatch.delenv("MEGATRON_ASCEND_DEVICE", raising=False)
+    fake = types.ModuleType("torch_npu")
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    npu = types.SimpleNamespace(device_count=lambda: 8, get_device_name=lambda i=0: "Ascend910B3")
+    monkeypatch.setattr(torch, "npu", npu, raising=False)
+    p = dev.detect_platform()
+    assert (p.kind, p.backend, p.device_name) == ("npu", "hccl", "Ascend910B3")
+    assert peak_tflops(p.device_name) == 294.9
+
+
+def test_no_npu_devices_falls_back(monkeypatch):
+    monkeypatch.delenv("MEGATRON_ASCEND_DEVICE", raising=False)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(device_count=lambda: 0), raising=False)
+    assert dev.detect_platform().kind in ("cuda", "cpu")
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Ascend910B1") == 378.9
+    assert peak_tflops("cpu") is None
+    assert peak_tflops("cpu", override=1.5) == 1.5
+
+
+def test_reference_kernels():
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 8), torch.randn(8)
+    ref = w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(kernels.get("rms_norm")(x, w, 1e-6), ref)
+    g, u = torch.randn(4, 6) * 20, torch.randn(4, 6) * 20
+    torch.testing.assert_close(kernels.get("swiglu")(g, u), F.silu(g) * u)
+    torch.testing.assert_close(kernels.get("swiglu")(g, u, 10.0), F.silu(g.clamp(max=10)) * u.clamp(-10, 10))
+    xs, ws, counts = torch.randn(7, 3), torch.randn(3, 3, 2), torch.tensor([3, 0, 4])
+    out = kernels.get("grouped_matmul")(xs, ws, counts)
+    torch.testing.assert_close(out, torch.cat([xs[:3] @ ws[0], xs[3:] @ ws[2]]))
+    assert set(kernels.table()) >= {"rms_norm", "swiglu", "grouped_matmul"}
