@@ -10,7 +10,7 @@ setup(
     # Ascend users install torch + torch_npu from Ascend's matrix first (see docs/NPU.md); CUDA users install
     # their CUDA build of torch 2.13 first. A satisfied pin installs nothing more.
     install_requires=[
-        "torch==2.13.*",
+        "torch==2.13.0",
         "numpy",
         "sentencepiece",
         "tokenizers",
