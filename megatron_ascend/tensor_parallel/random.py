@@ -1,0 +1,93 @@
+"""RNG tracker: named random states so that dropout inside and outside TP regions is right.
+
+Megatron's rule: the default generator is the same on every TP rank (dropout on replicated activations
+must agree across the TP group), while activations that are *split* over TP (attention heads, the
+column-parallel half of an MLP) draw from a ``model-parallel-rng`` state seeded per TP rank, and expert
+weights/activations from an ``expert-parallel-rng`` state seeded per (ep, etp) rank.
+
+    tracker = get_rng_tracker()
+    with tracker.fork():                  # model-parallel state, restored to the default afterwards
+        y = F.dropout(x_split_over_tp, p)
+
+Initialisation does not use this (it is layout independent: sharding.init_normal_ draws by global name).
+``get_states`` / ``set_states`` capture every named state for checkpointing and for activation recompute
+(recompute replays the same random numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+
+from .. import platform
+
+MODEL_PARALLEL_RNG = "model-parallel-rng"
+EXPERT_PARALLEL_RNG = "expert-parallel-rng"
+DATA_PARALLEL_RNG = "data-parallel-rng"
+_TP_SEED_OFFSET = 2718
+
+
+class RNGStatesTracker:
+    """Named platform RNG states (CPU + accelerator), swapped in by ``fork(name)``."""
+
+    def __init__(self):
+        self.states: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.seeds = set()
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.seeds.clear()
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds:
+            raise ValueError(f"RNG seed {seed} is already used by another tracked state; pick a distinct seed")
+        if name in self.states:
+            raise ValueError(f"RNG state {name!r} already exists; call reset() first")
+        saved = platform.get_rng_state()
+        torch.manual_seed(seed)
+        self.states[name] = platform.get_rng_state()
+        platform.set_rng_state(saved)
+        self.seeds.add(seed)
+
+    def get_states(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return {k: {d: t.clone() for d, t in v.items()} for k, v in self.states.items()}
+
+    def set_states(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        self.states = {k: {d: t.clone() for d, t in v.items()} for k, v in states.items()}
+
+    @contextlib.contextmanager
+    def fork(self, name: str = MODEL_PARALLEL_RNG):
+        if name not in self.states:
+            raise KeyError(f"RNG state {name!r} is not tracked; call model_parallel_seed(seed, groups) first")
+        saved = platform.get_rng_state()
+        platform.set_rng_state(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = platform.get_rng_state()
+            platform.set_rng_state(saved)
+
+
+_TRACKER = RNGStatesTracker()
+
+
+def get_rng_tracker() -> RNGStatesTracker:
+    return _TRACKER
+
+
+def model_parallel_seed(seed: int, groups=None, tracker: Optional[RNGStatesTracker] = None) -> None:
+    """Seed the default generator (same on all TP ranks of a stage, distinct per PP stage) and the tracked
+    model-parallel (per TP rank) and expert-parallel (per EP x ETP rank) states (Megatron's offsets)."""
+    tracker = tracker or _TRACKER
+    tp_rank = groups.tp_rank if groups is not None else 0
+    pp_rank = groups.pp_rank if groups is not None and "pp" in groups.ranks else 0
+    ep_rank = groups.ep_rank if groups is not None and "ep" in groups.ranks else 0
+    etp_rank = groups.etp_rank if groups is not None and "etp" in groups.ranks else 0
+    dp_rank = groups.dp_rank if groups is not None and "dp" in groups.ranks else 0
+    base = seed + 100 * pp_rank
+    torch.manual_seed(base)
+    tracker.reset()
+    tracker.add(MODEL_PARALLEL_RNG, base + _TP_SEED_OFFSET + tp_rank)
+    tracker.add(EXPERT_PARALLEL_RNG, base + _TP_SEED_OFFSET + 1000 + 100 * ep_rank + etp_rank)
+    tracker.add(DATA_PARALLEL_RNG, base + _TP_SEED_OFFSET + 100000 + dp_rank)
