@@ -4,7 +4,8 @@
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text --model-prefix out/tok --vocab-size 32000
     python tools/train_tokenizer.py --input a.txt b.txt --library huggingface --output-dir out/hf_tok --vocab-size 8000
 
-SentencePiece ids: unk 0, bos 1, eos 2 (end of document), pad 3; the DeepSeek chat tags <｜User｜> and
+SentencePiece ids: unk 0, bos 1, eos 2 (end of document), pad 3; lossless (identity normalization, newlines
+and tabs kept, byte fallback); the DeepSeek chat tags <｜User｜> and
 <｜Assistant｜> are user-defined symbols (one token each) unless --no-chat-tokens. The HuggingFace output is a
 directory with tokenizer.json and tokenizer_config.json (bos/eos/pad and a DeepSeek-style chat_template).
 Errors print one line and exit 1.
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram", "char", "word"))
     p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--byte-fallback", action="store_true")
+    p.add_argument("--no-byte-fallback", action="store_true", help="unseen characters become <unk>")
     p.add_argument("--input-sentence-size", type=int, default=0, help="sample this many sentences (0 = all)")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-chat-tokens", action="store_true", help="do not add the DeepSeek chat tags")
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
             if not a.model_prefix:
                 raise DataError("--library sentencepiece needs --model-prefix PATH")
             out = tt.train_sentencepiece(sentences, a.model_prefix, a.vocab_size, a.model_type, extra,
-                                         a.character_coverage, a.byte_fallback, a.num_threads,
+                                         a.character_coverage, not a.no_byte_fallback, a.num_threads,
                                          a.input_sentence_size)
         else:
             if not a.output_dir:

@@ -56,12 +56,15 @@ def iter_corpus(paths: Sequence[str], json_keys: Sequence[str] = ("text",)) -> I
 
 def train_sentencepiece(sentences: Iterable[str], model_prefix: str, vocab_size: int = 1000,
                         model_type: str = "bpe", user_defined_symbols: Sequence[str] = DEEPSEEK_CHAT_TOKENS,
-                        character_coverage: float = 1.0, byte_fallback: bool = False, num_threads: int = 1,
+                        character_coverage: float = 1.0, byte_fallback: bool = True, num_threads: int = 1,
                         input_sentence_size: int = 0, seed_sentencepiece_size: int = 1000000) -> str:
     """Train and write ``{model_prefix}.model`` / ``.vocab``; returns the .model path.
 
     Ids: unk 0, bos 1 (``<s>``), eos 2 (``</s>``, the end-of-document token), pad 3 (``<pad>``).
-    ``hard_vocab_limit`` is off so a small corpus gives a smaller vocab instead of an error.
+    Lossless by default: identity normalization, whitespace kept, ``\n`` and ``\t`` as their own pieces
+    (training sentences are lines, so they would otherwise never be seen) and byte fallback for unseen
+    characters; ``detokenize(tokenize(text)) == text``. ``hard_vocab_limit`` is off so a small corpus gives
+    a smaller vocab instead of an error.
     """
     import sentencepiece as spm
     if model_type not in ("bpe", "unigram", "char", "word"):
@@ -73,7 +76,9 @@ def train_sentencepiece(sentences: Iterable[str], model_prefix: str, vocab_size:
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(data), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=list(user_defined_symbols),
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            user_defined_symbols=["\n", "\t", *user_defined_symbols], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
             character_coverage=character_coverage, byte_fallback=byte_fallback, hard_vocab_limit=False,
             num_threads=num_threads, input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
             seed_sentencepiece_size=seed_sentencepiece_size, minloglevel=2)
