@@ -1,0 +1,123 @@
+"""Token dispatchers: move each (token, expert) assignment to the rank that holds the expert, run the grouped
+experts, bring the outputs back and sum them weighted by the routing probabilities.
+
+Owns ``AllToAllDispatcher`` (the default) and ``AllGatherDispatcher``; both are dropless unless the router
+marked assignments as dropped (index -1), both are differentiable end to end (the collectives are autograd
+functions in comm.py), and both call every collective on every rank whatever the routing, so zero-token
+experts, ranks that send or receive nothing and ranks with no tokens at all do not hang.
+
+``dispatch_combine(x [n, h], idx [n, K], weights [n, K], experts) -> [n, h]``:
+
+all-to-all (group ep; with expert-TP, the etp group first gathers its ranks' tokens so that each etp rank
+computes its I-slice of the same tokens, and reduce-scatters the partial outputs at the end):
+  1. assignments sorted by global expert id (stable) -> rows grouped by destination ep rank, then expert
+  2. counts per expert exchanged (all-to-all of E int64) -> python split lists
+  3. all-to-all of the rows with variable splits; the received [src rank][local expert] chunks are reordered
+     to [local expert][src rank] so each local expert's rows are contiguous
+  4. grouped SwiGLU experts
+  5. inverse reorder, all-to-all back, ``index_add`` of ``weight * y`` into the token rows
+
+all-gather (group tp_ep = etp x ep): every rank gathers all tokens, indices and weights of the group, keeps the
+assignments of its local experts, computes them, scatters ``weight * y`` into the gathered token rows, and a
+reduce-scatter returns each rank its own rows summed over the group. Simple; more traffic for large ep.
+
+Does not own: routing (router.py) or the expert weights (experts.py).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from . import comm
+
+
+def _sort_by_expert(idx: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten the valid (idx >= 0) assignments and sort them by expert (stable).
+    Returns (token index [N], expert id [N], weight [N]) in sorted order."""
+    n, k = idx.shape
+    e = idx.reshape(-1)
+    tok = torch.arange(n, device=idx.device).repeat_interleave(k)
+    w = weights.reshape(-1)
+    valid = e >= 0
+    if not bool(valid.all()):
+        keep = valid.nonzero().squeeze(1)
+        e, tok, w = e[keep], tok[keep], w[keep]
+    order = torch.argsort(e, stable=True)
+    return tok[order], e[order], w[order]
+
+
+def _chunk_transpose_index(sizes: torch.Tensor) -> torch.Tensor:
+    """Rows laid out as chunks sizes[a, b] in (a, b) row-major order -> index that lays them out in (b, a)."""
+    a, b = sizes.shape
+    starts = (torch.cumsum(sizes.reshape(-1), 0) - sizes.reshape(-1)).view(a, b)
+    sizes_t, starts_t = sizes.t().reshape(-1), starts.t().reshape(-1)
+    total = int(sizes.sum())
+    base = torch.repeat_interleave(starts_t, sizes_t)
+    new_starts = torch.cumsum(sizes_t, 0) - sizes_t
+    offset = torch.arange(total, device=sizes.device) - torch.repeat_interleave(new_starts, sizes_t)
+    return base + offset
+
+
+def _combine(y: torch.Tensor, tok: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """sum over assignments: out[tok] += w * y (in the wider of y's dtype and w's dtype)."""
+    dtype = torch.promote_types(y.dtype, w.dtype)
+    out = y.new_zeros(n, y.shape[1], dtype=dtype)
+    return out.index_add(0, tok, y.to(dtype) * w.to(dtype).unsqueeze(1))
+
+
+class AllToAllDispatcher:
+    def __init__(self, num_experts: int, ep_group=None, etp_group=None):
+        self.num_experts = num_experts
+        self.ep_group, self.etp_group = ep_group, etp_group
+        self.ep = comm.group_size(ep_group)
+        self.num_local = num_experts // self.ep
+
+    def dispatch_combine(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts) -> torch.Tensor:
+        n_own = x.shape[0]
+        etp_sizes = None
+        if comm.group_size(self.etp_group) > 1:
+            etp_sizes = comm.gather_sizes(n_own, self.etp_group, x.device)
+            x = comm.all_gather_v(x, etp_sizes, self.etp_group)
+            idx = comm.all_gather_v(idx, etp_sizes, self.etp_group)
+            weights = comm.all_gather_v(weights, etp_sizes, self.etp_group)
+        n, h = x.shape[0], x.shape[1]
+        tok, e, w = _sort_by_expert(idx, weights)
+        counts = torch.bincount(e, minlength=self.num_experts)  # [E] = [ep, E_local] rows to send
+        recv = comm.all_to_all_counts(counts, self.ep_group).view(self.ep, self.num_local)  # [src, E_local]
+        send = counts.view(self.ep, self.num_local)
+        in_splits = send.sum(1).tolist()
+        out_splits = recv.sum(1).tolist()
+        rows = comm.all_to_all(x[tok], out_splits, in_splits, self.ep_group)
+        if self.ep > 1 and self.num_local > 1:
+            reorder = _chunk_transpose_index(recv)
+            rows = rows[reorder]
+        y = experts(rows, recv.sum(0).tolist())
+        if self.ep > 1 and self.num_local > 1:
+            y = y.new_empty(y.shape).index_copy(0, reorder, y)  # undo the reorder
+        y = comm.all_to_all(y, in_splits, out_splits, self.ep_group)
+        out = _combine(y, tok, w, n).to(x.dtype)
+        if etp_sizes is not None:
+            out = comm.reduce_scatter_v(out, etp_sizes, self.etp_group)
+        return out
+
+
+class AllGatherDispatcher:
+    def __init__(self, num_experts: int, ep_rank: int, ep_size: int, tp_ep_group=None):
+        self.num_experts = num_experts
+        self.group = tp_ep_group
+        self.num_local = num_experts // ep_size
+        self.first = ep_rank * self.num_local
+
+    def dispatch_combine(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts) -> torch.Tensor:
+        sizes = comm.gather_sizes(x.shape[0], self.group, x.device)
+        xg = comm.all_gather_v(x, sizes, self.group)
+        ig = comm.all_gather_v(idx, sizes, self.group)
+        wg = comm.all_gather_v(weights, sizes, self.group)
+        local = ig - self.first
+        local = torch.where((ig >= 0) & (local >= 0) & (local < self.num_local), local, torch.full_like(local, -1))
+        tok, le, w = _sort_by_expert(local, wg)
+        counts = torch.bincount(le, minlength=self.num_local).tolist()
+        y = experts(xg[tok], counts)
+        out = _combine(y, tok, w, xg.shape[0]).to(x.dtype)
+        return comm.reduce_scatter_v(out, sizes, self.group)

@@ -1,0 +1,143 @@
+"""Routed experts as grouped weights, the grouped matmul they use, and the shared-expert MLP.
+
+Owns:
+* ``grouped_mm(x, w, counts)``: x [N, k] sorted by group, w [G, k, n], counts [G] python ints -> [N, n].
+  Uses the fused kernel when the platform table has one (``kernels.get('grouped_matmul')`` is not the
+  reference), else ``torch._grouped_mm`` when it can run (fp32/bf16/fp16, 16-byte aligned rows), else one
+  padded ``bmm`` over [G, max(counts), k] (float64 tests, odd sizes). No per-expert Python loop.
+* ``GroupedExperts`` (``mlp.experts``): ``gate_proj``/``up_proj`` [E_local, I/etp, h] and ``down_proj``
+  [E_local, h, I/etp]; expert dim sharded over ep, the I dim over etp; SwiGLU with V4's optional clamp.
+  Under expert-TP each etp rank returns a *partial* output (its I slice); the dispatcher sums it.
+* ``SharedExperts`` (``mlp.shared_experts``): one SwiGLU MLP of width n_shared_experts * moe_intermediate_size,
+  gate/up column-parallel and down row-parallel over tp. ``forward`` returns the *partial* row-parallel
+  output (before the TP reduction): the MoE layer fuses that reduction with the routed output.
+Does not own: token movement (dispatcher.py).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..platform import kernels
+from ..tensor_parallel.sharding import init_normal_, mark_sharded
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming grad contiguous (torch._grouped_mm's backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _grouped_mm_native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    es = x.element_size()
+    return (x.shape[1] * es) % 16 == 0 and (w.shape[2] * es) % 16 == 0 and x.shape[0] > 0
+
+
+def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    g = w.shape[0]
+    cnt = torch.tensor(counts, dtype=torch.long, device=x.device)
+    cap = max(counts) if counts else 0
+    group = torch.repeat_interleave(torch.arange(g, device=x.device), cnt)
+    pos = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(cnt, 0) - cnt)[group]
+    buf = x.new_zeros(g, cap, x.shape[1]).index_put((group, pos), x)
+    return torch.bmm(buf, w)[group, pos]
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """[N, k] (rows grouped by expert, ``counts[g]`` rows each) x [G, k, n] -> [N, n]."""
+    if x.shape[0] == 0:  # keep w in the graph so every expert weight gets a (zero) grad
+        return x.new_zeros(0, w.shape[2]) + 0 * w.sum()
+    fused = kernels.get("grouped_matmul")
+    if fused is not kernels._REFERENCE["grouped_matmul"]:
+        return fused(x, w, torch.tensor(counts, dtype=torch.long, device=x.device))
+    if _grouped_mm_native_ok(x, w):
+        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
+    return _padded_bmm(x, w, counts)
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, hidden: int, inter: int, n_experts: int, ep_rank: int, ep_size: int, etp_rank: int,
+                 etp_size: int, layer_idx: int, swiglu_limit: float = 0.0):
+        super().__init__()
+        if n_experts % ep_size:
+            raise ValueError(f"expert-model-parallel-size {ep_size} does not divide num-experts {n_experts}; "
+                             f"pick a divisor of {n_experts}")
+        if inter % etp_size:
+            raise ValueError(f"moe_intermediate_size {inter} is not divisible by expert-tensor-parallel-size "
+                             f"{etp_size}; pick a divisor of {inter}")
+        self.num_local = n_experts // ep_size
+        self.first_expert = ep_rank * self.num_local
+        self.layer_idx = layer_idx
+        self.limit = swiglu_limit
+        il = inter // etp_size
+        self.gate_proj = nn.Parameter(torch.empty(self.num_local, il, hidden))  # [E_local, I/etp, h]
+        self.up_proj = nn.Parameter(torch.empty(self.num_local, il, hidden))    # [E_local, I/etp, h]
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, hidden, il))  # [E_local, h, I/etp]
+        ep, etp = ("ep", ep_rank, ep_size), ("etp", etp_rank, etp_size)
+        mark_sharded(self.gate_proj, {0: ep, 1: etp}, is_expert=True)
+        mark_sharded(self.up_proj, {0: ep, 1: etp}, is_expert=True)
+        mark_sharded(self.down_proj, {0: ep, 2: etp}, is_expert=True)
+
+    def init_weights(self, std: float, seed: int) -> None:
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            init_normal_(getattr(self, n), f"model.layers.{self.layer_idx}.mlp.experts.{n}", std, seed,
+                         expert_dim=0)
+
+    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
+        """x [N, h] grouped by local expert (``counts[i]`` rows for local expert i) -> [N, h]."""
+        gate = grouped_mm(x, self.gate_proj.transpose(1, 2), counts)
+        up = grouped_mm(x, self.up_proj.transpose(1, 2), counts)
+        act = kernels.get("swiglu")(gate, up, self.limit)
+        return grouped_mm(act, self.down_proj.transpose(1, 2), counts)
+
+
+class _Linear(nn.Module):
+    """A bias-free linear holding ``weight`` (private stand-in with the names ColumnParallelLinear /
+    RowParallelLinear use; the TP reduction is done by the MoE layer)."""
+
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class SharedExperts(nn.Module):
+    def __init__(self, hidden: int, width: int, tp_rank: int, tp_size: int, layer_idx: int,
+                 swiglu_limit: float = 0.0):
+        super().__init__()
+        if width % tp_size:
+            raise ValueError(f"shared-expert width {width} is not divisible by tensor-model-parallel-size "
+                             f"{tp_size}; pick a TP size that divides {width}")
+        self.layer_idx = layer_idx
+        self.limit = swiglu_limit
+        wl = width // tp_size
+        self.gate_proj = _Linear(wl, hidden)   # column-parallel: weight [W/tp, h]
+        self.up_proj = _Linear(wl, hidden)     # column-parallel: weight [W/tp, h]
+        self.down_proj = _Linear(hidden, wl)   # row-parallel:    weight [h, W/tp]
+        tp = ("tp", tp_rank, tp_size)
+        mark_sharded(self.gate_proj.weight, {0: tp})
+        mark_sharded(self.up_proj.weight, {0: tp})
+        mark_sharded(self.down_proj.weight, {1: tp})
+
+    def init_weights(self, std: float, seed: int) -> None:
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            init_normal_(getattr(self, n).weight, f"model.layers.{self.layer_idx}.mlp.shared_experts.{n}.weight",
+                         std, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., h] (full, replicated over tp) -> partial [..., h] (sum over tp ranks = the MLP output)."""
+        act = kernels.get("swiglu")(self.gate_proj(x), self.up_proj(x), self.limit)
+        return self.down_proj(act)

@@ -1,0 +1,151 @@
+"""Load balancing for the MoE router: balance losses, the aux-loss-free expert bias, load statistics.
+
+Owns:
+* ``balance_loss`` -- one function for the sequence-wise loss (V3: per sequence) and the classic batch-level
+  loss (Switch/Megatron ``aux_loss``: the whole micro-batch is one segment), ``z_loss``;
+* ``MoEAuxLossAutoScaler`` -- attaches an aux loss to the activations: forward returns the activation
+  unchanged, backward injects ``scale * d(aux)/d(params)``. ``set_aux_loss_scale(s)`` sets ``scale``
+  (e.g. 1 / (num_microbatches x data-parallel size) when the trainer sums grads over micro-batches and
+  data-parallel ranks); pipeline schedules need to know nothing about it;
+* ``update_expert_bias(model, groups, rate)`` -- after each optimizer step:
+  ``b += rate * sign(mean(load) - load)`` with the loads all-reduced over the tp-dp-cp group (every rank routes
+  over all E experts, so this is the global-batch count), identical on every rank;
+* ``collect_load_stats(model, groups=None)`` -- per-layer max / mean tokens per expert, dropped tokens and the
+  aux-loss values, for logging.
+
+Statistics under TP: each TP rank routes a disjoint slice of the tokens (see moe_layer.py), so the counts of a
+sequence (or batch) are summed over the tp group before ``f`` is formed, while ``P`` keeps this rank's token
+sum only. The TP ranks' local losses then add up to the single-process loss, and so do their gradients.
+Does not own: the router (router.py), the layer (moe_layer.py).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import comm
+from .router import TopKRouter
+
+
+class MoEAuxLossAutoScaler(torch.autograd.Function):
+    """forward(output, aux_loss) -> output; backward gives aux_loss the gradient ``scale`` (a class value)."""
+
+    scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor):
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, MoEAuxLossAutoScaler.scale)
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """Gradient scale of every attached aux loss, e.g. 1/num_microbatches. Set once by the trainer."""
+    MoEAuxLossAutoScaler.scale = float(scale)
+
+
+def attach_aux_loss(output: torch.Tensor, aux_loss: Optional[torch.Tensor]) -> torch.Tensor:
+    if aux_loss is None or not (torch.is_grad_enabled() and aux_loss.requires_grad):
+        return output
+    return MoEAuxLossAutoScaler.apply(output, aux_loss)
+
+
+def balance_loss(scores: torch.Tensor, idx: torch.Tensor, seg_ids: torch.Tensor, n_segs: int, seg_len: int,
+                 alpha: float, tp_group=None) -> torch.Tensor:
+    """alpha * mean_seg sum_e f[seg, e] * P[seg, e] for this rank's share of the tokens.
+
+    scores [n, E] router scores (grad), idx [n, K] chosen experts, seg_ids [n] segment of each local token,
+    seg_len tokens per segment over the whole tp group.
+    f[seg, e] = E / (K * seg_len) * count(e chosen in seg)   (counts summed over tp_group)
+    P[seg, e] = (1 / seg_len) * sum_t s'[t, e],  s' = s / sum_e s  (this rank's tokens only)
+    """
+    n, e = scores.shape
+    k = idx.shape[1]
+    counts = scores.new_zeros(n_segs, e)
+    counts.index_put_((seg_ids.repeat_interleave(k), idx.reshape(-1)), scores.new_ones(n * k).detach(),
+                      accumulate=True)
+    counts = comm.all_reduce_no_grad(counts, tp_group)
+    f = counts * (e / (k * seg_len))
+    s_norm = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    p_sum = scores.new_zeros(n_segs, e).index_add(0, seg_ids, s_norm)
+    return alpha * (f * p_sum).sum() / (seg_len * n_segs)
+
+
+def z_loss(logits: torch.Tensor, coeff: float, total_tokens: int) -> torch.Tensor:
+    """coeff * mean_t logsumexp(logits_t)^2 (the mean over the tp group's tokens; this rank's part)."""
+    return coeff * torch.logsumexp(logits, dim=-1).square().sum() / max(total_tokens, 1)
+
+
+# ---- model-level helpers ------------------------------------------------------------------------------
+def _routers(model: Union[nn.Module, Iterable[nn.Module]]) -> List[TopKRouter]:
+    chunks = [model] if isinstance(model, nn.Module) else list(model)
+    out = []
+    for chunk in chunks:
+        out.extend(m for m in chunk.modules() if isinstance(m, TopKRouter))
+    return sorted(out, key=lambda r: r.layer_idx)
+
+
+@torch.no_grad()
+def update_expert_bias(model, groups, rate: float) -> None:
+    """b += rate * sign(mean_e(load) - load_e) per layer, loads = counts since the last call summed over the
+    tp-dp-cp group (all micro-batches, all data-parallel and tensor-parallel ranks); then zero the counts.
+    Call once per optimizer step on every rank of the stage (a collective when groups is given)."""
+    routers = _routers(model)
+    if not routers:
+        return
+    counts = torch.stack([r.local_tokens_per_expert.to(torch.float32) for r in routers])
+    if groups is not None:
+        counts = comm.all_reduce_no_grad(counts, groups.tp_dp_cp)
+    mean = counts.mean(dim=-1, keepdim=True)
+    step = torch.sign(mean - counts) * rate
+    for r, st in zip(routers, step):
+        if r.e_score_correction_bias is not None:
+            r.e_score_correction_bias.add_(st.to(r.e_score_correction_bias))
+        r.local_tokens_per_expert.zero_()
+
+
+@torch.no_grad()
+def collect_load_stats(model, groups=None, reset: bool = True) -> Dict[str, float]:
+    """Per MoE layer: ``moe/layer_{i}/max_tokens``, ``mean_tokens``, ``max_over_mean`` (tokens per expert),
+    ``dropped_tokens`` and each aux-loss value (mean per forward; TP parts summed, averaged over data
+    parallel). With ``groups`` the numbers cover the tp-dp-cp group (a collective); without, this rank."""
+    routers = _routers(model)
+    out: Dict[str, float] = {}
+    if not routers:
+        return out
+    names = sorted({k for r in routers for k in getattr(r, "aux_values", {})})
+    rows = []
+    for r in routers:
+        aux = getattr(r, "aux_values", {})
+        calls = max(getattr(r, "aux_calls", 0), 1)
+        vals = [float(aux.get(n, 0.0)) / calls for n in names]
+        rows.append(torch.cat([r.stat_tokens_per_expert.float(), r.stat_dropped.float().view(1),
+                               torch.tensor(vals, dtype=torch.float32)]))
+    table = torch.stack(rows)
+    dp = 1
+    if groups is not None:
+        table = comm.all_reduce_no_grad(table, groups.tp_dp_cp)
+        dp = groups.size("dp_cp")
+    for r, row in zip(routers, table):
+        e = r.num_experts
+        tok = row[:e]
+        p = f"moe/layer_{r.layer_idx}/"
+        mean = tok.mean().item()
+        out[p + "max_tokens"] = tok.max().item()
+        out[p + "mean_tokens"] = mean
+        out[p + "max_over_mean"] = tok.max().item() / mean if mean > 0 else 0.0
+        out[p + "dropped_tokens"] = row[e].item()
+        for j, n in enumerate(names):
+            out[p + n] = row[e + 1 + j].item() / dp
+        if reset:
+            r.stat_tokens_per_expert.zero_()
+            r.stat_dropped.zero_()
+            r.aux_values = {}
+            r.aux_calls = 0
+    return out
