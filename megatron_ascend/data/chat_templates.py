@@ -23,7 +23,7 @@ Segment = Tuple[Union[str, List[int]], bool]
 ROLES = ("system", "user", "assistant")
 
 
-def validate_messages(messages: Sequence[dict], where: str = "") -> None:
+def validate_messages(messages: Sequence[dict], where: str = "", require_assistant: bool = True) -> None:
     at = f"{where}: " if where else ""
     if not messages:
         raise DataError(f"{at}the conversation has no messages")
@@ -36,7 +36,7 @@ def validate_messages(messages: Sequence[dict], where: str = "") -> None:
             raise DataError(f"{at}message {i} content is {type(m['content']).__name__}, not a string")
         if m["role"] == "system" and i != 0:
             raise DataError(f"{at}message {i} is a system message; only the first message may be 'system'")
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{at}the conversation has no assistant message, so nothing would be trained on")
 
 
@@ -137,7 +137,7 @@ class JinjaTemplate:
 def encode_chat(tokenize: Callable[[str], List[int]], template, messages, bos: Optional[int], eos: int,
                 add_generation_prompt: bool = False, where: str = "") -> Tuple[List[int], List[int]]:
     """Token ids and loss mask (1 on assistant tokens) for one conversation."""
-    validate_messages(messages, where)
+    validate_messages(messages, where, require_assistant=not add_generation_prompt)
     ids: List[int] = []
     mask: List[int] = []
     for piece, trainable in template.segments(messages, bos, eos, add_generation_prompt):
