@@ -1,28 +1,20 @@
-"""`python -m megatron_ascend.pretrain`: pretraining entry point (run under torchrun).
+"""`python -m megatron_ascend.pretrain`: pretraining entry point (run under torchrun; one process works too).
 
-Placeholder until the training loop lands: parses and validates the Megatron-style flags and prints the
-parallel layout (--show-layout). The training engineer owns this module.
+    torchrun --nproc_per_node 8 -m megatron_ascend.pretrain --num-layers 4 ... --train-iters 100
+    python -m megatron_ascend.pretrain --help
+    WORLD_SIZE=512 python -m megatron_ascend.pretrain <flags> --show-layout   # print the rank layout, exit
+
+The loop lives in megatron_ascend/training/ (trainer.py); recipes in pretrain_scripts/; guide docs/USER_GUIDE.md.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from .arguments import build_configs, exit_on_config_error, parse_args
-from .parallel_state import RankLayout
+from .training.entry import cli
 
 
-@exit_on_config_error
-def main(argv=None):
-    args = parse_args(argv, prog="python -m megatron_ascend.pretrain",
-                      description="Pretrain a DeepSeek-family MoE model with TP/SP/PP/EP/DP.")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    model, par, opt, train, data = build_configs(args, world)
-    if args.show_layout:
-        print(RankLayout(par).format())
-        return 0
-    print("training loop not wired yet; use --show-layout", file=sys.stderr)
-    return 1
+def main(argv=None) -> int:
+    return cli(argv, "pretrain")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Shared body of the pretrain / posttrain entry points.
+
+``run(argv, stage)`` parses the Megatron-style flags, trains, and returns the TrainResult (tests call it inside
+harness.run_distributed workers, where torch.distributed is already initialised); ``cli(argv, stage)`` is the
+command-line form: --show-layout prints the rank layout and exits 0, a configuration / data / checkpoint
+error prints one line and exits 2, a finished (or SIGTERM-interrupted, checkpointed) run exits 0.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, Optional
+
+from ..arguments import build_configs, parse_args
+from ..config import ConfigError
+from ..parallel_state import RankLayout
+
+DESCRIPTIONS = {
+    "pretrain": "Pretrain a DeepSeek-family MoE model (MLA, DeepSeekMoE, MTP) with TP/SP, PP (1F1B, interleaved), "
+                "EP and DP with the distributed optimizer. Launch under torchrun; flags follow Megatron-LM / "
+                "MindSpeed-LLM. Guide: docs/USER_GUIDE.md.",
+    "sft": "Full-parameter post-training (SFT) of a DeepSeek-family model from a pretrained checkpoint (--load, "
+           "implies --finetune unless --no-finetune) on instruction data preprocessed with "
+           "tools/preprocess_data.py --sft. Launch under torchrun. Guide: docs/USER_GUIDE.md.",
+}
+
+
+def add_posttrain_args(p) -> None:
+    g = p.add_argument_group("post-training")
+    g.add_argument("--stage", default="sft", choices=["sft", "dpo"],
+                   help="sft: supervised fine-tuning (loss on assistant tokens). dpo: reserved for preference "
+                        "tuning, not implemented yet")
+    g.add_argument("--is-instruction-dataset", action="store_true",
+                   help="accepted for MindSpeed-LLM compatibility (posttrain always reads instruction data)")
+    g.add_argument("--prompt-type", default=None,
+                   help="chat template the data was preprocessed with (recorded in TensorBoard; the template is "
+                        "applied by tools/preprocess_data.py --prompt-type)")
+    g.add_argument("--sft-packing", action="store_true",
+                   help="pack several conversations into one --seq-length sample (segment ids keep them apart)")
+    g.add_argument("--no-finetune", action="store_true",
+                   help="resume an interrupted SFT run (iteration, optimizer) instead of starting from the "
+                        "pretrained weights")
+
+
+def _errors():
+    errs = [ConfigError]
+    try:
+        from ..data.errors import DataError
+        errs.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from ..checkpointing import CheckpointError
+        errs.append(CheckpointError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def parse(argv: Optional[List[str]], stage: str):
+    prog = "python -m megatron_ascend." + ("pretrain" if stage == "pretrain" else "posttrain")
+    extra: Optional[Callable] = add_posttrain_args if stage != "pretrain" else None
+    args = parse_args(argv, prog=prog, description=DESCRIPTIONS["pretrain" if stage == "pretrain" else "sft"],
+                      extra_args=extra)
+    if stage != "pretrain":
+        if args.stage != "sft":
+            raise ConfigError(f"--stage {args.stage} (preference tuning) is not implemented yet; use --stage sft")
+        if args.load and not args.no_finetune and not args.finetune:
+            args.finetune = True  # SFT starts from the pretrained weights with a fresh optimizer and iteration
+        if args.no_finetune:
+            args.finetune = False
+    return args
+
+
+def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None):
+    """Parse, build, train; returns the TrainResult (or None for --show-layout)."""
+    from .trainer import Trainer
+    args = parse(argv, stage)
+    if args.show_layout:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        _, par, _, _, _ = build_configs(args, world)
+        print(RankLayout(par).format())
+        return None
+    trainer = Trainer(args, stage="pretrain" if stage == "pretrain" else args.stage, print_fn=print_fn)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def cli(argv: Optional[List[str]] = None, stage: str = "pretrain") -> int:
+    try:
+        run(argv, stage)
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,238 @@
+"""The trainer's view of the other packages: one function per thing the loop needs from them.
+
+Everything the training loop calls from models/, pipeline_parallel/, distributed/, optimizer/, moe/ and
+checkpointing/ goes through here, so the loop itself reads as Megatron's ``pretrain()`` and the package
+interfaces are visible in one place (docs/ARCHITECTURE.md, "Interfaces between packages").
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, virtual_stages  # noqa: F401
+
+MTP_IN_GRAPH = False  # the model returns MTP per-token losses; the loss function weights them by lambda / D
+
+
+# -- seeds ------------------------------------------------------------------------------------------------
+def seed_everything(seed: int, groups) -> None:
+    """Python / NumPy / torch seeds plus the tensor-parallel RNG tracker (Megatron's per-rank offsets).
+    Weight init does not depend on these (sharding.init_normal_ draws by global name)."""
+    from ..tensor_parallel.random import model_parallel_seed
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    model_parallel_seed(seed, groups)
+
+
+# -- model ---------------------------------------------------------------------------------------------------
+def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: OptimizerConfig,
+                       train_cfg: TrainingConfig, groups, vp: int) -> List[torch.nn.Module]:
+    """One DeepseekForCausalLM per virtual pipeline stage of this rank, each in a DistributedDataParallel."""
+    from ..distributed import DistributedDataParallel
+    from ..models.deepseek import DeepseekForCausalLM
+    from ..pipeline_parallel.embedding_sync import sync_embedding_weights
+    from ..pipeline_parallel.stage_split import model_chunk_specs
+    specs = model_chunk_specs(model_cfg.num_hidden_layers, par.pp, groups.pp_rank, vp,
+                              par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)
+    dtype = torch.bfloat16 if opt_cfg.bf16 else (torch.float16 if opt_cfg.fp16 else torch.float32)
+    chunks = []
+    for spec in specs:
+        m = DeepseekForCausalLM(model_cfg, par, groups, pre_process=spec.pre_process,
+                                post_process=spec.post_process, layer_ids=spec.layer_ids,
+                                mtp=spec.post_process and model_cfg.num_nextn_predict_layers > 0,
+                                **_model_kwargs(DeepseekForCausalLM, train_cfg))
+        if hasattr(m, "init_weights"):
+            m.init_weights(seed=train_cfg.seed)
+        if dtype != torch.float32:
+            _cast_keep_fp32_buffers(m, dtype)
+        m.to(_device())
+        chunks.append(DistributedDataParallel(m, groups, bucket_size=opt_cfg.bucket_size,
+                                              overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
+                                              use_distributed_optimizer=par.use_distributed_optimizer))
+    sync_embedding_weights(chunks, groups)
+    return chunks
+
+
+def _model_kwargs(cls, train_cfg: TrainingConfig) -> Dict:
+    """Recompute options, when the model's constructor takes them."""
+    import inspect
+    params = inspect.signature(cls.__init__).parameters
+    kw = {}
+    if "recompute" in params:
+        kw["recompute"] = train_cfg
+    if "train_cfg" in params:
+        kw["train_cfg"] = train_cfg
+    if "seed" in params:
+        kw["seed"] = train_cfg.seed
+    return kw
+
+
+def _cast_keep_fp32_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast parameters to bf16/fp16; fp32 buffers (router bias) and params marked ``keep_fp32`` stay fp32
+    (the router weight is fp32 in DeepSeek's recipe)."""
+    for name, p in module.named_parameters():
+        if p.dtype == torch.float32 and not getattr(p, "keep_fp32", False) and not name.endswith("gate.weight"):
+            p.data = p.data.to(dtype)
+
+
+def _device() -> torch.device:
+    from .. import platform
+    return platform.get_platform().device()
+
+
+def unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def call_model(chunk, batch: Dict[str, torch.Tensor]):
+    """Run one chunk on one micro-batch: the model's per-token losses (last stage) or hidden states."""
+    kw = dict(input_ids=batch["tokens"], position_ids=batch.get("position_ids"), labels=batch["labels"])
+    if "segment_ids" in batch:
+        kw["segment_ids"] = batch["segment_ids"]
+    return chunk(**kw)
+
+
+def mtp_scale(cfg: ModelConfig) -> float:
+    d = cfg.num_nextn_predict_layers
+    return cfg.mtp_loss_scaling_factor / d if d else 0.0
+
+
+# -- schedule and grads ------------------------------------------------------------------------------------
+def get_forward_backward_func(pp: int, vp: int):
+    from ..pipeline_parallel.schedules import get_forward_backward_func as get
+    return get(pp, vp)
+
+
+def finalize_grads(model_chunks, groups) -> None:
+    """Finish the dp / expert-dp reduction, then sum the embedding copies' grads over the embedding group."""
+    from ..pipeline_parallel.embedding_sync import allreduce_embedding_grads
+    for c in model_chunks:
+        c.finish_grad_sync()
+    allreduce_embedding_grads(model_chunks, groups)
+
+
+# -- optimizer -------------------------------------------------------------------------------------------------
+def build_optimizer(model_chunks, opt_cfg: OptimizerConfig, train_cfg: TrainingConfig, par: ParallelConfig,
+                    groups):
+    from ..optimizer import OptimizerParamScheduler, build_optimizer as build
+    opt = build(model_chunks, opt_cfg, groups, par.use_distributed_optimizer)
+    decay_iters = opt_cfg.lr_decay_iters or train_cfg.train_iters
+    sched = OptimizerParamScheduler(opt, opt_cfg, train_cfg.train_iters, decay_iters) \
+        if _takes_cfg(OptimizerParamScheduler) else \
+        OptimizerParamScheduler(opt, init_lr=0.0, max_lr=opt_cfg.lr, min_lr=opt_cfg.min_lr,
+                                lr_warmup_steps=opt_cfg.lr_warmup_iters, lr_decay_steps=decay_iters,
+                                lr_decay_style=opt_cfg.lr_decay_style)
+    return opt, sched
+
+
+def _takes_cfg(cls) -> bool:
+    import inspect
+    names = list(inspect.signature(cls.__init__).parameters)
+    return len(names) > 2 and names[2] in ("opt_cfg", "config", "cfg")
+
+
+def loss_scale(optimizer) -> Optional[float]:
+    """The current loss scale (fp16), or None when no scaling is in use."""
+    s = getattr(optimizer, "loss_scale", None)
+    if callable(s):
+        s = s()
+    if torch.is_tensor(s):
+        s = float(s)
+    return s
+
+
+def current_lr(optimizer, scheduler) -> float:
+    if hasattr(scheduler, "get_lr") and not hasattr(scheduler, "last_epoch"):
+        try:
+            return float(scheduler.get_lr())
+        except TypeError:
+            pass
+    groups = getattr(optimizer, "param_groups", None)
+    if groups:
+        return float(groups[0]["lr"])
+    return float(getattr(scheduler, "lr", 0.0))
+
+
+# -- MoE -------------------------------------------------------------------------------------------------------
+def update_expert_bias(model_chunks, groups, rate: float) -> None:
+    """Aux-loss-free balancing: after each successful optimizer step (no-op without noaux_tc routers)."""
+    from ..moe.load_balancing import update_expert_bias as update
+    if rate:
+        update([unwrap(c) for c in model_chunks], groups, rate)
+
+
+def set_aux_loss_scale(num_microbatches: int, groups) -> None:
+    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch."""
+    from ..moe.load_balancing import set_aux_loss_scale as set_scale
+    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")))
+
+
+def moe_stats(model_chunks, groups) -> Dict[str, float]:
+    """collect_load_stats of every stage, gathered over the pipeline group (collective on all ranks)."""
+    from ..moe.load_balancing import collect_load_stats
+    local = collect_load_stats([unwrap(c) for c in model_chunks], groups)
+    if groups is not None and groups.pp_size > 1:
+        gathered = [None] * groups.pp_size
+        dist.all_gather_object(gathered, local, group=groups.pp)
+        merged: Dict[str, float] = {}
+        for d in gathered:
+            merged.update(d)
+        return merged
+    return local
+
+
+def moe_log_values(stats: Dict[str, float], num_moe_layers: int) -> Dict[str, Dict[str, float]]:
+    """Split collect_load_stats into the logged losses (``load_balancing_loss`` = sum over layers of the
+    balance-loss values, Megatron's convention) and the per-layer TensorBoard scalars
+    (``moe/tokens_per_expert_imbalance_layer_{i}`` = max / mean tokens per expert, ``moe/{aux}_layer_{i}``)."""
+    losses: Dict[str, float] = {}
+    scalars: Dict[str, float] = {}
+    worst = 0.0
+    for key, v in stats.items():
+        if not key.startswith("moe/layer_"):
+            continue
+        layer, name = key[len("moe/layer_"):].split("/", 1)
+        if name == "max_over_mean":
+            scalars[f"moe/tokens_per_expert_imbalance_layer_{layer}"] = v
+            worst = max(worst, v)
+        elif name in ("max_tokens", "mean_tokens"):
+            continue
+        else:
+            scalars[f"moe/{name}_layer_{layer}"] = v
+            if name in ("seq_aux_loss", "aux_loss", "balance_loss", "load_balancing_loss"):
+                losses["load_balancing_loss"] = losses.get("load_balancing_loss", 0.0) + v
+            elif name == "z_loss":
+                losses["z_loss"] = losses.get("z_loss", 0.0) + v
+    if scalars:
+        scalars["moe/tokens_per_expert_imbalance_max"] = worst
+    return {"losses": losses, "scalars": scalars}
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+def checkpoint_exists(load_dir: str) -> bool:
+    from ..checkpointing import find_checkpoint
+    path, _ = find_checkpoint(load_dir)
+    return path is not None
+
+
+def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
+                    save_retain=None):
+    from ..checkpointing import save_checkpoint as save
+    return save(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
+                save_retain=save_retain)
+
+
+def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng):
+    from ..checkpointing import load_checkpoint as load
+    return load(load_dir, model_chunks, optimizer, scheduler, groups, finetune=finetune,
+                no_load_optim=no_load_optim, no_load_rng=no_load_rng)
+
+
+def wait_for_checkpoint() -> None:
+    from ..checkpointing import wait_for_pending_save
+    wait_for_pending_save()

@@ -1,0 +1,286 @@
+"""The training loop shared by pretraining and post-training (SFT).
+
+``Trainer(args, stage)`` builds, in order: distributed init (platform.init_distributed, unless already
+initialised), process groups, RNG seeds, tokenizer, model chunks (one DeepseekForCausalLM per virtual pipeline
+stage of this rank, each wrapped in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
+(--load), datasets and iterators, TensorBoard writer and logger. ``train()`` runs until --train-iters, with
+
+* evaluation every --eval-interval (``lm loss validation`` and its ppl, forward-only over --eval-iters batches);
+* a checkpoint every --save-interval, at the end, and when exiting for --exit-interval,
+  --exit-duration-in-mins or SIGTERM (all ranks agree on the exit decision before saving);
+* after each successful optimizer step: scheduler step and moe.update_expert_bias (aux-loss-free balancing).
+
+Exact resume: the checkpoint holds model, optimizer, scheduler, RNG (checkpointing package) and, in
+``extra_state``, the iteration and consumed train samples; the train iterator restarts at that sample.
+
+Returns a ``TrainResult`` (per-iteration losses and validation results) so tests and tools can inspect a run
+in-process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import parallel_state, platform
+from ..arguments import build_configs
+from ..config import ConfigError, num_microbatches, padded_vocab_size
+from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
+from ..monitoring.flops import model_flops_per_token
+from ..monitoring.throughput import resolve_peak_tflops
+from . import parts
+from .data import build_datasets, train_iterator, valid_iterator
+from .signals import ExitSignalHandler
+from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
+
+
+@dataclass
+class TrainResult:
+    iteration: int = 0
+    consumed_samples: int = 0
+    losses: Dict[int, Dict[str, float]] = field(default_factory=dict)  # iteration -> reduced losses
+    grad_norms: Dict[int, Optional[float]] = field(default_factory=dict)
+    validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
+    exit_reason: str = ""
+    saved: List[int] = field(default_factory=list)
+
+
+def _print_rank0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+class Trainer:
+    def __init__(self, args, stage: str = "pretrain", print_fn=None):
+        self.args = args
+        self.stage = stage
+        self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, self.world)
+        self.tokenizer = None
+        self._resolve_vocab()
+        self.groups = parallel_state.initialize_model_parallel(self.par)
+        self.device = self.plat.device()
+        self.gbs = self.train_cfg.global_batch_size or self.train_cfg.micro_batch_size * self.par.dp
+        self.num_micro = num_microbatches(self.train_cfg, self.par)
+        self.vp = parts.virtual_stages(self.model_cfg, self.par)
+        parts.seed_everything(self.train_cfg.seed, self.groups)
+        self.model_chunks = parts.build_model_chunks(self.model_cfg, self.par, self.opt_cfg, self.train_cfg,
+                                                     self.groups, self.vp)
+        self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
+                                                               self.par, self.groups)
+        self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
+        parts.set_aux_loss_scale(self.num_micro, self.groups)
+        self._moe_scalars: Dict[str, float] = {}
+        self.iteration = 0
+        self.consumed_train_samples = 0
+        self._load()
+        self.datasets = build_datasets(self.data_cfg, self.train_cfg, self.gbs, self.model_cfg.vocab_size,
+                                       self.tokenizer, sft=(stage == "sft"),
+                                       pack=bool(getattr(args, "sft_packing", False)))
+        self.train_iter = train_iterator(self.datasets.train, self.consumed_train_samples,
+                                         self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp,
+                                         self.gbs, self.data_cfg.num_workers)
+        self.is_logging_rank = self.rank == self.world - 1  # last pp stage holds the loss (Megatron)
+        self.writer = TensorBoardWriter(self.train_cfg.tensorboard_dir, enabled=self.is_logging_rank)
+        peak = resolve_peak_tflops(self.train_cfg.peak_tflops)
+        self.flops_per_token = model_flops_per_token(self.model_cfg, self.train_cfg.seq_length,
+                                                     self.model_cfg.vocab_size)
+        if print_fn is None:
+            print_fn = (lambda s: print(s, flush=True)) if self.is_logging_rank else None
+        self.logger = TrainingLogger(self.writer, self.train_cfg.train_iters, self.train_cfg.log_interval,
+                                     Throughput(self.flops_per_token, self.world, peak), print_fn)
+        self.signal = ExitSignalHandler()
+        self.result = TrainResult()
+        if self.is_logging_rank and self.writer.enabled:
+            self.writer.text("config", f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
+
+    # -- setup helpers ---------------------------------------------------------------------------------
+    def _resolve_vocab(self) -> None:
+        """Tokenizer -> padded vocab size (Megatron's rule) unless --vocab-size was given explicitly."""
+        d = self.data_cfg
+        tp = self.par.tp
+        if d.tokenizer_type:
+            from ..data.tokenizer import build_tokenizer
+            self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.make_vocab_size_divisible_by,
+                                             tp, vocab_size=self.args.vocab_size)
+            vocab = self.tokenizer.padded_vocab_size
+            if self.args.vocab_size is not None and self.args.vocab_size < self.tokenizer.vocab_size:
+                raise ConfigError(f"--vocab-size {self.args.vocab_size} is below the tokenizer's vocabulary "
+                                  f"{self.tokenizer.vocab_size}; drop --vocab-size or raise it")
+            if self.args.vocab_size is not None:
+                vocab = self.args.vocab_size
+        else:
+            vocab = self.model_cfg.vocab_size
+        if vocab % tp:
+            vocab = padded_vocab_size(vocab, d.make_vocab_size_divisible_by, tp)
+        if vocab != self.model_cfg.vocab_size:
+            self.model_cfg = dataclasses.replace(self.model_cfg, vocab_size=vocab)
+
+    def _load(self) -> None:
+        t = self.train_cfg
+        if not t.load:
+            return
+        if not parts.checkpoint_exists(t.load):
+            if t.finetune or self.stage == "sft":
+                raise ConfigError(f"--load {t.load!r} holds no checkpoint; --finetune / SFT needs the pretrained "
+                                  f"checkpoint directory (the --save of the pretraining run)")
+            _print_rank0(f"no checkpoint under --load {t.load}; starting from scratch")
+            return
+        iteration, extra = parts.load_checkpoint(t.load, self.model_chunks, self.optimizer, self.scheduler,
+                                                 self.groups, finetune=t.finetune, no_load_optim=t.no_load_optim,
+                                                 no_load_rng=t.no_load_rng)
+        if t.finetune:
+            self.iteration, self.consumed_train_samples = 0, 0
+        else:
+            self.iteration = int(iteration)
+            self.consumed_train_samples = int((extra or {}).get("consumed_train_samples", self.iteration * self.gbs))
+        _print_rank0(f"loaded checkpoint from {t.load} at iteration {iteration}"
+                     + (" (finetune: iteration and optimizer reset)" if t.finetune else ""))
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def train_step(self):
+        batches = prefetch(self.train_iter, self.num_micro, self.device)
+        tokens = global_token_count(batches, self.groups.dp)
+        fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
+        for c in self.model_chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
+                                        forward_only=False, num_tokens=tokens,
+                                        loss_scale=parts.loss_scale(self.optimizer) or 1.0)
+        parts.finalize_grads(self.model_chunks, self.groups)
+        ok, grad_norm, num_zeros = self.optimizer.step()
+        if ok:
+            self.scheduler.step(1)
+            parts.update_expert_bias(self.model_chunks, self.groups, self.opt_cfg.moe_router_bias_update_rate)
+        losses = reduce_logged_losses(results, tokens, self.groups.dp, self.groups.pp, self.groups.is_last_stage,
+                                      self.groups.ranks["pp"][-1])
+        moe = parts.moe_log_values(parts.moe_stats(self.model_chunks, self.groups), self.model_cfg.num_moe_layers)
+        losses.update(moe["losses"])
+        self._moe_scalars = moe["scalars"]
+        return losses, ok, grad_norm, num_zeros, float(tokens)
+
+    @torch.no_grad()
+    def evaluate(self, dataset=None, iters: Optional[int] = None) -> Dict[str, float]:
+        dataset = dataset if dataset is not None else self.datasets.valid
+        iters = self.train_cfg.eval_iters if iters is None else iters
+        if dataset is None or iters <= 0:
+            return {}
+        for c in self.model_chunks:
+            c.eval()
+        it = valid_iterator(dataset, self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp, self.gbs)
+        sums: Dict[str, float] = {}
+        total_tokens = 0.0
+        for _ in range(iters):
+            batches = prefetch(it, self.num_micro, self.device)
+            tokens = global_token_count(batches, self.groups.dp)
+            fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
+            results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
+                                            forward_only=True)
+            red = reduce_logged_losses(results, torch.ones(()), self.groups.dp, self.groups.pp,
+                                       self.groups.is_last_stage, self.groups.ranks["pp"][-1])
+            for k, v in red.items():
+                sums[k] = sums.get(k, 0.0) + v
+            total_tokens += float(tokens)
+        for c in self.model_chunks:
+            c.train()
+        parts.moe_stats(self.model_chunks, self.groups)  # drop the evaluation's routing statistics
+        return {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
+
+    # -- checkpoint ------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        t = self.train_cfg
+        if not t.save:
+            return
+        if self.result.saved and self.result.saved[-1] == self.iteration:
+            return
+        parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
+                              self.groups, {"consumed_train_samples": self.consumed_train_samples,
+                                            "stage": self.stage, "global_batch_size": self.gbs},
+                              save_retain=t.save_retain)
+        self.result.saved.append(self.iteration)
+        _print_rank0(f"saved checkpoint at iteration {self.iteration:8d} to {t.save}")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def _want_exit(self, start_time: float) -> str:
+        t = self.train_cfg
+        if t.exit_interval and self.iteration % t.exit_interval == 0:
+            return f"exit-interval {t.exit_interval}"
+        if t.exit_duration_in_mins:
+            elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # all ranks decide together
+            if float(elapsed) > t.exit_duration_in_mins:
+                return f"exit-duration-in-mins {t.exit_duration_in_mins}"
+        if self.signal.received():
+            return "SIGTERM"
+        return ""
+
+    def train(self) -> TrainResult:
+        t = self.train_cfg
+        if t.train_iters <= 0:
+            raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
+        self.signal.install()
+        start = time.time()
+        _print_rank0(f"training {self.stage}: iterations {self.iteration} -> {t.train_iters}, global batch {self.gbs}, "
+                     f"{self.num_micro} micro-batches of {t.micro_batch_size} per dp rank, layout tp {self.par.tp} "
+                     f"pp {self.par.pp} (vp {self.vp}) ep {self.par.ep} dp {self.par.dp}, "
+                     f"{self.flops_per_token / 1e9:.4f} GFLOP/token")
+        try:
+            while self.iteration < t.train_iters:
+                platform.synchronize()
+                t0 = time.perf_counter()
+                losses, ok, grad_norm, num_zeros, tokens = self.train_step()
+                platform.synchronize()
+                dt = time.perf_counter() - t0
+                self.iteration += 1
+                self.consumed_train_samples += self.gbs
+                gn = None if grad_norm is None else float(grad_norm)
+                self.result.losses[self.iteration] = losses
+                self.result.grad_norms[self.iteration] = gn
+                extra = self._moe_scalars
+                self.logger.record_iteration(
+                    self.iteration, self.consumed_train_samples, losses, self.scheduler_lr(), self.gbs, gn,
+                    not ok, self.gbs * t.seq_length,
+                    dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
+                if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
+                    self._run_eval()
+                if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+                    self.save()
+                reason = self._want_exit(start)
+                if reason:
+                    self.result.exit_reason = reason
+                    _print_rank0(f"exiting at iteration {self.iteration} ({reason})")
+                    self.save()
+                    break
+            else:
+                self.result.exit_reason = "train-iters"
+                if t.eval_interval and self.datasets.valid is not None and \
+                        self.iteration % t.eval_interval != 0:
+                    self._run_eval()
+                self.save()
+        finally:
+            self.signal.release()
+            self.writer.flush()
+        self.result.iteration = self.iteration
+        self.result.consumed_samples = self.consumed_train_samples
+        return self.result
+
+    def _run_eval(self) -> None:
+        v = self.evaluate()
+        if v:
+            self.result.validation[self.iteration] = v
+            self.logger.record_validation(self.iteration, self.consumed_train_samples, v)
+
+    def scheduler_lr(self) -> float:
+        return parts.current_lr(self.optimizer, self.scheduler)
+
+    def close(self) -> None:
+        self.writer.close()
