@@ -91,6 +91,12 @@ class ModelConfig:
     moe_layer_freq: int = 1
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss coefficient (V3 paper: 1e-4)
     seq_aux: bool = True
+    # MoE training options (Megatron names; checked by moe.MoELayer): balance loss kind (one of
+    # LOAD_BALANCING_TYPES, coefficient aux_loss_alpha), router z-loss coefficient, and the expert
+    # capacity factor (None = dropless; with a factor, tokens over capacity are dropped by probability)
+    moe_router_load_balancing_type: str = "seq_aux_loss"
+    moe_z_loss_coeff: float = 0.0
+    moe_expert_capacity_factor: Optional[float] = None
     # norms / positions
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
