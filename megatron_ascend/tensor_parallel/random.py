@@ -91,3 +91,30 @@ def model_parallel_seed(seed: int, groups=None, tracker: Optional[RNGStatesTrack
     tracker.add(MODEL_PARALLEL_RNG, base + _TP_SEED_OFFSET + tp_rank)
     tracker.add(EXPERT_PARALLEL_RNG, base + _TP_SEED_OFFSET + 1000 + 100 * ep_rank + etp_rank)
     tracker.add(DATA_PARALLEL_RNG, base + _TP_SEED_OFFSET + 100000 + dp_rank)
+
+
+def checkpoint(fn, *args, **kwargs):
+    """Activation checkpoint of ``fn(*args)`` (torch's non-reentrant checkpoint) that replays the same random
+    numbers on recompute: the CPU / accelerator generators (torch restores them) and every state of the RNG
+    tracker (restored here to its value at forward time, then put back). Recompute is bitwise the forward."""
+    import torch.utils.checkpoint as tuc
+
+    tracker = _TRACKER
+    saved = tracker.get_states() if tracker.states else None
+
+    @contextlib.contextmanager
+    def _recompute_ctx():
+        if saved is None:
+            yield
+            return
+        current = tracker.get_states()
+        tracker.set_states(saved)
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    def context_fn():
+        return contextlib.nullcontext(), _recompute_ctx()
+
+    return tuc.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)

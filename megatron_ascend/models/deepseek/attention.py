@@ -1,0 +1,164 @@
+"""Multi-head Latent Attention (deepseek_architecture.md 1.2), split over TP by heads.
+
+    c_q  = q_a_layernorm(q_a_proj(x))           (V2-Lite form: no q latent, q = q_proj(x))
+    c_kv, k_pe = split(kv_a_proj_with_mqa(x)); c_kv = kv_a_layernorm(c_kv)
+    q = q_b_proj(c_q) -> [nope | rope] per head; k_nope, v = kv_b_proj(c_kv) per head
+    q_pe, k_pe = RoPE (interleaved pairs); k_pe is one head shared by all heads
+    o = softmax(q k^T * softmax_scale + mask) v;  out = o_proj(o)
+
+Parallel layout: the down projections (q_a_proj, kv_a_proj_with_mqa) and the latent norms are replicated and
+run on this rank's tokens; the latents ``[c_q | c_kv | k_pe]`` cross into the TP region in one collective
+(all-gather along the sequence under SP, identity otherwise; the backward reduce-scatters / all-reduces the
+per-head partial gradients); q_b_proj / kv_b_proj are column-parallel (heads), o_proj row-parallel.
+Inputs ``x [s(/tp), b, h]`` -> output ``[s(/tp), b, h]``.
+
+Core attention is torch's scaled_dot_product_attention with either ``is_causal`` or a boolean mask
+``[b, 1, s, s]`` (packed segments, DSA top-k). Selective recompute: ``core_attn`` and ``mla_up_proj``
+(set in ``self.recompute_modules`` by megatron_ascend.recompute).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...config import ModelConfig
+from ...tensor_parallel import mappings as M
+from ...tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, tp_info
+from ...tensor_parallel.random import checkpoint
+from ...tensor_parallel.sharding import mark_sharded
+from .norm import RMSNorm
+from .rope import apply_rope_interleaved, softmax_scale
+
+LATENT_NORM_EPS = 1e-6  # HF and the DeepSeek reference build q_a / kv_a norms with the default eps
+
+
+def _replicated_linear(i: int, o: int, bias: bool, sequence_parallel: bool) -> nn.Linear:
+    lin = nn.Linear(i, o, bias=bias)
+    for p in lin.parameters():
+        mark_sharded(p, None, sequence_parallel=sequence_parallel)
+    return lin
+
+
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                   scale: float) -> torch.Tensor:
+    """q, k: [s, b, n, dq]; v: [s, b, n, dv]; mask None (causal) or bool [b, 1, s, s] (True = attend).
+    Returns [s, b, n*dv]."""
+    qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
+    if mask is None:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+    else:
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    s, b = q.shape[0], q.shape[1]
+    return o.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Explicit softmax(q k^T * scale) over allowed keys, summed over this rank's heads: [b, s, s] (fp32)."""
+    qt, kt = q.permute(1, 2, 0, 3).float(), k.permute(1, 2, 0, 3).float()
+    w = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    w = w.masked_fill(~mask, float("-inf")).softmax(-1)
+    return w.sum(1)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, groups=None, sequence_parallel: bool = False, layer_idx: int = 0):
+        super().__init__()
+        c = config
+        self.config, self.layer_idx = c, layer_idx
+        self.group, _, tp = tp_info(groups)
+        self.sp = sequence_parallel and tp > 1
+        if c.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads {c.num_attention_heads} is not divisible by tensor-parallel "
+                             f"size {tp}; pick a TP size that divides it")
+        self.n_local = c.num_attention_heads // tp
+        self.q_lora_rank = c.q_lora_rank
+        qk, H = c.qk_head_dim, c.num_attention_heads
+        if c.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(c.hidden_size, H * qk, groups, skip_input_comm=True)
+        else:
+            self.q_a_proj = _replicated_linear(c.hidden_size, c.q_lora_rank, c.attention_bias, self.sp)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, LATENT_NORM_EPS, sequence_parallel=self.sp)
+            self.q_b_proj = ColumnParallelLinear(c.q_lora_rank, H * qk, groups, skip_input_comm=True)
+        self.kv_a_proj_with_mqa = _replicated_linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim,
+                                                     c.attention_bias, self.sp)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, LATENT_NORM_EPS, sequence_parallel=self.sp)
+        self.kv_b_proj = ColumnParallelLinear(c.kv_lora_rank, H * (c.qk_nope_head_dim + c.v_head_dim), groups,
+                                              skip_input_comm=True)
+        self.o_proj = RowParallelLinear(H * c.v_head_dim, c.hidden_size, groups, bias=c.attention_bias,
+                                        sequence_parallel=self.sp)
+        self.softmax_scale = softmax_scale(c)
+        self.indexer = None
+        if c.has_indexer:
+            from .indexer import DSAIndexer
+            if c.q_lora_rank is None:
+                raise ValueError("the DSA indexer (index_topk > 0) reads the query latent; set q_lora_rank")
+            self.indexer = DSAIndexer(c, groups, layer_idx)
+        self.recompute_modules = frozenset()
+
+    # -- pieces (separate so selective recompute can wrap them) --------------------------------------
+    def _up_proj(self, q_in, c_kv, k_pe, cos, sin):
+        c = self.config
+        s, b = q_in.shape[0], q_in.shape[1]
+        q = (self.q_proj(q_in) if self.q_lora_rank is None else self.q_b_proj(q_in))
+        q = q.view(s, b, self.n_local, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(s, b, self.n_local, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin)
+        k_pe = apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin).expand(s, b, self.n_local, c.qk_rope_head_dim)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        k = torch.cat([k_nope, k_pe], dim=-1)
+        return q, k, v.contiguous()
+
+    def _core(self, q, k, v, mask):
+        return core_attention(q, k, v, mask, self.softmax_scale)
+
+    def _run(self, name, fn, *args):
+        if name in self.recompute_modules:
+            return checkpoint(fn, *args)
+        return fn(*args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]):
+        """x [s(/tp), b, h]; cos/sin [s, b, 1, r/2] (full sequence); mask None or bool [b, 1, s, s].
+        Returns (out [s(/tp), b, h], indexer KL loss (scalar tensor) or None)."""
+        c = self.config
+        if self.q_lora_rank is None:
+            q_in = x
+        else:
+            q_in = self.q_a_layernorm(self.q_a_proj(x))
+        ckv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = ckv.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        widths = [q_in.shape[-1], c.kv_lora_rank, c.qk_rope_head_dim]
+        latent = torch.cat([q_in, c_kv, k_pe], dim=-1)
+        if self.sp:
+            latent = M.gather_from_sequence_parallel_region(latent, self.group)
+        else:
+            latent = M.copy_to_tensor_model_parallel_region(latent, self.group)
+        q_in_f, c_kv_f, k_pe_f = latent.split(widths, dim=-1)
+
+        indexer_loss = None
+        if self.indexer is not None:
+            with torch.no_grad():
+                x_full = M._gather_dim(x.detach(), 0, self.group) if self.sp else x.detach()
+            allowed = _expand_mask(mask, x_full.shape[0], x_full.shape[1], x.device)
+            index_scores, selected = self.indexer(x_full, q_in_f.detach(), cos, sin, allowed)
+            mask = selected.unsqueeze(1)  # [b, 1, s, s]: causal/segment AND top-k
+        q, k, v = self._run("mla_up_proj", self._up_proj, q_in_f, c_kv_f, k_pe_f, cos, sin)
+        o = self._run("core_attn", self._core, q, k, v, mask)
+        if self.indexer is not None and torch.is_grad_enabled():
+            with torch.no_grad():
+                p = attention_probs(q.detach(), k.detach(), mask, self.softmax_scale)
+                p = M._all_reduce(p, self.group)
+            indexer_loss = self.indexer.kl_loss(p, index_scores, selected)
+        return self.o_proj(o), indexer_loss
+
+
+def _expand_mask(mask: Optional[torch.Tensor], s: int, b: int, device) -> torch.Tensor:
+    """Allowed keys as bool [b, s, s] (causal when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(s, s, dtype=torch.bool, device=device).tril().expand(b, s, s)
+    return mask[:, 0]

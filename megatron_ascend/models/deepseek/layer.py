@@ -1,0 +1,95 @@
+"""DeepSeek decoder layer: pre-norm residual block with MLA and a dense SwiGLU MLP or the MoE block.
+
+    h = h + self_attn(input_layernorm(h));  h = h + mlp(post_attention_layernorm(h))
+
+``hidden [s(/tp), b, h]`` in and out. The MoE block is ``megatron_ascend.moe.layer.MoELayer`` (imported when a
+MoE layer is built). The DSA indexer's KL loss is attached to the graph (``attach_aux_loss``) so its gradient
+flows from any pipeline stage; the layer also returns the detached value for logging.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ...config import ModelConfig, ParallelConfig
+from ...tensor_parallel.random import checkpoint
+from .attention import MLAttention
+from .mlp import DenseMLP
+from .norm import RMSNorm
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``hidden``; in backward, feeds d(aux)/d(aux) = scale into the aux loss graph."""
+
+    @staticmethod
+    def forward(ctx, hidden, aux, scale):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=g.device), None
+
+
+def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 0.0 or not aux.requires_grad:
+        return hidden
+    return _AttachAuxLoss.apply(hidden, aux, scale)
+
+
+def moe_layer_class():
+    """``MoELayer`` from megatron_ascend.moe.layer, or None while that package does not provide it."""
+    try:
+        from ...moe.layer import MoELayer
+    except ImportError:
+        return None
+    return MoELayer
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, parallel: ParallelConfig, groups=None, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        sp = parallel.sequence_parallel and parallel.tp > 1
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, sequence_parallel=sp)
+        self.self_attn = MLAttention(config, groups, sp, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, sequence_parallel=sp)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        if self.is_moe:
+            cls = moe_layer_class()
+            if cls is None:
+                raise NotImplementedError(
+                    f"layer {layer_idx} is a MoE layer but megatron_ascend.moe.layer.MoELayer is not available; "
+                    f"set first_k_dense_replace >= num_hidden_layers for a dense model")
+            self.mlp = cls(config, parallel, groups, layer_idx)
+        else:
+            self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, groups, sp, config.swiglu_limit)
+        self.indexer_loss_coeff = config.dsa_indexer_loss_coeff
+        self.aux_loss_scale = 1.0  # set by the trainer (e.g. 1 / num_microbatches), see DeepseekForCausalLM
+        self.recompute_modules = frozenset()
+
+    def _norm(self, norm, x):
+        if "layernorm" in self.recompute_modules:
+            return checkpoint(norm, x)
+        return norm(x)
+
+    def _mlp(self, x, input_ids):
+        name = "moe" if self.is_moe else "mlp"
+        call = (lambda t: self.mlp(t, input_ids=input_ids)) if self.is_moe else self.mlp
+        if name in self.recompute_modules:
+            return checkpoint(call, x)
+        return call(x)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None):
+        """Returns (hidden [s(/tp), b, h], detached indexer loss or None)."""
+        attn, idx_loss = self.self_attn(self._norm(self.input_layernorm, hidden), cos, sin, mask)
+        hidden = hidden + attn
+        if idx_loss is not None:
+            hidden = attach_aux_loss(hidden, idx_loss, self.indexer_loss_coeff * self.aux_loss_scale)
+            idx_loss = idx_loss.detach()
+        hidden = hidden + self._mlp(self._norm(self.post_attention_layernorm, hidden), input_ids)
+        return hidden, idx_loss
