@@ -1,0 +1,159 @@
+"""Pipeline schedules on gloo with the generic toy model: loss and every gradient at PP 2 / 4 (1F1B) and with
+virtual stages equal the single-process model on the same data; the forward/backward order on every rank equals
+the published 1F1B / interleaved orders; small microbatch counts do not hang; impossible sizes raise."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_ascend.config import ParallelConfig
+from megatron_ascend.parallel_state import initialize_model_parallel
+from megatron_ascend.pipeline_parallel import (PipelineScheduleError, ScheduleTrace, allreduce_embedding_grads,
+                                               count_global_tokens, forward_backward_no_pipelining,
+                                               get_forward_backward_func, sync_embedding_weights)
+from tests.harness import run_distributed
+from tests.test_pipeline_common import (H, build_chunks, make_batches, named_grads, published_1f1b_order,
+                                        published_interleaved_order, toy_forward_step)
+
+
+def _close(a, b, dtype, what):
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _case(pg, L, vp, m, tie=False, mtp=False, dtype=torch.float64, fixed=None, forward_only=False,
+          first=None, last=None, list_iter=False, seed=0):
+    """Run one configuration on this rank, compare with the single-process model, return the trace order."""
+    pp, dp = pg.pp_size, pg.dp_size
+    tag = f"L{L} pp{pp} vp{vp} m{m} dp{dp} tie{tie} mtp{mtp} {dtype} fixed{fixed} fwd_only{forward_only}"
+    data = make_batches(m * dp, seed=seed, fixed_len=fixed)
+    mine = data[pg.dp_rank * m:(pg.dp_rank + 1) * m]
+
+    ref = build_chunks(L, 1, 0, 1, tie, mtp, dtype)
+    n_all = sum(b["loss_mask"].sum() for b in data)
+    ref_losses = forward_backward_no_pipelining(toy_forward_step, iter(data), ref, m * dp, None,
+                                                forward_only=forward_only, num_tokens=n_all)
+    ref_grads = named_grads(ref)
+
+    chunks = build_chunks(L, pp, pg.pp_rank, vp, tie, mtp, dtype, first, last)
+    synced = sync_embedding_weights(chunks, pg)
+    in_embedding_group = pg.is_first_stage or pg.is_last_stage
+    assert synced == ((tie or mtp) and pp > 1 and in_embedding_group), tag
+    ref_params = dict(ref[0].named_parameters())
+    for c in chunks:  # initial weights equal the single-process ones (the embedding copy after the sync)
+        for n, p in c.named_parameters():
+            _close(p, ref_params[n], dtype, f"{tag} initial {n}")
+    ntok = count_global_tokens([b["loss_mask"] for b in mine], pg)
+    _close(ntok, n_all.to(ntok.dtype), torch.float64, f"{tag} global token count")
+    trace = ScheduleTrace()
+    shape = dict(tensor_shape=(fixed, 2, H), dtype=dtype) if fixed else {}
+    it = [iter(mine) for _ in range(vp)] if list_iter else iter(mine)
+    fb = get_forward_backward_func(pp, vp)
+    losses = fb(toy_forward_step, it, chunks, m, pg, forward_only=forward_only,
+                num_tokens=ntok if pg.is_last_stage else None, trace=trace, **shape)
+
+    if pg.is_last_stage:
+        assert len(losses) == m, tag
+        for j, (got, want) in enumerate(zip(losses, ref_losses[pg.dp_rank * m:(pg.dp_rank + 1) * m])):
+            assert got.keys() == want.keys(), tag
+            for k in want:
+                _close(got[k], want[k], dtype, f"{tag} microbatch {j} {k}")
+    else:
+        assert losses == [], tag
+    if not forward_only:
+        allreduce_embedding_grads(chunks, pg)
+        grads = named_grads(chunks)
+        for n, g in grads.items():
+            assert g is not None, f"{tag}: no grad for {n}"
+            if dp > 1:
+                dist.all_reduce(g, group=pg.dp)
+            _close(g, ref_grads[n], dtype, f"{tag} grad {n}")
+        mine_names = set(grads)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(mine_names))
+        assert set().union(*map(set, everyone)) == set(ref_grads), f"{tag}: some parameters live on no stage"
+    return trace.order()
+
+
+def _expected(p, r, m, v, forward_only):
+    if forward_only:
+        if v == 1:
+            return [("F", j, 0) for j in range(m)]
+        return [e for e in published_interleaved_order(p, r, m, v) if e[0] == "F"]
+    return published_1f1b_order(p, r, m) if v == 1 else published_interleaved_order(p, r, m, v)
+
+
+def _check_order(pg, got, m, v, forward_only=False):
+    want = _expected(pg.pp_size, pg.pp_rank, m, v, forward_only)
+    assert got == want, f"pp{pg.pp_size} rank {pg.pp_rank} m{m} v{v}: order\n{got}\n!= published\n{want}"
+
+
+def _world2_body():
+    pg = initialize_model_parallel(ParallelConfig(world_size=2, pipeline_model_parallel_size=2))
+    cases = [dict(L=4, vp=1, m=4), dict(L=4, vp=1, m=1), dict(L=4, vp=1, m=3, tie=True, mtp=True),
+             dict(L=6, vp=1, m=5, first=1, last=5, mtp=True), dict(L=4, vp=1, m=4, dtype=torch.float32),
+             dict(L=4, vp=1, m=3, fixed=5), dict(L=4, vp=1, m=3, forward_only=True),
+             dict(L=8, vp=2, m=4, tie=True, mtp=True), dict(L=8, vp=2, m=2), dict(L=8, vp=2, m=6, list_iter=True),
+             dict(L=6, vp=3, m=4, tie=True), dict(L=8, vp=2, m=4, fixed=6, dtype=torch.float32),
+             dict(L=8, vp=2, m=4, forward_only=True, mtp=True)]
+    for case in cases:
+        order = _case(pg, **case)
+        _check_order(pg, order, case["m"], case["vp"], case.get("forward_only", False))
+    # sizes the interleaved schedule cannot run: every rank raises before any communication
+    fb = get_forward_backward_func(2, 2)
+    chunks = build_chunks(8, 2, pg.pp_rank, 2, False, False, torch.float64)
+    with pytest.raises(PipelineScheduleError, match="num_microbatches 3 to be a multiple of"):
+        fb(toy_forward_step, iter(make_batches(3)), chunks, 3, pg, num_tokens=10.0)
+    with pytest.raises(PipelineScheduleError, match="runs 1 model chunk"):
+        get_forward_backward_func(2, 1)(toy_forward_step, iter(make_batches(2)), chunks, 2, pg, num_tokens=1.0)
+    return True
+
+
+def _world4_body():
+    pg = initialize_model_parallel(ParallelConfig(world_size=4, pipeline_model_parallel_size=4))
+    cases = [dict(L=4, vp=1, m=8), dict(L=4, vp=1, m=1), dict(L=4, vp=1, m=2, tie=True, mtp=True),
+             dict(L=8, vp=1, m=3, first=1, last=3, tie=True), dict(L=8, vp=2, m=4, mtp=True),
+             dict(L=8, vp=2, m=8, tie=True, mtp=True), dict(L=12, vp=3, m=4, dtype=torch.float32)]
+    for case in cases:
+        _check_order(pg, _case(pg, **case), case["m"], case["vp"])
+    # PP 2 x DP 2: the token count is global over dp, grads summed over dp equal the single process
+    pg = initialize_model_parallel(ParallelConfig(world_size=4, pipeline_model_parallel_size=2))
+    for case in [dict(L=4, vp=1, m=3, mtp=True, seed=3), dict(L=8, vp=2, m=4, tie=True, mtp=True, seed=4)]:
+        _check_order(pg, _case(pg, **case), case["m"], case["vp"])
+    return True
+
+
+def test_pp2_1f1b_and_interleaved_equal_single_process_and_published_orders():
+    assert all(run_distributed(2, _world2_body, timeout=240))
+
+
+def test_pp4_and_pp2_dp2_equal_single_process_and_published_orders():
+    assert all(run_distributed(4, _world4_body, timeout=300))
+
+
+def test_no_pipeline_accumulates_and_orders():
+    ref = build_chunks(4, 1, 0, 1, True, True, torch.float64)
+    trace = ScheduleTrace()
+    data = make_batches(3)
+    n = sum(b["loss_mask"].sum() for b in data)
+    losses = forward_backward_no_pipelining(toy_forward_step, iter(data), ref, 3, None, num_tokens=n, trace=trace)
+    assert trace.order() == [("F", 0, 0), ("B", 0, 0), ("F", 1, 0), ("B", 1, 0), ("F", 2, 0), ("B", 2, 0)]
+    # the accumulated grad is the grad of (sum of all token losses) / (all tokens): one big batch
+    g_acc = named_grads(ref)
+    for p in ref[0].parameters():
+        p.grad = None
+    total = 0
+    for b in data:
+        out, lf = toy_forward_step(iter([b]), ref[0])
+        total = total + lf(out)[0]
+    (total / n).backward()
+    for k, g in named_grads(ref).items():
+        torch.testing.assert_close(g_acc[k], g, rtol=1e-12, atol=1e-14)
+    assert [float(x["tokens"]) for x in losses] == [float(b["loss_mask"].sum()) for b in data]
+    with pytest.raises(PipelineScheduleError, match="needs num_tokens"):
+        forward_backward_no_pipelining(toy_forward_step, iter(data), ref, 3, None)
+    with pytest.raises(PipelineScheduleError, match="virtual pipeline size 2 needs"):
+        get_forward_backward_func(1, 2)
+    with pytest.raises(PipelineScheduleError, match="list of model chunks"):
+        forward_backward_no_pipelining(toy_forward_step, iter(data), ref[0], 3, None, num_tokens=n)
