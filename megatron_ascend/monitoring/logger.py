@@ -99,7 +99,7 @@ class TrainingLogger:
         good = max(self._count - max(self._skipped, self._nan), 1)
         parts = [f" iteration {iteration:8d}/{self.train_iters:8d}", f"consumed samples: {consumed_samples:12d}",
                  f"elapsed time per iteration (ms): {ms:.1f}",
-                 f"throughput per device (TFLOP/s/device): {tp['tflops_per_device']:.3f}",
+                 f"throughput per device (TFLOP/s/device): {tp['tflops_per_device']:.4g}",
                  f"tokens/s: {tp['tokens_per_sec']:.1f}",
                  "MFU: " + ("n/a" if tp["mfu"] is None else f"{100 * tp['mfu']:.2f}%"),
                  f"learning rate: {lr:.6E}", f"global batch size: {global_batch_size:5d}"]

@@ -34,7 +34,7 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
                        train_cfg: TrainingConfig, groups, vp: int) -> List[torch.nn.Module]:
     """One DeepseekForCausalLM per virtual pipeline stage of this rank, each in a DistributedDataParallel."""
     from ..distributed import DistributedDataParallel
-    from ..models.deepseek import DeepseekForCausalLM
+    from ..models.deepseek.model import DeepseekForCausalLM
     from ..pipeline_parallel.embedding_sync import sync_embedding_weights
     from ..pipeline_parallel.stage_split import model_chunk_specs
     specs = model_chunk_specs(model_cfg.num_hidden_layers, par.pp, groups.pp_rank, vp,
@@ -44,10 +44,8 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
     for spec in specs:
         m = DeepseekForCausalLM(model_cfg, par, groups, pre_process=spec.pre_process,
                                 post_process=spec.post_process, layer_ids=spec.layer_ids,
-                                mtp=spec.post_process and model_cfg.num_nextn_predict_layers > 0,
-                                **_model_kwargs(DeepseekForCausalLM, train_cfg))
-        if hasattr(m, "init_weights"):
-            m.init_weights(seed=train_cfg.seed)
+                                padded_vocab_size=model_cfg.vocab_size, init_seed=train_cfg.seed)
+        _apply_recompute(m, train_cfg)
         if dtype != torch.float32:
             _cast_keep_fp32_buffers(m, dtype)
         m.to(_device())
@@ -58,18 +56,12 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
     return chunks
 
 
-def _model_kwargs(cls, train_cfg: TrainingConfig) -> Dict:
-    """Recompute options, when the model's constructor takes them."""
-    import inspect
-    params = inspect.signature(cls.__init__).parameters
-    kw = {}
-    if "recompute" in params:
-        kw["recompute"] = train_cfg
-    if "train_cfg" in params:
-        kw["train_cfg"] = train_cfg
-    if "seed" in params:
-        kw["seed"] = train_cfg.seed
-    return kw
+def _apply_recompute(model, train_cfg: TrainingConfig) -> None:
+    """--recompute-granularity / --recompute-method / --recompute-num-layers / --recompute-modules."""
+    if not train_cfg.recompute_granularity:
+        return
+    from .. import recompute
+    recompute.apply_recompute(model, train_cfg)
 
 
 def _cast_keep_fp32_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -91,7 +83,8 @@ def unwrap(chunk):
 
 def call_model(chunk, batch: Dict[str, torch.Tensor]):
     """Run one chunk on one micro-batch: the model's per-token losses (last stage) or hidden states."""
-    kw = dict(input_ids=batch["tokens"], position_ids=batch.get("position_ids"), labels=batch["labels"])
+    kw = dict(input_ids=batch["tokens"], position_ids=batch.get("position_ids"), labels=batch["labels"],
+              loss_mask=batch["loss_mask"])
     if "segment_ids" in batch:
         kw["segment_ids"] = batch["segment_ids"]
     return chunk(**kw)
@@ -109,11 +102,16 @@ def get_forward_backward_func(pp: int, vp: int):
 
 
 def finalize_grads(model_chunks, groups) -> None:
-    """Finish the dp / expert-dp reduction, then sum the embedding copies' grads over the embedding group."""
+    """Sum the embedding copies' grads over the embedding group, then finish the dp / expert-dp reduction.
+
+    The embedding sum comes first: under the distributed optimizer the first and last stages own different
+    flat ranges of their embedding copies after the reduce-scatter, so only the full local grads can be summed
+    (the sum is linear, so the order does not change the result). Without --overlap-grad-reduce no bucket has
+    been reduced yet at this point."""
     from ..pipeline_parallel.embedding_sync import allreduce_embedding_grads
+    allreduce_embedding_grads(model_chunks, groups)
     for c in model_chunks:
         c.finish_grad_sync()
-    allreduce_embedding_grads(model_chunks, groups)
 
 
 # -- optimizer -------------------------------------------------------------------------------------------------
@@ -121,41 +119,20 @@ def build_optimizer(model_chunks, opt_cfg: OptimizerConfig, train_cfg: TrainingC
                     groups):
     from ..optimizer import OptimizerParamScheduler, build_optimizer as build
     opt = build(model_chunks, opt_cfg, groups, par.use_distributed_optimizer)
-    decay_iters = opt_cfg.lr_decay_iters or train_cfg.train_iters
-    sched = OptimizerParamScheduler(opt, opt_cfg, train_cfg.train_iters, decay_iters) \
-        if _takes_cfg(OptimizerParamScheduler) else \
-        OptimizerParamScheduler(opt, init_lr=0.0, max_lr=opt_cfg.lr, min_lr=opt_cfg.min_lr,
-                                lr_warmup_steps=opt_cfg.lr_warmup_iters, lr_decay_steps=decay_iters,
-                                lr_decay_style=opt_cfg.lr_decay_style)
-    return opt, sched
-
-
-def _takes_cfg(cls) -> bool:
-    import inspect
-    names = list(inspect.signature(cls.__init__).parameters)
-    return len(names) > 2 and names[2] in ("opt_cfg", "config", "cfg")
+    return opt, OptimizerParamScheduler(opt, opt_cfg, train_cfg.train_iters)
 
 
 def loss_scale(optimizer) -> Optional[float]:
-    """The current loss scale (fp16), or None when no scaling is in use."""
-    s = getattr(optimizer, "loss_scale", None)
-    if callable(s):
-        s = s()
-    if torch.is_tensor(s):
-        s = float(s)
-    return s
+    """The current loss scale (fp16 dynamic scaling), or None without one."""
+    if getattr(optimizer, "grad_scaler", None) is None:
+        return None
+    return float(optimizer.get_loss_scale())
 
 
 def current_lr(optimizer, scheduler) -> float:
-    if hasattr(scheduler, "get_lr") and not hasattr(scheduler, "last_epoch"):
-        try:
-            return float(scheduler.get_lr())
-        except TypeError:
-            pass
-    groups = getattr(optimizer, "param_groups", None)
-    if groups:
-        return float(groups[0]["lr"])
-    return float(getattr(scheduler, "lr", 0.0))
+    """The learning rate the last optimizer step used (Megatron logs the param group's lr)."""
+    groups = optimizer.param_groups
+    return float(groups[0]["lr"]) if groups else float(scheduler.get_lr())
 
 
 # -- MoE -------------------------------------------------------------------------------------------------------

@@ -39,47 +39,35 @@ def global_token_count(batches: Sequence[dict], dp_group) -> torch.Tensor:
     return n
 
 
-def _loss_tensors(output) -> Dict[str, torch.Tensor]:
-    """Normalise the model's post-process output to {name: per-token loss [b, s]}.
-
-    Accepts a tensor (the LM loss) or a dict with 'lm loss' / 'lm_loss' / 'loss' and optional MTP entries
-    ('mtp_1 loss', 'mtp_losses' list, ...)."""
-    if torch.is_tensor(output):
-        return {"lm loss": output}
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in output.items():
-        if k in ("lm loss", "lm_loss", "loss", "lm"):
-            out["lm loss"] = v
-        elif k in ("mtp_losses", "mtp") and isinstance(v, (list, tuple)):
-            for i, t in enumerate(v):
-                out[f"mtp_{i + 1} loss"] = t
-        elif k.startswith("mtp") and torch.is_tensor(v):
-            name = k if k.endswith(" loss") else k.replace("_loss", "") + " loss"
-            out[name] = v
-    if "lm loss" not in out:
-        raise KeyError(f"model output has no LM loss (keys {sorted(output)}); expected 'lm_loss' or 'loss'")
-    return out
+COUNT_SUFFIX = "/__count"  # a logged "<name>/__count" entry is the token count that divides "<name>"
 
 
 def make_loss_func(loss_mask: torch.Tensor, mtp_scale: float, mtp_in_graph: bool) -> Callable:
-    """loss_func(output) -> (masked loss sum to back-propagate, num_tokens, {name: masked loss sum (detached)}).
+    """loss_func(output) -> (masked loss sum to back-propagate, num_tokens, {name: detached sums}).
 
-    The schedule divides the first value by the global token count it is given (``num_tokens``). MTP
-    per-token losses, when the model does not already add them to the graph itself (``mtp_in_graph``), are
-    added with weight ``mtp_scale`` = lambda / D, as DeepSeek-V3 defines L_MTP."""
+    ``output`` is the model's last-stage dict (``lm_loss [b, s]`` unmasked per-token, ``mtp_losses`` per depth
+    already masked, ``mtp_loss_masks``, ``mtp_loss_scale`` = lambda / D) or a per-token loss tensor. The
+    back-propagated sum is ``sum(lm_loss * mask) + lambda/D * sum_k sum(mtp_losses[k])`` (DeepSeek-V3's L_MTP,
+    normalised by the schedule with the same global LM token count as the LM loss, as the model's contract
+    says). The log holds each loss sum and, for MTP, its own token count so that the logged ``mtp_k loss`` is
+    the mean over the tokens that have a k-th next token."""
     mask = loss_mask.float()
 
     def loss_func(output):
-        losses = _loss_tensors(output)
-        log = {}
-        total = None
-        for name, per_token in losses.items():
-            s = (per_token.float() * mask).sum()
-            log[name] = s.detach()
-            if name == "lm loss":
-                total = s if total is None else total + s
-            elif not mtp_in_graph:
-                total = s * mtp_scale if total is None else total + s * mtp_scale
+        lm = output if torch.is_tensor(output) else output["lm_loss"]
+        lm_sum = (lm.float() * mask).sum()
+        log = {"lm loss": lm_sum.detach()}
+        total = lm_sum
+        if not torch.is_tensor(output):
+            scale = output.get("mtp_loss_scale", mtp_scale)
+            masks = output.get("mtp_loss_masks") or []
+            for k, per_token in enumerate(output.get("mtp_losses") or []):
+                s = per_token.float().sum()
+                if not mtp_in_graph:
+                    total = total + scale * s
+                log[f"mtp_{k + 1} loss"] = s.detach()
+                if k < len(masks):
+                    log[f"mtp_{k + 1} loss" + COUNT_SUFFIX] = masks[k].float().sum().detach()
         return total, mask.sum().detach(), log
 
     return loss_func
@@ -99,15 +87,15 @@ class ForwardStep:
 
 def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_group, last_stage: bool,
                          pp_last_rank: int) -> Dict[str, float]:
-    """Sum the per-micro-batch logged loss sums, all-reduce over DP, divide by the global token count, and
-    broadcast from the last pipeline stage so every rank logs the same numbers."""
+    """Sum the per-micro-batch logged sums, all-reduce over DP, divide by the global LM token count (or by the
+    entry's own ``/__count``), and broadcast from the last pipeline stage so every rank logs the same numbers."""
     sums: Dict[str, torch.Tensor] = {}
     names: List[str] = []
     if last_stage:
-        for r in results or []:
-            log = r[2] if isinstance(r, (tuple, list)) and len(r) >= 3 else r
+        for log in results or []:
             for k, v in log.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                if torch.is_tensor(v):
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
         names = sorted(sums)
     if dist.is_initialized() and pp_group is not None and dist.get_world_size(pp_group) > 1:
         obj = [names]
@@ -120,5 +108,11 @@ def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_grou
             dist.all_reduce(vec, group=dp_group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.broadcast(vec, src=pp_last_rank, group=pp_group)
+    values = {k: float(vec[i]) for i, k in enumerate(names)}
     denom = max(float(global_tokens), 1.0)
-    return {k: float(vec[i]) / denom for i, k in enumerate(names)}
+    out = {}
+    for k, v in values.items():
+        if k.endswith(COUNT_SUFFIX):
+            continue
+        out[k] = v / max(values.get(k + COUNT_SUFFIX, denom), 1.0)
+    return out
