@@ -201,3 +201,31 @@ def test_mock_dataset_is_deterministic():
     a, b = MockGPTDataset(10, 16, 50, seed=3), MockGPTDataset(10, 16, 50, seed=3)
     assert torch.equal(a[4]["tokens"], b[4]["tokens"]) and a[4]["tokens"].max() < 50
     assert torch.equal(a[4]["labels"][:-1], a[4]["tokens"][1:])
+
+
+def _dist_cache_body(prefix, cache_root, shared):
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    calls = []
+    real = gd.build_indices
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    gd.build_indices = counting
+    try:
+        cache = os.path.join(cache_root, "shared" if shared else f"rank{rank}")
+        ds = GPTDataset(IndexedDataset(prefix), (0, 23), 40, 8, seed=9, cache_dir=cache)
+        return len(calls), ds.shuffle_index.tolist(), ds[3]["tokens"].tolist()
+    finally:
+        gd.build_indices = real
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_index_build_on_rank0_then_others_load(corpus, tmp_path, shared):
+    """Rank 0 builds, the others wait and load; without a shared filesystem each rank builds the same."""
+    from harness import run_distributed
+    res = run_distributed(2, _dist_cache_body, corpus, str(tmp_path / "cache"), shared, timeout=120)
+    assert res[0][0] == 1 and res[1][0] == (0 if shared else 1)
+    assert res[0][1:] == res[1][1:]

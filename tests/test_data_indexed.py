@@ -263,3 +263,27 @@ def test_train_tokenizer_tool(tmp_path, texts):
     hf = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "h"))
     assert hf.chat_template and hf.detokenize(hf.tokenize("x = 1")) == "x = 1"
     assert train_tokenizer.main(["--input", str(tmp_path / "none.txt"), "--model-prefix", str(tmp_path / "z")]) == 1
+
+
+def test_two_keys_bos_and_gpt_dataset_on_output(tmp_path, texts, sp_model, capsys):
+    from megatron_ascend.data.gpt_dataset import build_train_valid_test_datasets
+    recs = [{"text": t, "title": t[:30]} for t in texts[:12]]
+    recs.insert(2, {"text": texts[0], "title": "  "})  # an empty title: the whole record is skipped
+    src = write_jsonl(tmp_path / "k.jsonl", recs)
+    prefix = str(tmp_path / "k")
+    assert _run(["--input", str(tmp_path / "*.jsonl"), "--output-prefix", prefix, "--tokenizer-type",
+                 "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--json-keys", "text", "title",
+                 "--append-eod", "--prepend-bos"]) == 0
+    assert f"skipped 1 empty documents (first at {src}:3)" in capsys.readouterr().out
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model)
+    kept = [r for r in recs if r["title"].strip()]
+    for key in ("text", "title"):
+        ds = IndexedDataset(f"{prefix}_{key}_document")
+        assert [ds[i].tolist() for i in range(len(ds))] == [[tok.bos] + tok.tokenize(r[key]) + [tok.eod]
+                                                            for r in kept]
+    train, valid, _ = build_train_valid_test_datasets([prefix + "_text_document"], "10,2", [30, 3, 0], 64, 0,
+                                                      cache_dir=str(tmp_path / "c"), vocab_size=tok.vocab_size,
+                                                      eod=tok.eod, eod_mask_loss=True)
+    item = train[0]
+    assert item["tokens"].shape == (64,) and int(item["tokens"].max()) < tok.vocab_size
+    assert float(item["loss_mask"].sum()) == 64 - int((item["tokens"] == tok.eod).sum())

@@ -88,8 +88,18 @@ class JinjaTemplate:
         def raise_exception(msg):
             raise TemplateError(msg)
 
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            import json
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            import datetime
+            return datetime.datetime.now().strftime(fmt)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        env.filters["tojson"] = tojson
         try:
             self._template = env.from_string(source)
         except TemplateError as e:
