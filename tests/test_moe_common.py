@@ -22,12 +22,22 @@ TINY_V2 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_interm
                topk_method="group_limited_greedy", routed_scaling_factor=1.5, norm_topk_prob=False,
                q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                max_position_embeddings=512)
+TINY_V4 = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, n_routed_experts=8,
+               num_experts_per_tok=2, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], swiglu_limit=0.3,
+               routed_scaling_factor=1.5, num_attention_heads=4)
 LAYER = 1
+V4_HASH_LAYER, V4_LAYER = 0, 2
 
 
 def build_hf(kind: str, seed: int = 0, bias_std: float = 0.05):
     """HF DeepseekV3MoE / DeepseekV2Moe with random weights (router std 0.3 so routing is decisive)."""
-    if kind == "v3":
+    if kind in ("v4", "v4hash"):
+        from transformers import DeepseekV4Config
+        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
+        hc = DeepseekV4Config(**TINY_V4)
+        hc._experts_implementation = "eager"
+        mod = DeepseekV4SparseMoeBlock(hc, V4_HASH_LAYER if kind == "v4hash" else V4_LAYER)
+    elif kind == "v3":
         from transformers import DeepseekV3Config
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as Cls
         hc = DeepseekV3Config(**TINY_V3)
@@ -35,14 +45,19 @@ def build_hf(kind: str, seed: int = 0, bias_std: float = 0.05):
         from transformers import DeepseekV2Config
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe as Cls
         hc = DeepseekV2Config(**TINY_V2)
-    hc._experts_implementation = "eager"
+    if kind in ("v2", "v3"):
+        hc._experts_implementation = "eager"
+        mod = Cls(hc)
     g = torch.Generator().manual_seed(seed)
-    mod = Cls(hc)
     with torch.no_grad():
         for n, p in mod.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if n == "gate.weight" else 0.1))
         if hasattr(mod.gate, "e_score_correction_bias"):
             mod.gate.e_score_correction_bias.copy_(torch.randn(8, generator=g) * bias_std)
+        if hasattr(mod.gate, "tid2eid"):  # a frozen random table: distinct experts per token
+            k = mod.gate.tid2eid.shape[1]
+            rows = [torch.randperm(8, generator=g)[:k] for _ in range(mod.gate.tid2eid.shape[0])]
+            mod.gate.tid2eid.copy_(torch.stack(rows))
     return hc, mod
 
 
@@ -56,8 +71,9 @@ def hf_to_ma(sd, inter: int):
            "experts.gate_proj": sd["experts.gate_up_proj"][:, :inter],
            "experts.up_proj": sd["experts.gate_up_proj"][:, inter:],
            "experts.down_proj": sd["experts.down_proj"]}
-    if "gate.e_score_correction_bias" in sd:
-        out["gate.e_score_correction_bias"] = sd["gate.e_score_correction_bias"]
+    for b in ("gate.e_score_correction_bias", "gate.tid2eid"):
+        if b in sd:
+            out[b] = sd[b]
     for k in ("gate_proj", "up_proj", "down_proj"):
         out[f"shared_experts.{k}.weight"] = sd[f"shared_experts.{k}.weight"]
     return out

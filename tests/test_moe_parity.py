@@ -1,4 +1,5 @@
-"""MoELayer == transformers' DeepseekV3MoE / DeepseekV2Moe (outputs, input grads, every param grad) at
+"""MoELayer == transformers' DeepseekV3MoE / DeepseekV2Moe / DeepseekV4SparseMoeBlock (hash and learned
+routing, sqrt-softplus, clamped SwiGLU) (outputs, input grads, every param grad) at
 (TP, EP) in {(1,1), (1,2), (2,1), (2,2), (1,4), (1,8)} and more (expert-TP 1 and = TP, sequence parallel on
 and off, both dispatchers), fp32. One spawned world per world size runs all of its layouts."""
 from __future__ import annotations
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_moe_common import LAYER, build_hf, hf_to_ma, load_full, local_slice, model_cfg, reduce_grad, relerr, \
+from test_moe_common import LAYER, V4_HASH_LAYER, V4_LAYER, build_hf, hf_to_ma, load_full, local_slice, model_cfg, reduce_grad, relerr, \
     setup_groups
 
 TOL = 2e-6  # max |diff| / max |ref|, fp32
@@ -23,12 +24,14 @@ def _run_case(kind, tp=1, ep=1, etp=None, sp=False, dispatcher="alltoall"):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(B, S, cfg.hidden_size, generator=g)
     gy = torch.randn(B, S, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    layer_idx = {"v4hash": V4_HASH_LAYER, "v4": V4_LAYER}.get(kind, LAYER)
     xr = x.clone().requires_grad_()
-    yr = hf(xr)
+    yr = hf(xr, ids) if kind.startswith("v4") else hf(xr)
     yr.backward(gy)
     ref = hf_to_ma({n: p.grad for n, p in hf.named_parameters()}, inter)
 
-    layer = MoELayer(cfg, par, pg, LAYER, init=False)
+    layer = MoELayer(cfg, par, pg, layer_idx, init=False)
     load_full(layer, hf_to_ma(hf.state_dict(), inter))
     bl = B // pg.dp_size
     rows = slice(pg.dp_rank * bl, (pg.dp_rank + 1) * bl)
@@ -40,7 +43,7 @@ def _run_case(kind, tp=1, ep=1, etp=None, sp=False, dispatcher="alltoall"):
         return t.contiguous()
 
     xs = mine(x).requires_grad_()
-    y = layer(xs)
+    y = layer(xs, ids[rows])
     y.backward(mine(gy))
     errs = {"out": relerr(y, mine(yr)), "dx": relerr(xs.grad, mine(xr.grad))}
     for n, p in layer.named_parameters():
@@ -54,15 +57,18 @@ def _body(cases):
 
 
 CASES = {
-    1: [dict(kind="v3"), dict(kind="v2"), dict(kind="v3", dispatcher="allgather")],
+    1: [dict(kind="v3"), dict(kind="v2"), dict(kind="v3", dispatcher="allgather"), dict(kind="v4"),
+        dict(kind="v4hash")],
     2: [dict(kind="v3", ep=2), dict(kind="v3", ep=2, dispatcher="allgather"), dict(kind="v3", tp=2),
         dict(kind="v3", tp=2, sp=True), dict(kind="v3", tp=2, sp=True, dispatcher="allgather"),
-        dict(kind="v2", ep=2), dict(kind="v2", tp=2, sp=True), dict(kind="v3", tp=2, ep=2, etp=1)],
+        dict(kind="v2", ep=2), dict(kind="v2", tp=2, sp=True), dict(kind="v3", tp=2, ep=2, etp=1),
+        dict(kind="v4hash", tp=2), dict(kind="v4", ep=2)],
     4: [dict(kind="v3", tp=2, ep=2), dict(kind="v3", tp=2, ep=2, sp=True),
         dict(kind="v3", tp=2, ep=2, etp=1, sp=True), dict(kind="v3", tp=2, ep=2, etp=1, dispatcher="allgather"),
         dict(kind="v3", tp=2, ep=2, sp=True, dispatcher="allgather"),
         dict(kind="v3", ep=4), dict(kind="v3", ep=4, dispatcher="allgather"), dict(kind="v2", ep=4),
-        dict(kind="v2", tp=2, ep=2, etp=1, sp=True)],
+        dict(kind="v2", tp=2, ep=2, etp=1, sp=True), dict(kind="v4hash", tp=2, ep=2, etp=1, sp=True),
+        dict(kind="v4", tp=2, ep=2, dispatcher="allgather")],
     8: [dict(kind="v3", ep=8), dict(kind="v3", ep=8, dispatcher="allgather"), dict(kind="v2", ep=8),
         dict(kind="v3", tp=2, ep=4, etp=1, sp=True), dict(kind="v3", tp=2, ep=2),
         dict(kind="v3", tp=4, ep=2, etp=1)],
