@@ -52,24 +52,31 @@ def _grad_of(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
 
 
 def _group_agrees(params: List[torch.nn.Parameter], groups) -> bool:
-    """True when every rank of the embedding group holds at least one copy (all of one shape)."""
-    n = len(params)
-    numel = params[0].numel() if params else 0
+    """True when every rank of the embedding group holds a copy (all of one size); False when only the first
+    stage marks one (nothing to tie); an error when a later stage holds copies the first stage does not mark."""
     shapes = {tuple(p.shape) for p in params}
     if len(shapes) > 1:
         raise ValueError(f"embedding copies on rank {dist.get_rank()} have different shapes {sorted(shapes)}; "
                          f"mark only word-embedding weights (one vocab shard each) with mark_shared_embedding")
+    ranks = groups.ranks["embedding"]
     dev = params[0].device if params else get_platform().device()
-    t = torch.tensor([n, numel, -n, -numel], dtype=torch.int64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=groups.embedding)
-    n_max, numel_max, n_min, numel_min = t[0].item(), t[1].item(), -t[2].item(), -t[3].item()
-    if n_min == 0:
-        return False  # some stage has no copy: no tie across stages (untied head, no MTP)
-    if numel_min != numel_max:
-        raise ValueError(f"embedding copies differ in size across the embedding group ranks "
-                         f"{groups.ranks['embedding']} ({numel_min} vs {numel_max} elements); "
-                         f"every copy must be the same vocab shard of the word embedding")
-    return True
+    t = torch.zeros(2 * len(ranks), dtype=torch.int64, device=dev)
+    i = ranks.index(groups.rank)
+    t[i] = len(params)
+    t[len(ranks) + i] = params[0].numel() if params else 0
+    dist.all_reduce(t, group=groups.embedding)
+    counts, numels = t[:len(ranks)].tolist(), t[len(ranks):].tolist()
+    if all(c > 0 for c in counts):
+        if len(set(numels)) > 1:
+            raise ValueError(f"embedding copies differ in size across the embedding group ranks {ranks} "
+                             f"(elements {numels}); every copy must be the same vocab shard of the word embedding")
+        return True
+    if counts[0] > 0 or not any(counts):
+        return False  # only the first stage marks its embedding (untied head, no MTP): nothing to tie
+    raise ValueError(f"ranks {[r for r, c in zip(ranks, counts) if c]} of the embedding group {ranks} hold word-"
+                     f"embedding copies (shared_embedding=True) but rank {ranks[0]} (first pipeline stage) marks "
+                     f"none; mark the first stage's embedding weight with mark_shared_embedding(weight, "
+                     f"canonical=True) so the copies can be kept in sync")
 
 
 def _embedding_group_active(groups) -> bool:
