@@ -102,8 +102,11 @@ def test_split_and_builder(corpus, tmp_path):
     assert set(valid.document_index.tolist()) == set(range(18, 23))
     with pytest.raises(DataError, match="outside the vocabulary"):
         build_train_valid_test_datasets([corpus], "8,2", [40, 5, 5], 8, seed=3, vocab_size=100)
-    with pytest.raises(DataError, match=r"the valid split .*\[23, 23\)\) has 0 tokens, fewer than one sample"):
-        build_train_valid_test_datasets([corpus], "98,1,1", [40, 5, 5], 64, seed=3, cache_dir=str(tmp_path / "c"))
+    tr, va, te = build_train_valid_test_datasets([corpus], "98,1,1", [40, 5, 5], 8, seed=3,
+                                                 cache_dir=str(tmp_path / "c"))
+    assert va is None and te is None  # no documents left for them: absent (with a warning), not an error
+    with pytest.raises(DataError, match=r"the valid split .*\(documents \[20, 22\)\) has \d+ tokens, fewer than one"):
+        build_train_valid_test_datasets([corpus], "20,2,1", [40, 5, 5], 64, seed=3, cache_dir=str(tmp_path / "c"))
 
 
 def test_blended_weights(tmp_path):

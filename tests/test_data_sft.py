@@ -242,3 +242,13 @@ def test_sft_epochs_split_and_truncate(sft_data):
     assert item["tokens"].shape == (12,) and item["segment_ids"].max() == 0
     with pytest.raises(DataError, match="no conversation .* fits seq_length 4"):
         SFTDataset(ids_ds, mask_ds, 4, pad=tok.pad)
+
+
+def test_blended_sft_and_tiny_splits(sft_data):
+    prefix, recs, tok = sft_data
+    tr, va, te = build_sft_datasets(["0.5", prefix, "0.5", prefix], "29,1,0", [40, 2, 0], 96, seed=0, pack=True,
+                                    pad=tok.pad)
+    assert te is None and len(tr) == 40 and set(tr[0]) == {"tokens", "labels", "loss_mask", "position_ids",
+                                                            "segment_ids"}
+    tr, va, te = build_sft_datasets([prefix], "1000,1,1", [10, 2, 2], 96, seed=0, pad=tok.pad)
+    assert va is None and te is None  # nothing left for them in 30 conversations

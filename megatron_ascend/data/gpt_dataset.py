@@ -26,6 +26,7 @@ each eod; a model attends within equal segment ids, see masks.py).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -38,6 +39,7 @@ from .blended_dataset import BlendedDataset, parse_data_path
 from .errors import DataError
 from .indexed_dataset import IndexedDataset, check_token_ids
 
+logger = logging.getLogger(__name__)
 INDEX_VERSION = 1  # bump when the index algorithm changes, so old caches are not reused
 
 
@@ -217,7 +219,8 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
                                     **dataset_kwargs):
     """(train, valid, test) datasets for ``--data-path`` (``[p]`` or ``[w1, p1, w2, p2, ...]``) and ``--split``.
 
-    A split with weight 0 (or 0 requested samples) is None. With several prefixes each split is a
+    A split with weight 0, 0 requested samples, or no document at all (a tiny corpus) is None (the last
+    with a warning); a split with documents but fewer tokens than one sample is an error. With several prefixes each split is a
     BlendedDataset whose components are sized ceil(weight x n x 1.005), as Megatron does. ``vocab_size``
     (the tokenizer's, unpadded) turns on the token-id range check of every .bin.
     """
@@ -238,16 +241,22 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
         if fractions[s] == 0 or n == 0:
             out.append(None)
             continue
-        if len(indexed) == 1:
-            rng = split_ranges(len(indexed[0]), fractions)[s]
-            out.append(GPTDataset(indexed[0], rng, n, seq_length, seed, cache_dir, name=name, **dataset_kwargs))
-            continue
-        parts = []
+        parts, part_weights = [], []
         for w, ds in zip(weights, indexed):
             rng = split_ranges(len(ds), fractions)[s]
-            want = None if n is None else int(math.ceil(w * n * 1.005))
+            if rng[0] == rng[1]:  # the split got no document of this dataset (a tiny corpus): leave it out
+                logger.warning("%s: the %s split has no documents (split %s over %d documents); it is not used",
+                               ds.path_prefix, name, split, len(ds))
+                continue
+            want = n if len(indexed) == 1 or n is None else int(math.ceil(w * n * 1.005))
             parts.append(GPTDataset(ds, rng, want, seq_length, seed, cache_dir, name=name, **dataset_kwargs))
-        size = n if n is not None else sum(len(p) for p in parts)
-        blend_cache = cache_dir if cache_dir is not None else default_cache_dir(prefixes[0])
-        out.append(BlendedDataset(parts, weights, size, cache_dir=blend_cache, name=name, seed=seed))
+            part_weights.append(w)
+        if not parts:
+            out.append(None)
+        elif len(indexed) == 1:
+            out.append(parts[0])
+        else:
+            size = n if n is not None else sum(len(p) for p in parts)
+            blend_cache = cache_dir if cache_dir is not None else default_cache_dir(prefixes[0])
+            out.append(BlendedDataset(parts, part_weights, size, cache_dir=blend_cache, name=name, seed=seed))
     return tuple(out)

@@ -197,16 +197,23 @@ def build_sft_datasets(data_path: Sequence[str], split: str, train_valid_test_nu
         if fractions[s] == 0 or n == 0:
             out.append(None)
             continue
-        parts = []
+        parts, part_weights = [], []
         for w, (ids, mask) in zip(weights, opened):
             rng = split_ranges(len(ids), fractions)[s]
+            if rng[0] == rng[1]:
+                logger.warning("%s: the %s split has no conversations (split %s over %d); it is not used",
+                               ids.path_prefix, name, split, len(ids))
+                continue
             want = n if len(opened) == 1 or n is None else int(math.ceil(w * n * 1.005))
             cd = cache_dir if cache_dir is not None else os.path.join(
                 os.path.dirname(os.path.abspath(ids.path_prefix)), "cache", "SFTDataset_indices")
             parts.append(SFTDataset(ids, mask, seq_length, want, seed, pack, pad, rng, truncate, name, cd))
-        if len(parts) == 1:
+            part_weights.append(w)
+        if not parts:
+            out.append(None)
+        elif len(opened) == 1:
             out.append(parts[0])
         else:
             size = n if n is not None else sum(len(p) for p in parts)
-            out.append(BlendedDataset(parts, weights, size, cache_dir=cache_dir, name=f"sft-{name}", seed=seed))
+            out.append(BlendedDataset(parts, part_weights, size, cache_dir=cache_dir, name=f"sft-{name}", seed=seed))
     return tuple(out)
