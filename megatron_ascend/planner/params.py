@@ -1,0 +1,251 @@
+"""Exact parameter counts per pipeline stage and per rank, from a ModelConfig and a layout.
+
+Owns: the element count of every parameter tensor of a DeepSeek model (V2 / V2-Lite / V3 / V3.2 exactly as
+the library builds them; V4 from the formulas of deepseek_architecture.md §6, because V4 attention is not in
+the library yet), split into what one rank holds under TP / EP / ETP and a pipeline stage's layers.
+
+Sharding rules (ARCHITECTURE.md, deepseek_architecture.md §5.1 / §9): column-parallel by heads / FFN width
+(q_b_proj, kv_b_proj, q_proj, gate/up), row-parallel o_proj / down_proj, replicated q_a / kv_a projections,
+norms and the router; vocab-parallel embedding and head; routed experts whole per EP rank, split over ETP.
+MTP sits on the last stage and (with PP > 1) holds its own copy of the word embedding (Megatron-Core's rule).
+
+Does not own: bytes per parameter (memory.py), FLOPs (monitoring/flops.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+from ..config import ModelConfig, pipeline_layer_split
+
+
+@dataclass
+class ParamCount:
+    """Element counts on one rank, split into dense (reduced over dp) and expert (reduced over expert-dp)."""
+
+    dense: int = 0
+    expert: int = 0
+    parts: Dict[str, int] = field(default_factory=dict)  # readable breakdown (dense + expert)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+    def add(self, name: str, n: int, expert: bool = False) -> None:
+        if expert:
+            self.expert += n
+        else:
+            self.dense += n
+        self.parts[name] = self.parts.get(name, 0) + n
+
+    def __iadd__(self, other: "ParamCount") -> "ParamCount":
+        self.dense += other.dense
+        self.expert += other.expert
+        for k, v in other.parts.items():
+            self.parts[k] = self.parts.get(k, 0) + v
+        return self
+
+
+def _div(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} {n} is not divisible by {d}; pick a parallel size that divides {n}")
+    return n // d
+
+
+def padded_vocab(cfg: ModelConfig, tp: int, divisible_by: int = 1) -> int:
+    """Vocabulary rounded up to a multiple of divisible_by x tp (Megatron's --make-vocab-size-divisible-by)."""
+    m = divisible_by * tp
+    return int(math.ceil(cfg.vocab_size / m) * m)
+
+
+# -- attention ---------------------------------------------------------------------------------------------
+def mla_params(cfg: ModelConfig, tp: int = 1) -> ParamCount:
+    """MLA (V2 / V3 / V3.2) of one layer on one TP rank, including input_layernorm and the V3.2 indexer."""
+    c = ParamCount()
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    nl = _div(n, tp, "num_attention_heads")
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.attention_bias:
+        raise ValueError("attention_bias=True is not modelled by the planner; DeepSeek configs use false")
+    c.add("norms", h)  # input_layernorm
+    if cfg.q_lora_rank:
+        c.add("attn_replicated", cfg.q_lora_rank * h + cfg.q_lora_rank)  # q_a_proj, q_a_layernorm
+        c.add("attn_tp", nl * qk * cfg.q_lora_rank)  # q_b_proj
+    else:
+        c.add("attn_tp", nl * qk * h)  # q_proj
+    c.add("attn_replicated", (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * h + cfg.kv_lora_rank)  # kv_a, norm
+    c.add("attn_tp", nl * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank)  # kv_b_proj
+    c.add("attn_tp", h * nl * cfg.v_head_dim)  # o_proj
+    if cfg.has_indexer:
+        nh, d = cfg.index_n_heads, cfg.index_head_dim
+        q_in = cfg.q_lora_rank or h
+        # wq_b, wk, k_norm (LayerNorm weight + bias), weights_proj: replicated over TP
+        c.add("indexer", nh * d * q_in + d * h + 2 * d + nh * h)
+    return c
+
+
+def v4_attention_params(cfg: ModelConfig, ratio: int, tp: int = 1) -> ParamCount:
+    """DeepSeek-V4 attention of one layer (§6.3), with input_layernorm. Heads, wq_b, the grouped wo_a and wo_b
+    are split over TP (by head groups); the single shared KV head, the compressor and the indexer are
+    replicated. This is the planner's assumption: the library has no V4 attention yet."""
+    c = ParamCount()
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    hd = cfg.head_dim or (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    q_lora = cfg.q_lora_rank or h
+    groups = cfg.o_groups or 1
+    o_lora = cfg.o_lora_rank or h
+    nl = _div(n, tp, "num_attention_heads")
+    gl = _div(groups, tp, "o_groups")
+    c.add("norms", h)  # input_layernorm (attn_norm)
+    c.add("attn_tp", nl)  # attn_sink
+    c.add("attn_replicated", q_lora * h + q_lora + hd * h + hd)  # wq_a, q_norm, wkv, kv_norm
+    c.add("attn_tp", nl * hd * q_lora)  # wq_b
+    c.add("attn_tp", gl * o_lora * (n * hd // groups))  # wo_a [G*o_lora, H*hd/G]
+    c.add("attn_tp", h * gl * o_lora)  # wo_b [h, G*o_lora]
+    if ratio:
+        overlap = 2 if ratio == 4 else 1
+        # compressor: ape [ratio, c*hd], wkv and wgate [c*hd, h], norm [hd]
+        c.add("compressor", ratio * overlap * hd + 2 * overlap * hd * h + hd)
+        if ratio == 4 and cfg.index_topk:
+            nh, d = cfg.index_n_heads, cfg.index_head_dim
+            c.add("indexer", ratio * 2 * d + 2 * 2 * d * h + d)  # its own overlap compressor
+            c.add("indexer", nh * d * q_lora + nh * h)  # wq_b, weights_proj
+    return c
+
+
+def hc_params(cfg: ModelConfig) -> int:
+    """mHC mixing parameters of one layer (attention and FFN sublayers): fn [(2+m)m, m*h], base, scale [3]."""
+    m = cfg.hc_mult
+    if not m:
+        return 0
+    return 2 * ((2 + m) * m * m * cfg.hidden_size + (2 + m) * m + 3)
+
+
+# -- feed-forward ------------------------------------------------------------------------------------------
+def ffn_params(cfg: ModelConfig, moe: bool, tp: int = 1, ep: int = 1, etp: int = 1) -> ParamCount:
+    """Dense SwiGLU MLP or MoE block of one layer on one rank, with post_attention_layernorm."""
+    c = ParamCount()
+    h = cfg.hidden_size
+    c.add("norms", h)
+    if not moe:
+        c.add("dense_mlp", 3 * h * _div(cfg.intermediate_size, tp, "intermediate_size"))
+        return c
+    E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
+    c.add("router", E * h)  # gate.weight (the correction bias is a buffer, not a parameter)
+    if cfg.n_shared_experts:
+        c.add("shared_experts", 3 * h * _div(cfg.n_shared_experts * I, tp, "shared expert width"))
+    c.add("routed_experts", _div(E, ep, "n_routed_experts") * 3 * h * _div(I, etp, "moe_intermediate_size"),
+          expert=True)
+    return c
+
+
+# -- layers, stages ----------------------------------------------------------------------------------------
+def layer_params(cfg: ModelConfig, layer_idx: int, tp: int = 1, ep: int = 1, etp: int = 1,
+                 mtp_block: bool = False) -> ParamCount:
+    """One decoder layer (global index ``layer_idx``; ``mtp_block`` for the transformer block inside MTP)."""
+    c = ParamCount()
+    if cfg.model_type == "deepseek_v4":
+        ratios = cfg.compress_ratios
+        ratio = 0 if mtp_block else (ratios[layer_idx] if layer_idx < len(ratios) else 0)
+        c += v4_attention_params(cfg, ratio, tp)
+        c.add("hc", hc_params(cfg))
+        c += ffn_params(cfg, True, tp, ep, etp)
+        return c
+    c += mla_params(cfg, tp)
+    last = cfg.num_hidden_layers - 1
+    moe = cfg.is_moe_layer(last) if mtp_block else cfg.is_moe_layer(layer_idx)
+    c += ffn_params(cfg, moe, tp, ep, etp)
+    return c
+
+
+def mtp_params(cfg: ModelConfig, tp: int = 1, ep: int = 1, etp: int = 1) -> ParamCount:
+    """One MTP depth (without the shared embedding / head): norms, projection, one block, its final norm."""
+    c = ParamCount()
+    h = cfg.hidden_size
+    if cfg.model_type == "deepseek_v4":
+        c.add("mtp_proj", 2 * h * h + 3 * h)  # e_proj, h_proj, enorm, hnorm, norm
+        m = cfg.hc_mult
+        c.add("hc", m * m * h + m + 1 if m else 0)  # its hc_head
+    else:
+        c.add("mtp_proj", h * 2 * h + 3 * h)  # eh_proj [h, 2h] (replicated), enorm, hnorm, shared_head.norm
+    blk = layer_params(cfg, cfg.num_hidden_layers, tp, ep, etp, mtp_block=True)
+    c += ParamCount(blk.dense, blk.expert, {"mtp_" + k: v for k, v in blk.parts.items()})
+    return c
+
+
+@dataclass(frozen=True)
+class StageSplit:
+    """Which decoder layers each (pp rank, virtual chunk) holds: layers[p][v] = list of global indices."""
+
+    pp: int
+    vp: int
+    layers: List[List[List[int]]]
+    first: Optional[int] = None
+    last: Optional[int] = None
+
+    def rank_layers(self, p: int) -> List[int]:
+        return [i for chunk in self.layers[p] for i in chunk]
+
+
+def stage_split(cfg: ModelConfig, pp: int, vp: int = 1, first: Optional[int] = None,
+                last: Optional[int] = None) -> StageSplit:
+    """Megatron's assignment: virtual stage k = v * pp + p holds the k-th contiguous block of layers."""
+    counts = pipeline_layer_split(cfg.num_hidden_layers, pp, vp, first, last)  # counts[v][p]
+    layers = [[[] for _ in range(vp)] for _ in range(pp)]
+    nxt = 0
+    for v in range(vp):
+        for p in range(pp):
+            layers[p][v] = list(range(nxt, nxt + counts[v][p]))
+            nxt += counts[v][p]
+    return StageSplit(pp, vp, layers, first, last)
+
+
+def rank_params(cfg: ModelConfig, split: StageSplit, p: int, tp: int = 1, ep: int = 1, etp: int = 1,
+                vocab_divisible_by: int = 1) -> ParamCount:
+    """Everything a rank of pipeline stage ``p`` holds (its layers, plus embedding / head / MTP by stage)."""
+    c = ParamCount()
+    h = cfg.hidden_size
+    V = padded_vocab(cfg, tp, vocab_divisible_by) // tp
+    first, last = p == 0, p == split.pp - 1
+    mtp = cfg.num_nextn_predict_layers
+    if first:
+        c.add("embedding", V * h)
+    for i in split.rank_layers(p):
+        c += layer_params(cfg, i, tp, ep, etp)
+    if last:
+        c.add("final_norm", h)
+        if cfg.model_type == "deepseek_v4" and cfg.hc_mult:
+            m = cfg.hc_mult
+            c.add("hc", m * m * h + m + 1)  # hc_head
+        if not (cfg.tie_word_embeddings and first):
+            c.add("output_layer", V * h)  # a tied head on a later stage is a copy kept in sync
+        if mtp:
+            if not first:
+                c.add("embedding", V * h)  # MTP's copy of the word embedding (shared through the embedding group)
+            for _ in range(mtp):
+                c += mtp_params(cfg, tp, ep, etp)
+    return c
+
+
+def total_params(cfg: ModelConfig, include_mtp: bool = True) -> int:
+    """All parameters of the single-process model (MTP optional, as HF leaves it out)."""
+    split = stage_split(cfg, 1)
+    c = rank_params(cfg, split, 0)
+    if not include_mtp and cfg.num_nextn_predict_layers:
+        c2 = ParamCount()
+        for _ in range(cfg.num_nextn_predict_layers):
+            c2 += mtp_params(cfg)
+        return c.total - c2.total
+    return c.total
+
+
+def active_params(cfg: ModelConfig, include_mtp: bool = False) -> int:
+    """Parameters one token touches (top-k routed experts instead of all)."""
+    total = total_params(cfg, include_mtp)
+    moe_layers = cfg.num_moe_layers if cfg.model_type != "deepseek_v4" else cfg.num_hidden_layers
+    if include_mtp and cfg.num_nextn_predict_layers and (cfg.model_type == "deepseek_v4"
+                                                         or cfg.is_moe_layer(cfg.num_hidden_layers - 1)):
+        moe_layers += cfg.num_nextn_predict_layers
+    idle = (cfg.n_routed_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return total - moe_layers * idle

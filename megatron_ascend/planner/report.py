@@ -1,0 +1,89 @@
+"""Text report of a planning run: assumptions, ranked feasible layouts, memory breakdown, reference layouts."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ..config import ModelConfig
+from .enumerate import MemoryOptions, Plan
+from .layout import Cluster
+from .memory import GIB, Precision
+from .params import active_params, total_params
+from .step_time import TimeOptions, model_flops_per_token
+
+
+def _g(b: float) -> str:
+    return f"{b / GIB:6.1f}"
+
+
+def assumptions(cfg: ModelConfig, cluster: Cluster, seq: int, gbs: int, prec: Precision, topts: TimeOptions,
+                mopts: MemoryOptions) -> List[str]:
+    lines = [
+        f"model: {cfg.model_type}, {total_params(cfg, include_mtp=False) / 1e9:.2f}B params "
+        f"({total_params(cfg) / 1e9:.2f}B with MTP), {active_params(cfg) / 1e9:.2f}B active; "
+        f"{model_flops_per_token(cfg, seq) / 1e9:.1f} GFLOP/token (fwd+bwd, Megatron formula, causal halved)",
+        f"cluster: {cluster.num_devices} x {cluster.name}, {cluster.tflops:g} TFLOP/s bf16 peak, {cluster.hbm_gib:g} GiB, "
+        f"{cluster.devices_per_node}/node, intra {cluster.intra_node_gbps:g} GB/s, inter {cluster.inter_node_gbps:g} GB/s, "
+        f"HBM {cluster.hbm_tbps:g} TB/s",
+        f"batch: seq {seq}, global batch {gbs} sequences ({seq * gbs / 1e6:.1f}M tokens/step)",
+        f"bytes/param: param {prec.param}, grad {prec.grad}, main {prec.main_param}, optimizer {prec.optim} "
+        f"(main+optimizer / dp with the distributed optimizer; experts / expert-dp); activations {prec.activation} B",
+        f"time: compute at {topts.efficiency:.0%} of peak; exposed comm fraction tp {1 - topts.overlap_tp:.0%}, "
+        f"ep {1 - topts.overlap_ep:.0%}, pp {1 - topts.overlap_pp:.0%}; dp grad/param sync "
+        f"{'overlapped with the last backward / first forward' if topts.overlap_dp else 'exposed'}",
+        f"memory: + {mopts.reserve_gib:g} GiB reserve per device, fits if <= {mopts.usable_fraction:.0%} of HBM; "
+        f"{'fused (flash) attention' if mopts.flash_attention else 'unfused attention (s x s probabilities saved)'}",
+        "recompute: selective = norms + MLA up-projections + MoE SwiGLU (DeepSeek-V3's choice); full = layer inputs only",
+    ]
+    if cfg.model_type == "deepseek_v4":
+        lines.append("V4 attention (CSA/HCA, mHC) is not implemented in the library yet: its parameters and FLOPs "
+                     "are modelled from deepseek_architecture.md §6; TP splits heads / o_groups, kv/compressor replicated")
+    return lines
+
+
+def plan_row(p: Plan) -> str:
+    pk = p.peak
+    t = p.time
+    ex = t.exposed
+    return (f"{p.layout.short():<62} {t.tokens_per_s_per_device:8.0f} {t.model_tflops_per_device:6.0f} "
+            f"{t.step_s:7.2f} {t.bubble_fraction:5.1%} {ex.get('tp', 0):5.2f} {ex.get('ep', 0):6.2f} "
+            f"{ex.get('dp', 0):5.2f} | {_g(pk.total)} = st {_g(pk.states.total)} + act {_g(pk.activations)} "
+            f"(stage {pk.stage})")
+
+
+HEADER = (f"{'layout':<62} {'tok/s/dev':>8} {'TFLOPs':>6} {'step s':>7} {'bubbl':>5} {'tp s':>5} {'ep s':>6} "
+          f"{'dp s':>5} | peak GiB = model states + activations")
+
+
+def breakdown(p: Plan) -> List[str]:
+    out = []
+    for m in p.memory:
+        s = m.states
+        out.append(f"  stage {m.stage:2d}: params {m.params / 1e9:6.2f}B | params {_g(s.params)} grads {_g(s.grads)} "
+                   f"main {_g(s.main_params)} optim {_g(s.optim)} | activations {_g(m.activations)} "
+                   f"({m.inflight:g} micro-batches in flight) + reserve {_g(m.reserve)} = {_g(m.total)} GiB")
+    return out
+
+
+def format_report(title: str, lines_assume: List[str], plans: List[Plan], evaluated: int, rejected: int,
+                  top: int, references: Optional[Dict[str, Plan]] = None,
+                  reference_tps: Optional[float] = None) -> str:
+    out = [f"== {title}", "assumptions:"] + ["  " + a for a in lines_assume]
+    out.append(f"searched {evaluated} layouts: {rejected} break a config rule, {len(plans)} fit in memory")
+    out.append(HEADER)
+    for p in plans[:top]:
+        out.append(plan_row(p))
+    if plans:
+        out.append(f"memory of the best layout ({plans[0].layout.short()}), per pipeline stage:")
+        out += breakdown(plans[0])
+    if references:
+        out.append("reference layouts:")
+        for name, p in references.items():
+            rank = next((i + 1 for i, q in enumerate(plans) if q.layout == p.layout), None)
+            where = (f", rank {rank} of {len(plans)} feasible" if rank else
+                     (", outside the searched space" if p.feasible else ""))
+            out.append(f"  {name}: {'fits' if p.feasible else 'does NOT fit'}{where}")
+            out.append("    " + plan_row(p))
+            if reference_tps:
+                out.append(f"    predicted {p.time.tokens_per_s_per_device:.0f} tok/s/GPU vs {reference_tps:.0f} implied by "
+                           f"the report: ratio {p.time.tokens_per_s_per_device / reference_tps:.2f}")
+    return "\n".join(out)
