@@ -60,10 +60,14 @@ class Trainer:
     def __init__(self, args, stage: str = "pretrain", print_fn=None):
         self.args = args
         self.stage = stage
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        # validate every flag before touching the network, so a bad flag is one line on stderr
+        self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, world)
+        if self.train_cfg.train_iters <= 0:
+            raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
         self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, self.world)
         self.tokenizer = None
         self._resolve_vocab()
         self.groups = parallel_state.initialize_model_parallel(self.par)
@@ -225,8 +229,6 @@ class Trainer:
 
     def train(self) -> TrainResult:
         t = self.train_cfg
-        if t.train_iters <= 0:
-            raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
         self.signal.install()
         start = time.time()
         _print_rank0(f"training {self.stage}: iterations {self.iteration} -> {t.train_iters}, global batch {self.gbs}, "
