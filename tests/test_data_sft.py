@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ascend.data import chat_templates, preprocess
+from megatron_ascend.data import preprocess
 from megatron_ascend.data.errors import DataError
 from megatron_ascend.data.masks import block_causal_mask
 from megatron_ascend.data.sampler import PretrainingSampler, build_data_iterator

@@ -78,7 +78,8 @@ class BlendedDataset(torch.utils.data.Dataset):
         self.size = int(size)
         description = {"class": "BlendedDataset", "weights": self.weights, "size": self.size, "split": name,
                        "seed": seed,
-                       "datasets": [getattr(d, "description", None) or f"{type(d).__name__}:{len(d)}" for d in datasets]}
+                       "datasets": [getattr(d, "description", None) or f"{type(d).__name__}:{len(d)}"
+                                    for d in datasets]}
         arrays = index_cache.load_or_build(cache_dir, f"BlendedDataset-{name}",
                                            ("dataset_index", "dataset_sample_index"), description,
                                            lambda: build_blending_indices(self.weights, self.size))
@@ -88,7 +89,7 @@ class BlendedDataset(torch.utils.data.Dataset):
             used = int(np.sum(self.dataset_index == d))
             if used > len(ds):
                 raise DataError(f"blend component {d} ({type(ds).__name__} of {len(ds)} samples) "
-                                f"is asked for {used} samples ; build it with more samples")
+                                f"is asked for {used} samples; build it with more samples")
 
     def __len__(self) -> int:
         return self.size

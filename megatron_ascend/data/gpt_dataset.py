@@ -213,6 +213,27 @@ class MockGPTDataset(torch.utils.data.Dataset):
         return causal_lm_sample(sample, None, None, False, False, False)
 
 
+def checked_token_ids(ds: IndexedDataset, vocab_size: int, cache_dir: Optional[str] = None) -> None:
+    """check_token_ids, with the scan's result (min / max id) cached next to the data so a multi-TB corpus
+    is scanned once, not at every start. Raises DataError naming the first bad sequence."""
+    st = os.stat(ds.path_prefix + ".bin")
+    description = {"class": "TokenIdRange", "path_prefix": ds.path_prefix,
+                   "index_md5": index_cache.fingerprint_index(ds), "bin_size": st.st_size, "bin_mtime_ns": st.st_mtime_ns}
+
+    def scan():
+        flat = ds.tokens
+        lo = hi = 0
+        for s in range(0, len(flat), 1 << 24):
+            block = flat[s: s + (1 << 24)]
+            lo, hi = min(lo, int(block.min())), max(hi, int(block.max()))
+        return {"range": np.array([lo, hi], dtype=np.int64)}
+
+    got = index_cache.load_or_build(cache_dir or default_cache_dir(ds.path_prefix), "TokenIdRange", ("range",),
+                                    description, scan)["range"]
+    if got[0] < 0 or got[1] >= vocab_size:
+        check_token_ids(ds, vocab_size)  # the full scan names the sequence
+
+
 def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
                                     train_valid_test_num_samples: Sequence[Optional[int]], seq_length: int,
                                     seed: int, cache_dir: Optional[str] = None, *, vocab_size: Optional[int] = None,
@@ -220,8 +241,8 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
     """(train, valid, test) datasets for ``--data-path`` (``[p]`` or ``[w1, p1, w2, p2, ...]``) and ``--split``.
 
     A split with weight 0, 0 requested samples, or no document at all (a tiny corpus) is None (the last
-    with a warning); a split with documents but fewer tokens than one sample is an error. With several prefixes each split is a
-    BlendedDataset whose components are sized ceil(weight x n x 1.005), as Megatron does. ``vocab_size``
+    with a warning); a split with documents but fewer tokens than one sample is an error. With several
+    prefixes each split is a BlendedDataset whose components are sized ceil(weight x n x 1.005), as Megatron does. ``vocab_size``
     (the tokenizer's, unpadded) turns on the token-id range check of every .bin.
     """
     weights, prefixes = parse_data_path(data_path)
@@ -233,7 +254,7 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
     for p in prefixes:
         ds = IndexedDataset(p)
         if vocab_size is not None:
-            check_token_ids(ds, vocab_size)
+            checked_token_ids(ds, vocab_size, cache_dir)
         indexed.append(ds)
     out = []
     for s, name in enumerate(names):

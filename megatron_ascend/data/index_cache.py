@@ -24,12 +24,17 @@ _warned_dirs = set()
 
 
 def fingerprint_index(ds) -> str:
-    """md5 of what the indices depend on in an IndexedDataset: its dtype and sequence/document tables."""
+    """md5 of what the indices depend on in an IndexedDataset: its dtype and sequence/document tables
+    (computed once per reader object)."""
+    cached = getattr(ds, "_fingerprint", None)
+    if cached is not None:
+        return cached
     h = hashlib.md5()
     h.update(str(ds.dtype).encode())
     h.update(np.ascontiguousarray(ds.sequence_lengths).tobytes())
     h.update(np.ascontiguousarray(ds.document_indices).tobytes())
-    return h.hexdigest()
+    ds._fingerprint = h.hexdigest()
+    return ds._fingerprint
 
 
 def description_hash(description: dict) -> str:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, List, Optional, Sequence, Union
+from array import array
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -146,7 +147,8 @@ class IndexedDataset:
             raise DataError(f"{p}: document_indices are not non-decreasing; the file is corrupted; {fix}")
         if n and lengths.min() < 0:
             bad = int(np.argmin(lengths))
-            raise DataError(f"{p}: sequence {bad} has negative length {int(lengths[bad])}; the file is corrupted; {fix}")
+            raise DataError(f"{p}: sequence {bad} has negative length {int(lengths[bad])}; the file is corrupted; "
+                            f"{fix}")
         if n:
             expect = np.zeros(n, dtype=np.int64)
             np.cumsum(lengths[:-1], out=expect[1:])
@@ -269,9 +271,9 @@ class IndexedDatasetBuilder:
         os.makedirs(d, exist_ok=True)
         self._file = open(self._tmp_bin, "wb")
         self.multimodal = multimodal
-        self.sequence_lengths: List[int] = []
-        self.document_indices: List[int] = [0]
-        self.sequence_modes: List[int] = []
+        self.sequence_lengths = array("i")  # compact: 4 / 8 bytes per entry, not a Python int each
+        self.document_indices = array("q", [0])
+        self.sequence_modes = array("b")
         if np.issubdtype(self.dtype, np.integer):
             info = np.iinfo(self.dtype)
             self._range = (int(info.min), int(info.max))
@@ -319,11 +321,11 @@ class IndexedDatasetBuilder:
         if other.dtype != self.dtype:
             raise DataError(f"cannot merge {path_prefix} ({other.dtype}) into a {self.dtype} dataset")
         base = len(self.sequence_lengths)
-        self.sequence_lengths.extend(other.sequence_lengths.tolist())
-        self.document_indices.extend((other.document_indices[1:] + base).tolist())
+        self.sequence_lengths.extend(other.sequence_lengths.astype(np.int32))
+        self.document_indices.extend((other.document_indices[1:] + base).astype(np.int64))
         if self.multimodal:
             modes = other.sequence_modes if other.sequence_modes is not None else np.zeros(len(other), np.int8)
-            self.sequence_modes.extend(modes.tolist())
+            self.sequence_modes.extend(modes.astype(np.int8))
         with open(data_file_path(other.path_prefix), "rb") as f:
             while True:
                 block = f.read(1 << 24)
@@ -352,10 +354,8 @@ class IndexedDatasetBuilder:
 
 def write_index(path: str, dtype, sequence_lengths: Iterable[int], document_indices: Iterable[int],
                 sequence_modes: Optional[Iterable[int]] = None) -> None:
-    lengths = np.asarray(list(sequence_lengths) if not isinstance(sequence_lengths, np.ndarray)
-                         else sequence_lengths, dtype="<i4")
-    docs = np.asarray(list(document_indices) if not isinstance(document_indices, np.ndarray)
-                      else document_indices, dtype="<i8")
+    lengths = np.asarray(sequence_lengths, dtype="<i4")
+    docs = np.asarray(document_indices, dtype="<i8")
     item = np.dtype(dtype).itemsize
     pointers = np.zeros(len(lengths), dtype="<i8")
     if len(lengths) > 1:
@@ -371,4 +371,4 @@ def write_index(path: str, dtype, sequence_lengths: Iterable[int], document_indi
         f.write(pointers.tobytes(order="C"))
         f.write(docs.tobytes(order="C"))
         if sequence_modes is not None:
-            f.write(np.asarray(list(sequence_modes), dtype=np.int8).tobytes(order="C"))
+            f.write(np.asarray(sequence_modes, dtype=np.int8).tobytes(order="C"))

@@ -25,9 +25,10 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import sft_format
+from .chat_templates import encode_chat
 from .errors import DataError
 from .indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path, optimal_dtype
-from .sft_dataset import INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX
+from .sft_format import INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX
 from .tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
@@ -162,7 +163,6 @@ class Encoder:
 
     def encode_sft(self, rec, where):
         msgs = sft_format.record_to_messages(rec, self.args.sft_format, where)
-        from .chat_templates import encode_chat
         ids, mask = encode_chat(self.tok.tokenize, self.template, msgs, self.tok.bos, self.tok.eod, where=where)
         if self.args.append_eod and (not ids or ids[-1] != self.tok.eod):
             ids.append(self.tok.eod)

@@ -34,9 +34,9 @@ from .blended_dataset import BlendedDataset, parse_data_path
 from .errors import DataError
 from .gpt_dataset import parse_split, split_ranges
 from .indexed_dataset import IndexedDataset, dataset_exists
+from .sft_format import INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX
 
 logger = logging.getLogger(__name__)
-INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX = "_input_ids_document", "_loss_mask_document"
 INDEX_VERSION = 1
 
 

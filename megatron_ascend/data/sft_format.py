@@ -15,6 +15,10 @@ from typing import List
 
 from .errors import DataError
 
+# the two datasets written by preprocess_data.py --sft (here, not in sft_dataset.py, so preprocessing
+# does not import torch)
+INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX = "_input_ids_document", "_loss_mask_document"
+
 SFT_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                    "bot": "assistant", "system": "system"}
