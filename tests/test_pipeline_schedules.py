@@ -107,6 +107,12 @@ def _world2_body():
         fb(toy_forward_step, iter(make_batches(3)), chunks, 3, pg, num_tokens=10.0)
     with pytest.raises(PipelineScheduleError, match="runs 1 model chunk"):
         get_forward_backward_func(2, 1)(toy_forward_step, iter(make_batches(2)), chunks, 2, pg, num_tokens=1.0)
+    # a copy of the embedding on the last stage that the first stage does not mark: both ranks get the error
+    chunks = build_chunks(4, 2, pg.pp_rank, 1, True, False, torch.float64)
+    if pg.is_first_stage:
+        chunks[0].embed_tokens.shared_embedding = False
+    with pytest.raises(ValueError, match="marks none"):
+        sync_embedding_weights(chunks, pg)
     return True
 
 
