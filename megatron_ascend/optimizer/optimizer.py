@@ -1,0 +1,407 @@
+"""Mixed-precision optimizer with fp32 main params, optionally sharded over data-parallel ranks (ZeRO-1).
+
+Owns: ``MegatronOptimizer`` and ``build_optimizer``. Model chunks must be wrapped in
+``distributed.DistributedDataParallel``; the optimizer reads each chunk's grad buffers:
+
+* main params: bf16 / fp16 model params get fp32 copies; fp32 (or fp64) params are updated in place (their
+  "main param" is a view of the model param). Under the distributed optimizer (the DDP's
+  ``use_distributed_optimizer``) a rank keeps main params and Adam states only for the contiguous shard of
+  each bucket it owns (dense buckets shard over dp x cp, expert buckets over expert-dp), per param as the
+  1-D slice ``param.view(-1)[start:end]`` of the owned range.
+* step: finish the grad reduction of every chunk -> (fp16) unscale -> global grad norm across all groups
+  (clip_grads.py) -> skip the step and count it if the norm is inf / nan (fp16: the loss scaler backs off)
+  -> clip -> Adam(W) (torch.optim.AdamW, decoupled weight decay; no decay on 1-D params and ``*.bias``)
+  -> copy main params into the model params -> all-gather the updated shards (distributed optimizer)
+  -> post-step hooks. Module buffers (``requires_grad`` False tensors and registered buffers, e.g. the MoE
+  router's ``e_score_correction_bias``) are never touched.
+* post-step hooks run only after a successful step. The trainer passes
+  ``post_step_hooks=[lambda: moe.update_expert_bias(model, groups, rate)]`` (or registers it once with
+  ``register_post_step_hook``) so the aux-loss-free bias update sees the loads of a step that was applied.
+* LR: ``param_groups`` are torch's; ``OptimizerParamScheduler`` (lr_scheduler.py) sets their ``lr``. The
+  trainer calls ``scheduler.step(1)`` only when ``step()`` returned ``update_successful`` (as Megatron).
+
+Checkpoint structure (``state_dict()``), the same with and without the distributed optimizer::
+
+    {"common": {"optimizer": "adam", "step": int, "num_skipped_steps": int, "grad_scaler": dict | None,
+                "param_groups": [{"name": "decay" | "no_decay", "lr", "weight_decay", "betas", "eps"}],
+                "distributed": bool},
+     "param_state": {param_name: {"main_param": T, "exp_avg": T, "exp_avg_sq": T}},  # owned params only
+     "shard_info":  {param_name: {"local_shape", "flat_range": (start, end), "global_shape",
+                                  "global_offset", "split_dims": {dim: (group, index, size)},
+                                  "is_expert", "dp_group": "dp_cp" | "edp", "dp_rank", "dp_size",
+                                  "distributed"}}}
+
+Every tensor ``T`` in param_state is 1-D, fp32 (fp64 for fp64 params), and equals
+``X_local.view(-1)[start:end]`` where ``X_local`` is that state for this rank's local (TP / EP) shard of the
+param, of shape ``local_shape``; that local shard sits at ``global_offset`` in the ``global_shape`` tensor
+(the param's ShardSpec). Without the distributed optimizer ``flat_range`` is ``(0, numel)``. The tensors
+are live references (clone before mutating). Param names are the DDP-wrapped modules' ``named_parameters``
+(layout independent). For a checkpoint that reshards at any layout, ``full_param_state()`` (a collective
+over dp / expert-dp) returns each state as the whole local-shaped tensor (a box in the global tensor,
+replicated over dp, so torch.distributed.checkpoint can save it with ``global_offset`` and dedup the
+replicas), and ``load_full_param_state()`` takes the same form at the new layout and keeps each rank's
+range. ``load_state_dict`` takes the sharded form saved at the same layout only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed.ddp import DistributedDataParallel
+from ..distributed.grad_buffer import GradBuffer, _all_gather
+from ..tensor_parallel.sharding import shard_spec
+from .clip_grads import clip_grads_, count_zeros, counts_in_grad_norm, global_grad_norm
+from .grad_scaler import ConstantGradScaler, DynamicGradScaler
+
+_HALF = (torch.bfloat16, torch.float16)
+STATE_KEYS = ("main_param", "exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class _Entry:
+    name: str
+    param: nn.Parameter
+    ddp: DistributedDataParallel
+    buffer: GradBuffer
+    flat_range: Tuple[int, int]  # owned [start, end) in param.view(-1)
+    buf_range: Tuple[int, int]  # the same range in buffer offsets
+    main_param: torch.Tensor  # leaf, fp32 (or the param's dtype when that is fp32 / fp64)
+    grad_view: torch.Tensor  # view of the grad buffer, same shape as main_param
+    model_view: torch.Tensor  # view of the model param data, same shape as main_param
+    counted: bool  # counted in the global grad norm on this rank
+    decay: bool
+
+
+def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    return p.dim() <= 1 or name.endswith(".bias")
+
+
+class MegatronOptimizer:
+    def __init__(self, model_chunks: Sequence[DistributedDataParallel], opt_cfg, groups,
+                 log_num_zeros_in_grad: bool = False,
+                 post_step_hooks: Optional[List[Callable[[], None]]] = None):
+        self.chunks = list(model_chunks)
+        self.cfg, self.groups = opt_cfg, groups
+        self.log_num_zeros_in_grad = log_num_zeros_in_grad
+        self.post_step_hooks: List[Callable[[], None]] = list(post_step_hooks or [])
+        self.distributed = self.chunks[0].use_distributed_optimizer
+        self.num_skipped_steps = 0
+        self.entries: List[_Entry] = []
+        self._entry_of: Dict[int, _Entry] = {}
+        self._names: Dict[int, str] = {}
+        seen = set()
+        for ddp in self.chunks:
+            for n, p in ddp.module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if n in seen:
+                    raise ValueError(f"parameter name {n!r} appears in two model chunks; chunk modules must "
+                                     f"register layers under their global index so names are unique")
+                seen.add(n)
+                self._names[id(p)] = n
+                self._add_param(n, p, ddp)
+        self.device = self.chunks[0].grad_buffers[0].grad_data.device if self.chunks[0].grad_buffers else \
+            torch.device("cpu")
+
+        model_dtypes = {buf.param_dtype for ddp in self.chunks for buf in ddp.grad_buffers}
+        self._norm_dtype = torch.float64 if torch.float64 in model_dtypes else torch.float32
+        if opt_cfg.fp16:
+            self.grad_scaler = DynamicGradScaler(opt_cfg.initial_loss_scale, opt_cfg.min_loss_scale,
+                                                 growth_interval=opt_cfg.loss_scale_window,
+                                                 hysteresis=opt_cfg.hysteresis)
+        else:
+            self.grad_scaler = None
+        half = {e.param.dtype for e in self.entries} & set(_HALF)
+        if torch.float16 in half and not opt_cfg.fp16:
+            raise ValueError("model has float16 params but --fp16 is not set; pass --fp16 (dynamic loss "
+                             "scaling) or use --bf16")
+
+        groups_ = []
+        for gname, decay in (("decay", True), ("no_decay", False)):
+            ps = [e.main_param for e in self.entries if e.decay == decay]
+            if ps:
+                groups_.append({"params": ps, "name": gname,
+                                "weight_decay": opt_cfg.weight_decay if decay else 0.0})
+        if not groups_:
+            self.inner = None
+        elif opt_cfg.optimizer == "adam":
+            self.inner = torch.optim.AdamW(groups_, lr=opt_cfg.lr, betas=(opt_cfg.adam_beta1, opt_cfg.adam_beta2),
+                                           eps=opt_cfg.adam_eps, weight_decay=opt_cfg.weight_decay)
+            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            for e in self.entries:  # eager states: measurable memory and a complete state_dict from step 0
+                self.inner.state[e.main_param] = {
+                    "step": torch.tensor(0.0, dtype=scalar),
+                    "exp_avg": torch.zeros_like(e.main_param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(e.main_param, memory_format=torch.preserve_format)}
+        elif opt_cfg.optimizer == "sgd":
+            self.inner = torch.optim.SGD(groups_, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
+        else:
+            raise ValueError(f"--optimizer {opt_cfg.optimizer!r} is unknown; use adam or sgd")
+        self._steps = 0
+
+    # -- construction ----------------------------------------------------------------------------------
+    def _add_param(self, name: str, p: nn.Parameter, ddp: DistributedDataParallel) -> None:
+        buf = ddp.buffer_of(p)
+        slot = buf.slots[id(p)]
+        if self.distributed:
+            a, b = buf.bucket_of(p).shard_range()
+            a, b = max(a, slot.start), min(b, slot.end)
+            if a >= b:
+                return  # another rank of the group owns all of this param
+            flat = (a - slot.start, b - slot.start)
+            grad_view = buf.grad_data[a:b]
+            model_view = buf.param_data[a:b]
+        else:
+            a, b, flat = slot.start, slot.end, (0, p.numel())
+            grad_view = p.main_grad
+            model_view = p.data
+        if p.dtype in _HALF:
+            main = model_view.detach().to(torch.float32).clone()
+        else:
+            main = model_view.detach()  # updated in place: shares the model param's storage
+        if grad_view.dtype == main.dtype:
+            main.grad = grad_view
+        e = _Entry(name, p, ddp, buf, flat, (a, b), main, grad_view, model_view,
+                   counts_in_grad_norm(p, self.groups, self.distributed), not _no_weight_decay(name, p))
+        self.entries.append(e)
+        self._entry_of[id(p)] = e
+
+    # -- torch-like surface ----------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> List[Dict]:
+        return [] if self.inner is None else self.inner.param_groups
+
+    def register_post_step_hook(self, fn: Callable[[], None]) -> None:
+        self.post_step_hooks.append(fn)
+
+    def get_loss_scale(self) -> float:
+        return 1.0 if self.grad_scaler is None else self.grad_scaler.scale
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.grad_scaler is None else loss * self.grad_scaler.scale
+
+    def zero_grad(self) -> None:
+        for ddp in self.chunks:
+            ddp.zero_grad_buffer()
+
+    # -- the step --------------------------------------------------------------------------------------
+    def _main_grads(self, counted_only: bool = False) -> List[torch.Tensor]:
+        return [e.main_param.grad for e in self.entries if not counted_only or e.counted]
+
+    def get_grad_norm(self) -> float:
+        return global_grad_norm(self._main_grads(counted_only=True), self.groups, self.device, self._norm_dtype)
+
+    @torch.no_grad()
+    def step(self, post_step_hooks: Optional[List[Callable[[], None]]] = None
+             ) -> Tuple[bool, float, Optional[int]]:
+        """One update. Returns (update_successful, grad_norm, num_zeros_in_grad or None)."""
+        for ddp in self.chunks:
+            ddp.finish_grad_sync()
+        for e in self.entries:
+            if e.grad_view.dtype != e.main_param.dtype:
+                e.main_param.grad = e.grad_view.to(e.main_param.dtype)
+        grads = self._main_grads()
+        if self.grad_scaler is not None and grads:
+            torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
+        grad_norm = self.get_grad_norm()
+        found_inf = not (grad_norm == grad_norm and grad_norm != float("inf"))
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(found_inf)
+        if found_inf:
+            self.num_skipped_steps += 1
+            return False, grad_norm, None
+        if self.cfg.clip_grad > 0.0:
+            clip_grads_(grads, self.cfg.clip_grad, grad_norm)
+        num_zeros = count_zeros(self._main_grads(True), self.groups, self.device) \
+            if self.log_num_zeros_in_grad else None
+        if self.inner is not None:
+            self.inner.step()
+        self._steps += 1
+        self._copy_main_to_model()
+        for fn in list(self.post_step_hooks) + list(post_step_hooks or []):
+            fn()
+        return True, grad_norm, num_zeros
+
+    def _copy_main_to_model(self) -> None:
+        for e in self.entries:
+            if e.main_param.data_ptr() != e.model_view.data_ptr():
+                e.model_view.copy_(e.main_param)
+        for ddp in self.chunks:
+            ddp.start_param_sync()
+
+    # -- checkpoint ------------------------------------------------------------------------------------
+    def _state_of(self, e: _Entry) -> Dict[str, torch.Tensor]:
+        out = {"main_param": e.main_param.reshape(-1)}
+        st = self.inner.state.get(e.main_param, {}) if self.inner is not None else {}
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                out[k] = st[k].reshape(-1)
+        return out
+
+    def shard_info(self) -> Dict[str, Dict]:
+        """Per param (owned or not): where this rank's optimizer range sits (see the module docstring)."""
+        info = {}
+        for ddp in self.chunks:
+            for buf in ddp.grad_buffers:
+                for p in buf.params:
+                    name = self._names[id(p)]
+                    e = self._entry_of.get(id(p))
+                    spec = shard_spec(p)
+                    local = tuple(p.shape)
+                    info[name] = {
+                        "local_shape": local, "flat_range": e.flat_range if e else (0, 0),
+                        "global_shape": spec.global_shape(local), "global_offset": spec.offsets(local),
+                        "split_dims": dict(spec.axes), "is_expert": buf.is_expert, "dp_group": buf.group_name,
+                        "dp_rank": buf.group_rank, "dp_size": buf.group_size, "distributed": self.distributed}
+        return info
+
+    def _common(self) -> Dict:
+        pgs = [{k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in g.items() if k != "params"}
+               for g in self.param_groups]
+        return {"optimizer": self.cfg.optimizer, "step": self._steps, "num_skipped_steps": self.num_skipped_steps,
+                "grad_scaler": None if self.grad_scaler is None else self.grad_scaler.state_dict(),
+                "param_groups": pgs, "distributed": self.distributed}
+
+    def sharded_param_state(self) -> List[Tuple[nn.Parameter, Dict[str, torch.Tensor], Optional[Tuple[int, int]]]]:
+        """(model param, {state key: live 1-D tensor}, flat_range) per owned param: the checkpointing
+        package's contract (checkpointing/state.py). flat_range is None when the tensors cover the whole
+        local param (no distributed optimizer), else (start, end) of the row-major flattened local param.
+        Loading writes into these tensors in place."""
+        return [(e.param, self._state_of(e), e.flat_range if self.distributed else None) for e in self.entries]
+
+    def state_dict_common(self) -> Dict:
+        """The non-tensor state (JSON-serialisable)."""
+        c = self._common()
+        c["param_groups"] = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                             for g in c["param_groups"]]
+        return c
+
+    def load_state_dict_common(self, common: Dict) -> None:
+        self._load_common(common)
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 loss scale, or None when no loss scaling is in use."""
+        return None if self.grad_scaler is None else self.grad_scaler.scale
+
+    def state_dict(self) -> Dict:
+        return {"common": self._common(),
+                "param_state": {e.name: self._state_of(e) for e in self.entries},
+                "shard_info": self.shard_info()}
+
+    def _load_common(self, common: Dict) -> None:
+        self._steps = int(common["step"])
+        self.num_skipped_steps = int(common.get("num_skipped_steps", 0))
+        if self.grad_scaler is not None and common.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(common["grad_scaler"])
+        if self.inner is not None:
+            for e in self.entries:
+                st = self.inner.state.get(e.main_param)
+                if st is not None and "step" in st:
+                    st["step"].fill_(float(self._steps))
+        for g, saved in zip(self.param_groups, common.get("param_groups", [])):
+            for k in ("lr", "weight_decay"):
+                if k in saved:
+                    g[k] = saved[k]
+
+    @torch.no_grad()
+    def _load_entry(self, e: _Entry, states: Dict[str, torch.Tensor], full: bool) -> None:
+        a, b = e.flat_range if full else (0, e.flat_range[1] - e.flat_range[0])
+        own = self._state_of(e)
+        for k, dst in own.items():
+            if k not in states:
+                raise KeyError(f"optimizer state for {e.name!r} has no {k!r}; the checkpoint was saved by a "
+                               f"different optimizer (got keys {sorted(states)})")
+            src = states[k].reshape(-1)
+            if src.numel() < b:
+                raise ValueError(f"optimizer state {e.name}.{k} has {src.numel()} elements, need {b}; the "
+                                 f"checkpoint does not match this model")
+            dst.copy_(src[a:b])
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: Dict) -> None:
+        """Load the sharded form saved at the same layout (collective under the distributed optimizer: the
+        model params are re-synced from the main params)."""
+        info = sd["shard_info"]
+        for e in self.entries:
+            saved = info.get(e.name)
+            if saved is None or tuple(saved["flat_range"]) != e.flat_range or \
+                    tuple(saved["local_shape"]) != tuple(e.param.shape):
+                raise ValueError(f"optimizer state of {e.name!r} was saved with shard {saved and saved['flat_range']}"
+                                 f" / shape {saved and saved['local_shape']}, this rank owns {e.flat_range} of "
+                                 f"{tuple(e.param.shape)}: the layout changed; load it with "
+                                 f"load_full_param_state(full_param_state_at_new_layout)")
+            self._load_entry(e, sd["param_state"][e.name], full=False)
+        self._load_common(sd["common"])
+        self._copy_main_to_model()
+
+    @torch.no_grad()
+    def full_param_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Each param's states as whole local-shaped tensors (collective over dp / expert-dp)."""
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for ddp in self.chunks:
+            for buf in ddp.grad_buffers:
+                for bucket in buf.buckets:
+                    self._gather_bucket(buf, bucket, out)
+        return out
+
+    def _gather_bucket(self, buf, bucket, out) -> None:
+        present = [self._entry_of[id(p)] for p in bucket.params if id(p) in self._entry_of]
+        keys = STATE_KEYS if self.cfg.optimizer == "adam" else ("main_param",)
+        dtype = present[0].main_param.dtype if present else (
+            torch.float32 if buf.param_dtype in _HALF else buf.param_dtype)
+        if self.distributed and buf.group_size > 1:
+            for k in keys:
+                flat = torch.zeros(bucket.numel, dtype=dtype, device=buf.grad_data.device)
+                for e in present:
+                    a, b = e.buf_range
+                    flat[a - bucket.start:b - bucket.start].copy_(self._state_of(e)[k])
+                s0, s1 = bucket.shard_range()
+                _all_gather(flat, flat[s0 - bucket.start:s1 - bucket.start].clone(), group=buf.group)
+                for p in bucket.params:
+                    sl = buf.slots[id(p)]
+                    name = self._names[id(p)]
+                    out.setdefault(name, {})[k] = flat[sl.start - bucket.start:sl.end - bucket.start] \
+                        .view(p.shape).clone()
+        else:
+            for e in present:
+                out[e.name] = {k: v.view(e.param.shape).clone() for k, v in self._state_of(e).items()}
+
+    @torch.no_grad()
+    def load_full_param_state(self, full: Dict[str, Dict[str, torch.Tensor]], common: Optional[Dict] = None) -> None:
+        """Load states given as whole local-shaped tensors of the *current* layout (e.g. read back with
+        torch.distributed.checkpoint at this rank's global_offset); keeps this rank's range."""
+        for e in self.entries:
+            if e.name not in full:
+                raise KeyError(f"no optimizer state for parameter {e.name!r} in the loaded state")
+            self._load_entry(e, full[e.name], full=True)
+        if common is not None:
+            self._load_common(common)
+        self._copy_main_to_model()
+
+
+def build_optimizer(model_chunks, opt_cfg, groups, distributed: Optional[bool] = None,
+                    log_num_zeros_in_grad: bool = False,
+                    post_step_hooks: Optional[List[Callable[[], None]]] = None) -> MegatronOptimizer:
+    """``model_chunks``: one DistributedDataParallel or a list (one per virtual pipeline chunk).
+    ``distributed`` (optional) must agree with the chunks' ``use_distributed_optimizer``."""
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if not chunks:
+        raise ValueError("build_optimizer got no model chunks")
+    for i, c in enumerate(chunks):
+        if not isinstance(c, DistributedDataParallel):
+            raise TypeError(f"model chunk {i} is a {type(c).__name__}; wrap each chunk in "
+                            f"megatron_ascend.distributed.DistributedDataParallel before build_optimizer")
+    flags = {c.use_distributed_optimizer for c in chunks}
+    if len(flags) != 1:
+        raise ValueError("model chunks disagree on use_distributed_optimizer; build every chunk's "
+                         "DistributedDataParallel with the same value")
+    if distributed is not None and distributed != chunks[0].use_distributed_optimizer:
+        raise ValueError(f"build_optimizer(distributed={distributed}) but the DDP chunks were built with "
+                         f"use_distributed_optimizer={chunks[0].use_distributed_optimizer}; pass the same "
+                         f"--use-distributed-optimizer to both")
+    return MegatronOptimizer(chunks, opt_cfg, groups, log_num_zeros_in_grad, post_step_hooks)

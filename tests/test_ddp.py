@@ -1,0 +1,116 @@
+"""Data parallelism + optimizer at DP 2 / 4 / 8, with and without the distributed optimizer and overlap,
+combined with TP (+SP), PP and EP: after N Adam steps with clipping the parameters, the grad norm of every
+step and the reduced grads equal the single-process torch run (toy model of test_ddp_toymodel.py, fp64;
+one fp32 run). Bitwise where the reduction order is the same: distopt vs all-reduce and overlap vs not at
+DP 2 (no clipping). One spawned world per size runs every layout."""
+import torch
+
+from tests.harness import run_distributed
+from tests.test_ddp_toymodel import Run, grad_errors_at_step0, max_param_error, reference, train
+
+TP2 = {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1}
+PP2 = {"pipeline_model_parallel_size": 2}
+
+
+def _ep(n):
+    return {"expert_model_parallel_size": n}
+
+
+RUNS = {
+    2: {
+        "dp2": Run(par={}),
+        "dp2_dist": Run(par={}, distributed=True),
+        "dp2_dist_overlap_buckets": Run(par={}, distributed=True, overlap=True, bucket_size=100),
+        "dp2_overlap_buckets": Run(par={}, overlap=True, bucket_size=60),
+        "dp2_average_scaling": Run(par={}, distributed=True, scaling="average"),
+        "dp2ep2_dist": Run(par=_ep(2), distributed=True),
+        "tp2sp_dist": Run(par=TP2, sp=True, distributed=True),
+        "tp2_nosp_dense": Run(par=TP2, moe=False),
+        "pp2": Run(par=PP2),
+        "pp2_dist_overlap": Run(par=PP2, distributed=True, overlap=True, bucket_size=50),
+        "dp2_dist_fp32": Run(par={}, distributed=True, dtype=torch.float32),
+        # bitwise group (no clipping, so the norm's summation order does not enter the update)
+        "bw_dp2": Run(par={}, clip_grad=0.0),
+        "bw_dp2_dist": Run(par={}, clip_grad=0.0, distributed=True),
+        "bw_dp2_overlap": Run(par={}, clip_grad=0.0, overlap=True, bucket_size=40),
+    },
+    4: {
+        "dp4": Run(par={}),
+        "dp4_dist_overlap": Run(par={}, distributed=True, overlap=True, bucket_size=80),
+        "dp4ep4_dist": Run(par=_ep(4), distributed=True),
+        "tp2dp2sp_ep2": Run(par={**TP2, **_ep(2)}, sp=True),
+        "tp2dp2sp_ep2_dist": Run(par={**TP2, **_ep(2)}, sp=True, distributed=True),
+        "pp2dp2ep2_dist_overlap": Run(par={**PP2, **_ep(2)}, distributed=True, overlap=True, bucket_size=64),
+        "tp2pp2sp_dist": Run(par={**TP2, **PP2}, sp=True, distributed=True),
+        "tp2dp2sp_ep2_dist_fp32": Run(par={**TP2, **_ep(2)}, sp=True, distributed=True, dtype=torch.float32),
+    },
+    8: {
+        "tp2pp2dp2sp_ep2": Run(par={**TP2, **PP2, **_ep(2)}, sp=True),
+        "tp2pp2dp2sp_ep2_dist_overlap": Run(par={**TP2, **PP2, **_ep(2)}, sp=True, distributed=True,
+                                            overlap=True, bucket_size=64),
+        "tp2pp2dp2sp_ep4_dist": Run(par={**TP2, **PP2, **_ep(4)}, sp=True, distributed=True),
+    },
+}
+
+
+def _parity_body(world):
+    out, refs, params = {}, {}, {}
+    for name, run in RUNS[world].items():
+        key = (run.dtype, run.moe, run.clip_grad)
+        if key not in refs:
+            refs[key] = reference(run)
+        ref_params, ref_norms, ref_grads = refs[key]
+        check, box = grad_errors_at_step0(ref_grads)
+        r = train(run, world, before_step=check)
+        params[name] = r["params"]
+        out[name] = {
+            "param_err": max_param_error(r["params"], ref_params),
+            "norm_rel_err": max(abs(a - b) / b for a, b in zip(r["norms"], ref_norms)),
+            "grad_err": box["err"],
+            "ok": all(r["ok"]),
+            "clipped": min(ref_norms) > run.clip_grad > 0,
+            "buckets": len(r["launched"][-1]),
+            "all_launched_in_backward": all(r["launched"][-1]),
+            "any_launched": any(any(x) for x in r["launched"]),
+        }
+    if world == 2:
+        same = lambda a, b: all(torch.equal(params[a][n], params[b][n]) for n in params[a])  # noqa: E731
+        out["bitwise"] = {"dist_vs_allreduce": same("bw_dp2", "bw_dp2_dist"),
+                          "overlap_vs_not": same("bw_dp2", "bw_dp2_overlap")}
+    return out
+
+
+def _check(world):
+    results = run_distributed(world, _parity_body, world, timeout=240)
+    for rank, res in enumerate(results):
+        for name, r in res.items():
+            if name == "bitwise":
+                assert all(r.values()), f"rank {rank}: bitwise checks {r}"
+                continue
+            run = RUNS[world][name]
+            fp32 = run.dtype == torch.float32
+            tol_p, tol_n, tol_g = (2e-5, 1e-5, 1e-6) if fp32 else (1e-12, 1e-12, 1e-14)
+            where = f"world {world} rank {rank} {name}"
+            assert r["ok"], f"{where}: a step was skipped"
+            assert r["param_err"] <= tol_p, f"{where}: params differ from single process by {r['param_err']}"
+            assert r["norm_rel_err"] <= tol_n, f"{where}: grad norm rel. error {r['norm_rel_err']}"
+            assert r["grad_err"] <= tol_g, f"{where}: reduced grads differ by {r['grad_err']}"
+            if run.clip_grad > 0:
+                assert r["clipped"], f"{where}: clipping was not active; lower clip_grad in the test"
+            if run.overlap:
+                assert r["buckets"] > 1, f"{where}: expected several buckets, got {r['buckets']}"
+                assert r["all_launched_in_backward"], f"{where}: overlap left buckets to finish_grad_sync"
+            else:
+                assert not r["any_launched"], f"{where}: a bucket was reduced during backward without overlap"
+
+
+def test_parity_world2():
+    _check(2)
+
+
+def test_parity_world4():
+    _check(4)
+
+
+def test_parity_world8():
+    _check(8)
