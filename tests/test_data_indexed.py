@@ -287,3 +287,26 @@ def test_two_keys_bos_and_gpt_dataset_on_output(tmp_path, texts, sp_model, capsy
     item = train[0]
     assert item["tokens"].shape == (64,) and int(item["tokens"].max()) < tok.vocab_size
     assert float(item["loss_mask"].sum()) == 64 - int((item["tokens"] == tok.eod).sum())
+
+
+def test_cross_read_with_megatron_core(tmp_path):
+    """Optional: when megatron-core is importable, each side reads the other's files (and the bytes match)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    import torch
+    docs = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]
+    ours = build_indexed(tmp_path / "ours", docs, np.uint16)
+    theirs_read = mc.IndexedDataset(ours)
+    assert len(theirs_read) == 3 and [theirs_read[i].tolist() for i in range(3)] == docs
+    assert theirs_read.document_indices.tolist() == [0, 1, 2, 3]
+    b = mc.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
+    for d in docs:
+        b.add_item(torch.tensor(d))
+        b.end_document()
+    b.finalize(str(tmp_path / "theirs.idx"))
+    ds = IndexedDataset(str(tmp_path / "theirs"))
+    assert [ds[i].tolist() for i in range(3)] == docs
+    for ext in (".bin", ".idx"):
+        assert open(str(tmp_path / "theirs") + ext, "rb").read() == open(ours + ext, "rb").read()
