@@ -295,6 +295,10 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # unreadable input, unwritable output dir, disk full
+        print(f"error: {e.strerror or e} ({e.filename or ''}); check the --input / --output-prefix paths",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted; no output was written (temporary files removed)", file=sys.stderr)
         return 130

@@ -8,7 +8,7 @@ Each conversation of n ids contributes ``n - 1`` positions: inputs ``ids[:-1]``,
 loss mask ``mask[1:]`` (loss on predicting assistant tokens only). A sample is ``seq_length`` positions:
 
 - unpacked: one conversation, padded;
-- packed (``pack=True``): several conversations chosen by first-fit-decreasing on their lengths,
+- packed (``pack=True``): several conversations chosen by best-fit-decreasing on their lengths,
   concatenated, then padded. ``position_ids`` restart at 0 at each conversation and ``segment_ids``
   number them 0, 1, ... (padding is one more segment), so a model that attends within equal segment ids
   (masks.block_causal_mask) computes each conversation exactly as if it were alone.
@@ -61,7 +61,8 @@ def open_sft_data(prefix: str) -> Tuple[IndexedDataset, IndexedDataset]:
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
-    """Bins of item indices, each bin's total length <= capacity. Deterministic (stable sort, best fit)."""
+    """Bins of item indices, each bin's total length <= capacity: items longest first, each into the bin with
+    the least room that still fits it (best-fit decreasing), else a new bin. Deterministic."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     free: List[Tuple[int, int]] = []  # (remaining capacity, bin id), sorted
     bins: List[List[int]] = []
