@@ -33,13 +33,12 @@ m to be a multiple of p.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .p2p import P2PCommunicator
-from .trace import ScheduleTrace
 
 
 class PipelineScheduleError(ValueError):
