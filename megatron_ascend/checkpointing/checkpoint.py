@@ -253,7 +253,7 @@ def save_checkpoint(save_dir: str, iteration, model_chunks: Sequence[torch.nn.Mo
     """
     wait_for_pending_save()
     rank = _rank()
-    chunks = st.model_chunks_of(model_chunks)
+    chunks = st.model_chunks_of(model_chunks, for_save=True)
     has_optim = optimizer is not None and save_optim
     if has_optim:
         chunks += st.optimizer_chunks(optimizer, model_chunks)

@@ -52,35 +52,68 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def model_tensors(model_chunks: Sequence[torch.nn.Module]) -> List[Tuple[str, torch.Tensor]]:
-    """(name, tensor) for every parameter and persistent buffer of all chunks (names are global)."""
+_VOCAB_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def model_tensors(model_chunks: Sequence[torch.nn.Module]) -> List[Tuple[str, torch.Tensor, Dict[str, Any]]]:
+    """(name, tensor, info) for every parameter and persistent buffer of all chunks (names are global).
+
+    info: ``copy`` - a non-canonical copy of a weight held elsewhere too (the last pipeline stage's word
+    embedding for MTP / a tied head: ``param.shared``, or ``shared_embedding`` on a chunk without
+    pre_process); saved by its canonical owner only, loaded like any other tensor. ``vocab`` - the real
+    vocab size when the tensor's dim 0 is the TP-padded vocab (the padding rows are not stored, so the
+    stored global shape does not depend on TP)."""
     out = []
     for chunk in model_chunks:
-        for name, t in unwrap(chunk).state_dict(keep_vars=True).items():
-            if isinstance(t, torch.Tensor):
-                out.append((name, t))
+        m = unwrap(chunk)
+        vocab, padded = getattr(m, "vocab_size", None), getattr(m, "padded_vocab_size", None)
+        for name, t in m.state_dict(keep_vars=True).items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            copy = bool(getattr(t, "shared", False)) or (
+                bool(getattr(t, "shared_embedding", False)) and not getattr(m, "pre_process", True))
+            info = {"copy": copy, "vocab": None}
+            if name in _VOCAB_NAMES and vocab and padded and padded != vocab:
+                info["vocab"] = int(vocab)
+            out.append((name, t, info))
     return out
 
 
-def param_names(model_chunks: Sequence[torch.nn.Module]) -> Dict[int, str]:
+def param_names(model_chunks: Sequence[torch.nn.Module]) -> Dict[int, Tuple[str, Dict[str, Any]]]:
     names = {}
-    for chunk in model_chunks:
-        for name, p in unwrap(chunk).named_parameters():
-            names.setdefault(id(p), name)
+    for name, t, info in model_tensors(model_chunks):
+        if isinstance(t, torch.nn.Parameter):
+            names.setdefault(id(t), (name, info))
     return names
 
 
-def global_box(t: torch.Tensor, spec_of: Optional[torch.Tensor] = None) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    spec = shard_spec(spec_of if spec_of is not None else t)
-    shape = tuple((spec_of if spec_of is not None else t).shape)
-    return spec.global_shape(shape), spec.offsets(shape)
+def global_box(t: torch.Tensor) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    spec = shard_spec(t)
+    return spec.global_shape(tuple(t.shape)), spec.offsets(tuple(t.shape))
 
 
-def model_chunks_of(model_chunks: Sequence[torch.nn.Module]) -> List[Chunk]:
+def crop_vocab(c: Chunk, vocab: Optional[int]) -> Optional[Chunk]:
+    """The part of ``c`` inside rows [0, vocab) of dim 0 (None when it holds padding rows only)."""
+    if vocab is None or not c.global_shape:
+        return c
+    o, n = c.offsets[0], c.shape[0]
+    keep = min(n, vocab - o)
+    if keep <= 0:
+        return None
+    return Chunk(c.fqn, (vocab,) + c.global_shape[1:], c.offsets, c.tensor.narrow(0, 0, keep))
+
+
+def _finish(chunks: List[Chunk], info: Dict[str, Any], for_save: bool) -> List[Chunk]:
+    if for_save and info["copy"]:
+        return []
+    return [x for x in (crop_vocab(c, info["vocab"]) for c in chunks) if x is not None]
+
+
+def model_chunks_of(model_chunks: Sequence[torch.nn.Module], for_save: bool = False) -> List[Chunk]:
     out = []
-    for name, t in model_tensors(model_chunks):
+    for name, t, info in model_tensors(model_chunks):
         g, off = global_box(t)
-        out.append(Chunk(name, g, off, t.detach()))
+        out += _finish([Chunk(name, g, off, t.detach())], info, for_save)
     return out
 
 
@@ -131,24 +164,25 @@ def optimizer_chunks(optimizer, model_chunks: Sequence[torch.nn.Module], for_loa
     names = param_names(model_chunks)
     out = []
     for p, states, flat_range in _param_states(optimizer, for_load):
-        name = names.get(id(p))
-        if name is None:
+        if id(p) not in names:
             raise CheckpointError("optimizer holds a parameter that is not in model_chunks; pass the same model "
                                   "chunks the optimizer was built from")
+        name, info = names[id(p)]
         g, off = global_box(p)
         local = tuple(p.shape)
         for key, t in states.items():
             fqn = f"{OPT_PREFIX}{name}/{key}"
             if t.dim() == 0:
-                out.append(Chunk(fqn, (), (), t.detach()))
+                cs = [Chunk(fqn, (), (), t.detach())]
             elif flat_range is None:
                 if t.numel() != p.numel():
                     raise CheckpointError(f"optimizer state {key} of {name} has {t.numel()} elements, the param "
                                           f"{p.numel()}; give a flat_range for sharded state")
-                out.append(Chunk(fqn, g, off, t.detach().view(local)))
+                cs = [Chunk(fqn, g, off, t.detach().view(local))]
             else:
                 start, end = flat_range
-                out += flat_shard_chunks(fqn, g, off, local, int(start), int(end), t.detach().view(-1))
+                cs = flat_shard_chunks(fqn, g, off, local, int(start), int(end), t.detach().view(-1))
+            out += _finish(cs, info if t.dim() else dict(info, vocab=None), not for_load)
     return out
 
 
@@ -158,7 +192,7 @@ def drop_unloaded_state(optimizer, model_chunks, skipped_names) -> None:
     made = getattr(optimizer, "_ma_materialized", set())
     names = param_names(model_chunks)
     for p in list(made):
-        if names.get(id(p)) in skipped_names:
+        if id(p) in names and names[id(p)][0] in skipped_names:
             optimizer.state.pop(p, None)
     optimizer._ma_materialized = set()
 
