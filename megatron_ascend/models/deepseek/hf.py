@@ -18,7 +18,10 @@ _VOCAB = {"model.embed_tokens.weight", "lm_head.weight"}
 
 def model_config_for_hf(hf_config, **overrides) -> ModelConfig:
     """ModelConfig from a transformers DeepseekV2/V3/V32 config (keys that are None mean 'default')."""
-    d = {k: v for k, v in hf_config.to_dict().items() if v is not None}
+    raw = hf_config.to_dict()
+    d = {k: v for k, v in raw.items() if v is not None}
+    if "q_lora_rank" in raw and raw["q_lora_rank"] is None:
+        d["q_lora_rank"] = 0  # the V2-Lite form (ModelConfig turns 0 into None)
     if d.get("model_type") == "deepseek_v2" and "scoring_func" not in d:
         d["scoring_func"] = "softmax"
     return ModelConfig.from_hf_dict(d, **overrides)

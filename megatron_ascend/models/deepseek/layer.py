@@ -2,7 +2,7 @@
 
     h = h + self_attn(input_layernorm(h));  h = h + mlp(post_attention_layernorm(h))
 
-``hidden [s(/tp), b, h]`` in and out. The MoE block is ``megatron_ascend.moe.layer.MoELayer`` (imported when a
+``hidden [s(/tp), b, h]`` in and out. The MoE block is ``megatron_ascend.moe.MoELayer`` (imported when a
 MoE layer is built). The DSA indexer's KL loss is attached to the graph (``attach_aux_loss``) so its gradient
 flows from any pipeline stage; the layer also returns the detached value for logging.
 """
@@ -41,9 +41,9 @@ def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> to
 
 
 def moe_layer_class():
-    """``MoELayer`` from megatron_ascend.moe.layer, or None while that package does not provide it."""
+    """``MoELayer`` from megatron_ascend.moe, or None while that package does not provide it."""
     try:
-        from ...moe.layer import MoELayer
+        from ...moe import MoELayer
     except ImportError:
         return None
     return MoELayer
@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
             cls = moe_layer_class()
             if cls is None:
                 raise NotImplementedError(
-                    f"layer {layer_idx} is a MoE layer but megatron_ascend.moe.layer.MoELayer is not available; "
+                    f"layer {layer_idx} is a MoE layer but megatron_ascend.moe.MoELayer is not available; "
                     f"set first_k_dense_replace >= num_hidden_layers for a dense model")
             self.mlp = cls(config, parallel, groups, layer_idx)
         else:
