@@ -55,8 +55,10 @@ def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Te
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """[N, k] (rows grouped by expert, ``counts[g]`` rows each) x [G, k, n] -> [N, n]."""
-    if x.shape[0] == 0:  # keep w in the graph so every expert weight gets a (zero) grad
-        return x.new_zeros(0, w.shape[2]) + 0 * w.sum()
+    if x.shape[0] == 0:
+        # keep x AND w in the graph: a rank whose experts got no rows must still run the backward of the
+        # all-to-all that delivered those (zero) rows, or its peers wait for it forever
+        return x @ w[0] + 0 * w.sum()
     fused = kernels.get("grouped_matmul")
     if fused is not kernels._REFERENCE["grouped_matmul"]:
         return fused(x, w, torch.tensor(counts, dtype=torch.long, device=x.device))
