@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
     work = a.workdir or tempfile.mkdtemp(prefix="data_bench_")
+    os.makedirs(work, exist_ok=True)
     corpus = os.path.join(work, "corpus.jsonl")
     size = make_corpus(corpus, a.corpus_mb)
     print(f"corpus: {corpus} ({size / (1 << 20):.1f} MiB of stdlib sources)")

@@ -252,3 +252,30 @@ def test_blended_sft_and_tiny_splits(sft_data):
                                                             "segment_ids"}
     tr, va, te = build_sft_datasets([prefix], "1000,1,1", [10, 2, 2], 96, seed=0, pad=tok.pad)
     assert va is None and te is None  # nothing left for them in 30 conversations
+
+
+def test_alpaca_json_array_and_template_sources(tmp_path, hf_dir, texts):
+    import shutil
+    from megatron_ascend.data.tokenizer_training import DEEPSEEK_JINJA
+    recs = [r for r in _records(texts, 9) if "instruction" in r]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(recs, indent=2))
+    assert preprocess.main(["--sft", "--input", str(tmp_path / "alpaca_data.json"), "--output-prefix",
+                            str(tmp_path / "a"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                            hf_dir, "--sft-format", "alpaca", "--no-progress"]) == 0
+    ids_ds, _ = open_sft_data(str(tmp_path / "a"))
+    tok = build_tokenizer("HuggingFaceTokenizer", hf_dir)
+    assert [ids_ds[i].tolist() for i in range(len(ids_ds))] == [
+        tok.apply_chat_template(record_to_messages(r)) for r in recs]
+    # the template may also come from chat_template.jinja, or as a list of named templates
+    for form in ("jinja_file", "list"):
+        d = tmp_path / form
+        shutil.copytree(hf_dir, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template")
+        if form == "list":
+            cfg["chat_template"] = [{"name": "tool_use", "template": "x"},
+                                    {"name": "default", "template": DEEPSEEK_JINJA}]
+        else:
+            (d / "chat_template.jinja").write_text(DEEPSEEK_JINJA)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert build_tokenizer("HuggingFaceTokenizer", str(d)).chat_template == DEEPSEEK_JINJA
