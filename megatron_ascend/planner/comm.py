@@ -44,7 +44,11 @@ class CommOptions:
     act_bytes: int = 2
     grad_bytes: int = 4
     param_bytes: int = 2
-    tp_bwd_width: Optional[int] = None  # width of the backward TP all-reduce per sublayer (default h)
+    p2p_header_bytes: int = 80  # pipeline_parallel.p2p sends an int64[10] shape header before each tensor
+    dp_padding_elems: int = 0  # distributed-optimizer bucket padding (dense), from the live buffers when known
+    edp_padding_elems: int = 0
+    # moe/comm.py reduce-scatters as all-reduce + chunk on gloo (same payload, other op); nccl / hccl: "nccl"
+    backend: str = "nccl"
 
 
 def _add(v: Dict[Key, float], group: str, op: str, nbytes: float, size: int) -> None:
@@ -52,63 +56,89 @@ def _add(v: Dict[Key, float], group: str, op: str, nbytes: float, size: int) -> 
         v[(group, op)] += nbytes
 
 
+def _latent_width(cfg: ModelConfig) -> int:
+    return (cfg.q_lora_rank or cfg.hidden_size) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+
+
+def _sp_param_count(count: ParamCount, sp: bool) -> int:
+    """Replicated params whose grads are partial per TP rank (DDP all-reduces them over tp): under SP every
+    replicated weight that runs on local tokens (norms, q_a / kv_a projections, router, MTP eh_proj); without
+    SP only the router (each TP rank routes its own token chunk)."""
+    p = count.parts
+    if not sp:
+        return p.get("router", 0) + p.get("mtp_router", 0)
+    keys = ("norms", "attn_replicated", "router", "final_norm", "mtp_proj", "indexer")
+    return sum(p.get(k, 0) + p.get("mtp_" + k, 0) for k in keys)
+
+
 def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int, count: ParamCount,
                      o: CommOptions) -> Dict[Key, float]:
-    """Payload bytes per (group, op) that one rank of pipeline stage ``p`` moves in one optimizer step."""
+    """Payload bytes per (group, op) that one rank of pipeline stage ``p`` moves in one optimizer step, for the
+    library's own implementation (models/deepseek, moe all-to-all dispatcher with expert-TP 1, distributed/,
+    pipeline_parallel/p2p). Group names are ProcessGroups names. Scalars (loss, token count, grad norm, expert
+    load counts) are not modelled; they are a few bytes."""
     v: Dict[Key, float] = defaultdict(float)
-    t, e, d, edp = layout.tp, layout.ep, layout.dp, layout.edp
+    t, e, edp = layout.tp, layout.ep, layout.edp
     T = layout.micro_batch_size * o.seq_length
     h, a = cfg.hidden_size, o.act_bytes
     m = o.num_microbatches
     layers = split.rank_layers(p)
     first, last = p == 0, p == layout.pp - 1
-    mtp = cfg.num_nextn_predict_layers if last else 0
-    n_layers = len(layers) + mtp  # an MTP block is one more decoder layer
-    moe_layers = sum(1 for i in layers if cfg.model_type == "deepseek_v4" or cfg.is_moe_layer(i))
-    if mtp and (cfg.model_type == "deepseek_v4" or cfg.is_moe_layer(cfg.num_hidden_layers - 1)):
-        moe_layers += mtp
+    D = cfg.num_nextn_predict_layers if last else 0
+    v4 = cfg.model_type == "deepseek_v4"
+    moe_flags = [v4 or cfg.is_moe_layer(i) for i in layers]
+    if D:
+        moe_flags += [v4 or cfg.is_moe_layer(cfg.num_hidden_layers - 1)] * D
+    n_att, n_moe = len(moe_flags), sum(moe_flags)
+    n_dense = n_att - n_moe
     act = T * h * a
-    bw = (o.tp_bwd_width or h) * T * a
-    heads = (1 + mtp) if last else 0
-    # --- tensor parallel
+    lat = T * _latent_width(cfg) * a
+    heads = (1 + D) if last else 0
+    embeds = (1 if first else 0) + D  # each MTP depth embeds its shifted ids
+    shared = cfg.n_shared_experts > 0
     if layout.sp:
-        _add(v, "tp", "all_gather", m * n_layers * 2 * (act + act), t)  # fwd 2 AG + bwd 2 AG (of RS)
-        _add(v, "tp", "reduce_scatter", m * n_layers * 2 * (act + act), t)
-        if first:
-            _add(v, "tp", "reduce_scatter", m * act, t)
-            _add(v, "tp", "all_gather", m * act, t)
-        _add(v, "tp", "all_gather", m * heads * act, t)
-        _add(v, "tp", "reduce_scatter", m * heads * act, t)
+        moe_sp = n_moe * (2 * act if shared else 0)  # shared expert: gather in, reduce-scatter out
+        ag = n_att * (lat + act) + n_dense * 2 * act + moe_sp + embeds * act + heads * act
+        _add(v, "tp", "all_gather", m * ag, t)
+        if o.backend == "gloo":
+            _add(v, "tp", "reduce_scatter", m * (ag - moe_sp), t)
+            _add(v, "tp", "all_reduce", m * moe_sp, t)
+        else:
+            _add(v, "tp", "reduce_scatter", m * ag, t)  # every all-gather has a reduce-scatter partner (fwd/bwd)
     else:
-        _add(v, "tp", "all_reduce", m * n_layers * 2 * (act + bw / 1.0), t)
-        if first:
-            _add(v, "tp", "all_reduce", m * act, t)
-        _add(v, "tp", "all_reduce", m * heads * act, t)
-    _add(v, "tp", "all_reduce", m * heads * (T * 4 + 2 * T * 4), t)  # vocab-parallel CE: max, (sum-exp, target)
-    # --- expert parallel (dropless, top-k copies of each local token)
-    t_local = T / t
-    if cfg.is_moe:
-        _add(v, "ep", "all_to_all", m * moe_layers * 4 * t_local * cfg.num_experts_per_tok * h * a, e)
-    # --- pipeline parallel
-    chunks = layout.vp
+        ar = n_att * (lat + act) + n_dense * 2 * act + n_moe * 2 * act + embeds * act + heads * act
+        _add(v, "tp", "all_reduce", m * ar, t)
+    _add(v, "tp", "all_reduce", m * heads * (T * 4 + 2 * T * 4), t)  # vocab-parallel CE: max; (target, sum-exp)
+    _add(v, "tp", "all_reduce", _sp_param_count(count, layout.sp) * o.grad_bytes, t)  # DDP: SP / router grads
+    # expert parallel: per MoE layer and micro-batch the E expert counts, then dispatch + combine rows forward
+    # and backward; each rank routes T/tp tokens x top-k copies (dropless; exact summed over the ep group)
+    if cfg.is_moe and e > 1:
+        rows = T / t * cfg.num_experts_per_tok
+        _add(v, "ep", "all_to_all", m * n_moe * (4 * rows * h * a + cfg.n_routed_experts * 8), e)
+    # pipeline: one header + payload per transfer; forward to the next stage, grads back
     if layout.pp > 1:
-        boundary = (T / t if layout.sp else T) * h * a
-        sends_fwd = m * chunks - (m if last else 0)  # the very last virtual stage sends nothing forward
-        sends_bwd = m * chunks - (m if first else 0)
-        v[("pp", "send")] += (sends_fwd + sends_bwd) * boundary
-        v[("pp", "recv")] += (sends_fwd + sends_bwd) * boundary  # every stage receives what a neighbour sends
-    # --- data parallel (per step)
+        boundary = (T / t if layout.sp else T) * h * a + o.p2p_header_bytes
+        chunks = layout.vp
+        fwd = m * chunks - (m if last else 0)
+        bwd = m * chunks - (m if first else 0)
+        v[("pp", "send")] += (fwd + bwd) * boundary
+        v[("pp", "recv")] += (fwd + bwd) * boundary
+    # data parallel: grads over dp x cp (dense) and expert-dp (experts), params back with the distributed optimizer
+    d = layout.dp
+    dense = count.dense + o.dp_padding_elems
+    expert = count.expert + o.edp_padding_elems
     if layout.distributed_optimizer:
-        _add(v, "dp", "reduce_scatter", count.dense * o.grad_bytes, d)
-        _add(v, "dp", "all_gather", count.dense * o.param_bytes, d)
-        _add(v, "edp", "reduce_scatter", count.expert * o.grad_bytes, edp)
-        _add(v, "edp", "all_gather", count.expert * o.param_bytes, edp)
+        _add(v, "dp_cp", "reduce_scatter", dense * o.grad_bytes, d)
+        _add(v, "dp_cp", "all_gather", dense * o.param_bytes, d)
+        _add(v, "edp", "reduce_scatter", expert * o.grad_bytes, edp)
+        _add(v, "edp", "all_gather", expert * o.param_bytes, edp)
     else:
-        _add(v, "dp", "all_reduce", count.dense * o.grad_bytes, d)
-        _add(v, "edp", "all_reduce", count.expert * o.grad_bytes, edp)
+        _add(v, "dp_cp", "all_reduce", dense * o.grad_bytes, d)
+        _add(v, "edp", "all_reduce", expert * o.grad_bytes, edp)
     if layout.pp > 1 and (first or last) and (cfg.num_nextn_predict_layers or cfg.tie_word_embeddings):
         V = padded_vocab(cfg, t) // t
-        v[("embedding", "all_reduce")] += V * h * o.grad_bytes
+        # the grad sum, plus embedding_sync's int64 [2 x 2] agreement check before it
+        v[("embedding", "all_reduce")] += V * h * o.grad_bytes + 2 * 2 * 8
     return dict(v)
 
 
@@ -122,6 +152,7 @@ WIRE = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1)
 
 def collective_seconds(group: str, op: str, nbytes: float, layout: Layout, cluster: Cluster) -> float:
     """Seconds the payload takes on the wire for this group's placement (bandwidth only, no latency)."""
+    group = {"dp_cp": "dp"}.get(group, group)
     n = group_size(layout, group) if group != "pp" else 2
     if n <= 1 or nbytes <= 0:
         return 0.0

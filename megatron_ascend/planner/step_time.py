@@ -219,7 +219,7 @@ def step_time(cfg: ModelConfig, layout: Layout, split: StageSplit, counts: List[
         t_pipe = (m + (layout.pp - 1) / vp) * t_mb
         bubble = (layout.pp - 1) / (vp * m + layout.pp - 1)
     secs, comp = exposed_stage[slow]
-    dp_like = max(exposed_stage[p][0].get("dp", 0.0) + exposed_stage[p][0].get("edp", 0.0)
+    dp_like = max(exposed_stage[p][0].get("dp_cp", 0.0) + exposed_stage[p][0].get("edp", 0.0)
                   for p in range(layout.pp))
     if opts.overlap_dp:
         # reduce-scatter/all-reduce of grads hides behind the last backward, the param gather behind the next forward
