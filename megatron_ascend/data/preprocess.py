@@ -31,6 +31,8 @@ from .indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_p
 from .sft_format import INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX
 from .tokenizer import TOKENIZER_TYPES, build_tokenizer
 
+MAX_REPORTED_BAD_LINES = 50
+
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Tokenize JSONL into Megatron indexed datasets (.bin/.idx).")
@@ -230,8 +232,12 @@ def run(args) -> dict:
                     if args.on_bad_line == "fatal":
                         raise DataError(f"{payload} (pass --on-bad-line skip to skip such lines)")
                     stats["skipped"] += 1
-                    stats["bad_lines"].append(payload)
-                    print(f"warning: skipped {payload}", file=sys.stderr)
+                    if len(stats["bad_lines"]) < MAX_REPORTED_BAD_LINES:
+                        stats["bad_lines"].append(payload)
+                        print(f"warning: skipped {payload}", file=sys.stderr)
+                    elif stats["skipped"] == MAX_REPORTED_BAD_LINES + 1:
+                        print(f"warning: more bad lines; only the first {MAX_REPORTED_BAD_LINES} are listed",
+                              file=sys.stderr)
                     continue
                 _write(builders, payload, where, stats)
             if bar is not None:
