@@ -181,23 +181,20 @@ class Trainer:
         for c in self.model_chunks:
             c.eval()
         it = valid_iterator(dataset, self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp, self.gbs)
-        sums: Dict[str, float] = {}
-        total_tokens = 0.0
+        results = []
+        total_tokens = torch.zeros((), dtype=torch.float64)
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
-            tokens = global_token_count(batches, self.groups.dp)
+            total_tokens += global_token_count(batches, self.groups.dp)
             fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
-            results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
-                                            forward_only=True)
-            red = reduce_logged_losses(results, torch.ones(()), self.groups.dp, self.groups.pp,
-                                       self.groups.is_last_stage, self.groups.ranks["pp"][-1])
-            for k, v in red.items():
-                sums[k] = sums.get(k, 0.0) + v
-            total_tokens += float(tokens)
+            results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
+                                             forward_only=True) or []
+        out = reduce_logged_losses(results, total_tokens, self.groups.dp, self.groups.pp,
+                                   self.groups.is_last_stage, self.groups.ranks["pp"][-1])
         for c in self.model_chunks:
             c.train()
         parts.moe_stats(self.model_chunks, self.groups)  # drop the evaluation's routing statistics
-        return {k: v / max(total_tokens, 1.0) for k, v in sums.items()}
+        return out
 
     # -- checkpoint ------------------------------------------------------------------------------------------
     def save(self) -> None:
