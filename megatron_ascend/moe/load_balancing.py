@@ -125,8 +125,8 @@ def collect_load_stats(model, groups=None, reset: bool = True) -> Dict[str, floa
         aux = getattr(r, "aux_values", {})
         calls = max(getattr(r, "aux_calls", 0), 1)
         vals = [float(aux.get(n, 0.0)) / calls for n in names]
-        rows.append(torch.cat([r.stat_tokens_per_expert.float(), r.stat_dropped.float().view(1),
-                               torch.tensor(vals, dtype=torch.float32)]))
+        rows.append(torch.cat([r.stat_tokens_per_expert.double(), r.stat_dropped.double().view(1),
+                               torch.tensor(vals, dtype=torch.float64)]))
     table = torch.stack(rows)
     dp = 1
     if groups is not None:

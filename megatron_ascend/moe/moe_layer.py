@@ -140,14 +140,14 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         weights, idx, scores, logits = self.gate(x, ids)
         grad_on = torch.is_grad_enabled()
-        aux_terms = {}
-        if self.balance is not None:
+        aux_terms = {}  # training forwards only (Megatron's rule): eval neither adds nor logs them
+        if self.balance is not None and grad_on:
             seg = (torch.arange(start, start + x.shape[0], device=x.device) % b) if self.balance == "seq_aux_loss" \
                 else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             n_segs, seg_len = (b, s_full) if self.balance == "seq_aux_loss" else (1, s_full * b)
             aux_terms[self.balance] = balance_loss(scores, idx, seg, n_segs, seg_len, cfg.aux_loss_alpha,
                                                    self.tp_group)
-        if cfg.moe_z_loss_coeff > 0:
+        if cfg.moe_z_loss_coeff > 0 and grad_on:
             aux_terms["z_loss"] = z_loss(logits, cfg.moe_z_loss_coeff, s_full * b)
         dropped = 0
         route_idx = idx
