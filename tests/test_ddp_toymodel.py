@@ -243,16 +243,12 @@ def _clone_with_spec(p):
     return c
 
 
-def train(run: Run, world: int, hooks=(), before_step=None):
-    """Train ``run.steps`` steps; returns {'params': {name: local tensor}, 'norms': [...], 'ok': [...],
-    'launched_before_finish': [...], 'pg': pg, ...}."""
-    pg, model, ddp, opt = build(run, world)
-    for h in hooks:
-        opt.register_post_step_hook(h)
+def run_steps(run: Run, pg, model, ddp, opt, steps, before_step=None):
+    """Train global steps ``steps`` (indices into the run's data); returns (norms, oks, launched)."""
     xs, ts = make_data(run.steps, run.n_tokens, run.dtype)
     n_norm = run.n_tokens if run.scaling == "sum" else run.n_tokens // pg.dp_size
     norms, oks, launched = [], [], []
-    for s in range(run.steps):
+    for s in steps:
         opt.zero_grad()
         mbs = local_batch(run, pg, xs, ts, s)
         for i, (x, t) in enumerate(mbs):
@@ -265,6 +261,16 @@ def train(run: Run, world: int, hooks=(), before_step=None):
         ok, norm, _ = opt.step()
         oks.append(ok)
         norms.append(norm)
+    return norms, oks, launched
+
+
+def train(run: Run, world: int, hooks=(), before_step=None):
+    """Train ``run.steps`` steps; returns {'params': {name: local tensor (with .shard)}, 'norms', 'ok',
+    'launched' (per step: bucket launched before finish_grad_sync), 'pg', 'model', 'ddp', 'opt'}."""
+    pg, model, ddp, opt = build(run, world)
+    for h in hooks:
+        opt.register_post_step_hook(h)
+    norms, oks, launched = run_steps(run, pg, model, ddp, opt, range(run.steps), before_step)
     params = {n: _clone_with_spec(p) for n, p in model.named_parameters()}
     return {"params": params, "norms": norms, "ok": oks, "launched": launched, "pg": pg, "model": model,
             "ddp": ddp, "opt": opt}
