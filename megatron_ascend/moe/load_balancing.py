@@ -30,19 +30,22 @@ from .router import TopKRouter
 
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):
-    """forward(output, aux_loss) -> output; backward gives aux_loss the gradient ``scale`` (a class value)."""
+    """forward(output, aux_loss, scale) -> output; backward gives aux_loss the gradient ``scale``, or the class
+    value ``MoEAuxLossAutoScaler.scale`` (read at backward time) when ``scale`` is None."""
 
     scale: float = 1.0
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor):
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: Optional[float] = None):
         ctx.save_for_backward(aux_loss)
-        return output
+        ctx.scale = scale
+        return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, MoEAuxLossAutoScaler.scale)
+        scale = MoEAuxLossAutoScaler.scale if ctx.scale is None else ctx.scale
+        return grad_output, torch.full_like(aux_loss, scale), None
 
 
 def set_aux_loss_scale(scale: float) -> None:
@@ -50,10 +53,18 @@ def set_aux_loss_scale(scale: float) -> None:
     MoEAuxLossAutoScaler.scale = float(scale)
 
 
-def attach_aux_loss(output: torch.Tensor, aux_loss: Optional[torch.Tensor]) -> torch.Tensor:
+def attach_aux_loss(output: torch.Tensor, aux_loss: Optional[torch.Tensor], scale: Optional[float] = None
+                    ) -> torch.Tensor:
     if aux_loss is None or not (torch.is_grad_enabled() and aux_loss.requires_grad):
         return output
-    return MoEAuxLossAutoScaler.apply(output, aux_loss)
+    return MoEAuxLossAutoScaler.apply(output, aux_loss, scale)
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd runs a backward pass, i.e. when an activation-checkpointed forward is recomputed:
+    the MoE layer then skips its side effects (bias counts, logged values) so they are not counted twice."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def balance_loss(scores: torch.Tensor, idx: torch.Tensor, seg_ids: torch.Tensor, n_segs: int, seg_len: int,

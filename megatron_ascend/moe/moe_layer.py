@@ -32,7 +32,7 @@ from ..config import LOAD_BALANCING_TYPES, ConfigError, ModelConfig, ParallelCon
 from . import comm
 from .dispatcher import AllGatherDispatcher, AllToAllDispatcher
 from .experts import GroupedExperts, SharedExperts
-from .load_balancing import attach_aux_loss, balance_loss, z_loss
+from .load_balancing import attach_aux_loss, balance_loss, in_backward_recompute, z_loss
 from .router import TopKRouter, capacity_keep_mask
 from ..tensor_parallel.sharding import init_normal_, mark_sharded
 
@@ -86,6 +86,8 @@ class MoELayer(nn.Module):
             self.dispatcher = AllToAllDispatcher(cfg.n_routed_experts, ep_group, etp_group)
         lb = cfg.moe_router_load_balancing_type
         self.balance = None if (lb == "none" or cfg.aux_loss_alpha == 0 or self.hash_layer) else lb
+        # gradient scale of this layer's aux losses; None = the global set_aux_loss_scale value
+        self.aux_loss_scale: Optional[float] = None
         if init:
             self.init_weights(cfg.init_method_std, seed)
 
@@ -155,13 +157,16 @@ class MoELayer(nn.Module):
             keep = capacity_keep_mask(idx, weights, cfg.n_routed_experts, cfg.moe_expert_capacity_factor)
             dropped = int((~keep).sum())
             route_idx = torch.where(keep, idx, torch.full_like(idx, -1))
-        self.gate.record(idx, dropped, grad_on)
+        recompute = in_backward_recompute()
+        if not recompute:
+            self.gate.record(idx, dropped, grad_on)
         out = self.dispatcher.dispatch_combine(x, route_idx, weights, self.experts)
         if aux_terms:
-            vals = getattr(self.gate, "aux_values", {})
-            for k, v in aux_terms.items():
-                vals[k] = vals.get(k, 0.0) + float(v.detach())
-            self.gate.aux_values = vals
-            self.gate.aux_calls = getattr(self.gate, "aux_calls", 0) + 1
-            out = attach_aux_loss(out, sum(aux_terms.values()))
+            if not recompute:
+                vals = getattr(self.gate, "aux_values", {})
+                for k, v in aux_terms.items():
+                    vals[k] = vals.get(k, 0.0) + float(v.detach())
+                self.gate.aux_values = vals
+                self.gate.aux_calls = getattr(self.gate, "aux_calls", 0) + 1
+            out = attach_aux_loss(out, sum(aux_terms.values()), self.aux_loss_scale)
         return out
