@@ -62,10 +62,17 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Ten
     fused = kernels.get("grouped_matmul")
     if fused is not kernels._REFERENCE["grouped_matmul"]:
         return fused(x, w, torch.tensor(counts, dtype=torch.long, device=x.device))
-    if _grouped_mm_native_ok(x, w):
+    key = (x.device.type, x.dtype)
+    if _NATIVE_OK.get(key, True) and _grouped_mm_native_ok(x, w):
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
+        try:
+            return _ContiguousGrad.apply(torch._grouped_mm(x, w, offs=offs))
+        except RuntimeError:  # this build / device does not take this dtype (e.g. fp32 on some GPUs)
+            _NATIVE_OK[key] = False
     return _padded_bmm(x, w, counts)
+
+
+_NATIVE_OK: dict = {}  # (device type, dtype) -> False once torch._grouped_mm refused it
 
 
 class GroupedExperts(nn.Module):
