@@ -145,6 +145,7 @@ def compare_model(ours, pg, ref, what):
     assert err <= TOL, f"{what}: per-token loss differs by {err}"
     assert abs(loss.item() - ref["loss"]) <= TOL, f"{what}: loss {loss.item()} vs {ref['loss']}"
     allreduce_sequence_parallel_grads(ours.parameters(), pg)
+    average_expert_grads_over_dp(ours, pg)
     n = 0
     for name, p in ours.named_parameters():
         if name.startswith("mtp."):
@@ -164,6 +165,19 @@ def compare_model(ours, pg, ref, what):
         assert refg.abs().max().item() > 0 or ".gate." in name, f"{what}: {name} has a zero reference grad"
         n += 1
     return n
+
+
+def average_expert_grads_over_dp(model, pg):
+    """What the DDP wrapper does to expert grads when every data-parallel rank holds the same batch: sum over
+    expert-data-parallel, divide by the data-parallel size (dense grads are then already equal to the average)."""
+    import torch.distributed as dist
+    if pg is None or pg.dp_size == 1:
+        return
+    for p in model.parameters():
+        if getattr(p, "is_expert", False) and p.grad is not None:
+            if pg.edp_size > 1:
+                dist.all_reduce(p.grad, group=pg.edp)
+            p.grad.div_(pg.dp_size)
 
 
 def build_ours(ref, pg, par, include_mtp=False):
