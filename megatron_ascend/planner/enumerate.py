@@ -122,7 +122,7 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
         if last:
             act += head_activation_bytes(cfg, o, vocab_local, D)
         if p == 0:
-            act += embedding_activation_bytes(o)
+            act += embedding_activation_bytes(o, cfg)
         return act, per_layer
 
     dual = layout.schedule == "dualpipe"

@@ -68,16 +68,32 @@ class ModelStateBytes:
                 "optimizer": self.optim, "total": self.total}
 
 
-def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int,
-                      distributed_optimizer: bool) -> ModelStateBytes:
-    """Exact bytes of params, grads, fp32 main params and Adam states held by one rank."""
+def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int, distributed_optimizer: bool,
+                      dense_padding: int = 0, expert_padding: int = 0,
+                      fp32_params: Optional[int] = None) -> ModelStateBytes:
+    """Exact bytes of params, grads, fp32 main params and Adam states held by one rank.
+
+    ``fp32_params``: dense params kept in fp32 under bf16 (default: the router weights, which the trainer keeps
+    fp32 as DeepSeek does; they are their own main params). ``*_padding``: elements the distributed
+    optimizer's buckets add to the param and grad buffers (read them from the live buffers for an exact match;
+    0 for planning). Main params and optimizer states cover 1/d of the real elements on average: a rank's exact
+    share depends on where the bucket padding falls, their sum over the group is exact."""
     n = count.total
-    if distributed_optimizer:
-        owned = _shard(count.dense, dp) + _shard(count.expert, edp)
+    f32 = count.parts.get("router", 0) + count.parts.get("mtp_router", 0) if fp32_params is None else fp32_params
+    if prec.param == 4:
+        f32 = 0
+    pad = dense_padding + expert_padding if distributed_optimizer else 0
+    params = (n - f32) * prec.param + f32 * 4 + (dense_padding * prec.param + expert_padding * prec.param
+                                                 if distributed_optimizer else 0)
+    grads = (n + pad) * prec.grad
+    if distributed_optimizer:  # each dp rank owns 1/d of the real elements (padding owns no state)
+        owned = count.dense / dp + count.expert / edp
+        owned_f32 = f32 / dp
     else:
-        owned = n
-    return ModelStateBytes(params=n * prec.param, grads=n * prec.grad, main_params=owned * prec.main_param,
-                           optim=owned * prec.optim)
+        owned, owned_f32 = n, f32
+    main = (owned - owned_f32) * prec.main_param
+    return ModelStateBytes(params=int(params), grads=int(grads), main_params=int(round(main)),
+                           optim=int(round(owned * prec.optim)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -105,7 +121,8 @@ class ActivationOptions:
 
 
 def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
-    """Saved elements (x bytes) per token of one MLA sublayer, per micro-batch token."""
+    """Bytes saved per micro-batch token by one MLA sublayer of models/deepseek/attention.py (calibrated with a
+    saved-tensor meter on CPU: see tests/test_planner_memory.py)."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
     nl = n / o.tp
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -113,27 +130,21 @@ def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     a, st = o.act_bytes, o.norm_stats_bytes
     s = o.seq_length
     mods = set(o.selective_modules) if o.recompute == "selective" else set()
+    q_in = cfg.q_lora_rank or h
     t: Dict[str, float] = {}
-    t["attn.input_norm.in"] = h * a / sp_div + st / sp_div
-    if "layernorm" not in mods:
-        t["attn.input_norm.out"] = h * a  # input of q_a_proj / kv_a_proj (gathered under SP)
-    else:
-        t["attn.input_norm.out"] = 0.0
+    # RMSNorm keeps its input and fp32 1/rms; its output and the linear's flattened input copy on local tokens
+    t["attn.input_norm"] = (h * a + st) / sp_div + (0 if "layernorm" in mods else 2 * h * a / sp_div)
     if cfg.q_lora_rank:
-        t["attn.q_a_norm"] = cfg.q_lora_rank * a * 2 + st  # q_a output (norm input) and norm output (q_b input)
-    t["attn.kv_a_norm"] = cfg.kv_lora_rank * a * 2 + st  # c_kv and its norm output (kv_b input)
-    t["attn.k_pe"] = cfg.qk_rope_head_dim * a  # rotated shared key part
-    if "mla_up_proj" not in mods:
-        t["attn.qkv"] = nl * (qk + qk + cfg.v_head_dim) * a  # q, k (nope+rope per head), v
-    else:
-        t["attn.qkv"] = 0.0
+        t["attn.q_a_norm"] = (2 * cfg.q_lora_rank * a + st) / sp_div  # q_a output and its norm
+    t["attn.kv_a_norm"] = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a + cfg.kv_lora_rank * a + st) / sp_div
+    t["attn.latent"] = (q_in + cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a  # [c_q | c_kv | k_pe], gathered
+    t["attn.qkv"] = 0.0 if "mla_up_proj" in mods else nl * (qk + qk + cfg.v_head_dim) * a
     if o.flash_attention:
         t["attn.core"] = nl * cfg.v_head_dim * a + nl * 4  # output (o_proj input) + fp32 log-sum-exp per head
-    else:
-        keys = s if "core_attn" not in mods else 0
-        t["attn.core"] = nl * keys * a + nl * cfg.v_head_dim * a  # s x s probabilities + output
+    else:  # math attention keeps the full s x s probabilities (the causal half is masked, not skipped)
+        t["attn.core"] = (0 if "core_attn" in mods else nl * s * a) + nl * cfg.v_head_dim * a
     if cfg.has_indexer:
-        nh, d = cfg.index_n_heads, cfg.index_head_dim
+        nh, d = cfg.index_n_heads / o.tp, cfg.index_head_dim
         t["attn.indexer"] = (nh * d + d + nh) * a  # indexer q, its shared k, head weights
     return t
 
@@ -162,27 +173,30 @@ def _v4_attention_terms(cfg: ModelConfig, o: ActivationOptions, ratio: int) -> D
 
 
 def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, float]:
+    """Bytes saved per micro-batch token by the FFN sublayer (dense SwiGLU, or moe/ MoELayer with the
+    all-to-all dispatcher: router, sorted assignment indices, permuted rows, grouped SwiGLU, weighted combine)."""
     h = cfg.hidden_size
     sp_div = o.tp if o.sp else 1
     a, st = o.act_bytes, o.norm_stats_bytes
     mods = set(o.selective_modules) if o.recompute == "selective" else set()
     t: Dict[str, float] = {}
-    t["ffn.norm.in"] = h * a / sp_div + st / sp_div
-    t["ffn.norm.out"] = 0.0 if "layernorm" in mods else h * a
+    t["ffn.norm"] = (h * a + st) / sp_div + (0 if "layernorm" in mods else 2 * h * a / sp_div)
     swiglu = 2 if "moe_act" in mods else 4  # gate out, up out, silu(gate), product (down input)
     if not moe:
         t["ffn.dense"] = swiglu * cfg.intermediate_size / o.tp * a
         return t
     E, k, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    t["ffn.router"] = E * 4 * 2 + k * 4 * 2  # fp32 logits -> scores, top-k weights and their normalisation
+    # each TP rank routes its own 1/tp of the tokens (moe_layer._token_chunk); with expert-TP the etp group
+    # gathers its ranks' tokens so every etp rank computes an I/etp slice of etp x as many rows
+    own = 1.0 / o.tp
+    rows = own * k * o.etp
+    t["ffn.router"] = own * (E * 4 + k * 8 + 4 + k * 4)  # fp32 scores, top-k ids, normaliser, weights
+    t["ffn.sort"] = own * k * 8 * 2  # token and expert index of every assignment (int64)
     if cfg.n_shared_experts:
         t["ffn.shared"] = swiglu * cfg.n_shared_experts * I / o.tp * a
-    # routed: each token is copied k times (dropless); with TP > 1 and ETP 1 each TP rank dispatches its
-    # 1/tp share of the tokens, so the per-rank count is T k / tp in expectation
-    tok = k / o.tp * (o.tp / o.etp if o.etp > 1 else 1)
-    t["ffn.routed.in"] = tok * h * a  # permuted tokens (expert gate/up input)
-    t["ffn.routed.act"] = tok * swiglu * I / o.etp * a
-    t["ffn.routed.out"] = tok * (h * a + 4)  # down output scaled by its fp32 routing weight
+    t["ffn.routed.in"] = rows * h * a  # permuted token rows (expert gate/up input)
+    t["ffn.routed.act"] = rows * swiglu * I / o.etp * a
+    t["ffn.routed.out"] = rows * (2 * h * a + 4)  # expert output, its weighted copy, the fp32 weight
     return t
 
 
@@ -211,19 +225,21 @@ def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 
 
 def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: int, with_mtp: int) -> float:
-    """Final norm + output head + fp32 softmax for the loss, once per head (main + each MTP depth)."""
+    """Final norm + output head + vocab-parallel CE (fp32 softmax of the local vocab slice, local target,
+    masks), once per head (main + each MTP depth), plus each MTP depth's enorm / hnorm / eh_proj inputs."""
     tokens = o.seq_length * o.micro_batch_size
     h = cfg.hidden_size
     sp_div = o.tp if o.sp else 1
-    per_head = (h * o.act_bytes / sp_div + o.norm_stats_bytes / sp_div + h * o.act_bytes
-                + vocab_local * 4)  # norm in, head input (gathered), fp32 softmax of the local vocab slice
-    mtp_extra = (2 * h * o.act_bytes * 2 + 2 * h * o.act_bytes)  # enorm/hnorm in+out, eh_proj input
+    a, st = o.act_bytes, o.norm_stats_bytes
+    per_head = (h * a + st + h * a) / sp_div + h * a + vocab_local * 4 + 8 + 2 + 4
+    mtp_extra = (2 * (2 * h * a + st) + 2 * h * a) / sp_div  # enorm, hnorm (in, out) and the eh_proj input
     return tokens * (per_head * (1 + with_mtp) + mtp_extra * with_mtp)
 
 
-def embedding_activation_bytes(o: ActivationOptions) -> float:
-    """Token ids kept for the embedding backward (int64)."""
-    return o.seq_length * o.micro_batch_size * 8.0
+def embedding_activation_bytes(o: ActivationOptions, cfg: Optional[ModelConfig] = None) -> float:
+    """Token ids for the embedding backward (int64) and the fp32 RoPE cos / sin tables shared by all layers."""
+    rope = cfg.qk_rope_head_dim * 4 if cfg is not None else 0
+    return o.seq_length * o.micro_batch_size * (8.0 + rope)
 
 
 def inflight_microbatches(pp: int, vp: int, rank: int, m: int) -> float:
