@@ -101,7 +101,7 @@ OUTPUT_ARGS="--log-interval $(( ITERS / 30 > 0 ? ITERS / 30 : 1 )) --eval-interv
 echo "[quickstart] pretraining $ITERS iterations on $GPUS_PER_NODE processes ($DEVICE_TYPE) ..."
 # shellcheck disable=SC2086
 torchrun $DISTRIBUTED_ARGS -m megatron_ascend.pretrain $MODEL_ARGS $PARALLEL_ARGS $TRAIN_ARGS $DATA_ARGS \
-    $OUTPUT_ARGS 2>&1 | grep -v "^W[0-9]\{4\}\|^\*\*\*\*\|OMP_NUM_THREADS" | tee "$OUT/pretrain.log"
+    $OUTPUT_ARGS 2>&1 | grep --line-buffered -v "^W[0-9]\{4\}\|^\*\*\*\*\|OMP_NUM_THREADS" | tee "$OUT/pretrain.log"
 
 # ---- 5. report ---------------------------------------------------------------------------------------------
 $PYTHON tools/run_report.py "$TB_DIR" --labels quickstart --out "$OUT/report" | tee "$OUT/report.txt"

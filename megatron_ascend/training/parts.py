@@ -132,8 +132,13 @@ def finalize_grads(model_chunks, groups) -> None:
 def build_optimizer(model_chunks, opt_cfg: OptimizerConfig, train_cfg: TrainingConfig, par: ParallelConfig,
                     groups):
     from ..optimizer import OptimizerParamScheduler, build_optimizer as build
+    from ..config import ConfigError
     opt = build(model_chunks, opt_cfg, groups, par.use_distributed_optimizer)
-    return opt, OptimizerParamScheduler(opt, opt_cfg, train_cfg.train_iters)
+    try:
+        sched = OptimizerParamScheduler(opt, opt_cfg, train_cfg.train_iters)
+    except ValueError as e:  # the schedule's flag rules (warm-up vs decay iterations ...) are config errors
+        raise ConfigError(str(e)) from e
+    return opt, sched
 
 
 def loss_scale(optimizer) -> Optional[float]:

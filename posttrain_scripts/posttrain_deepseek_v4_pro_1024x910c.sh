@@ -1,0 +1,50 @@
+#!/bin/bash
+# DeepSeek-V4-Pro (1.6T) full-parameter post-training on 1,024 Ascend 910C (128 A3 nodes; each 910C is two
+# dies, so the job has 2,048 devices, 16 per node).
+#
+#   *** WAITING FOR V4 MODEL SUPPORT ***  The V4 modules (mHC residual streams, shared-KV MQA with sliding window
+#   and CSA/HCA compressed attention, hash routing, sqrt-softplus scores, SwiGLU clamp) are a later issue; until
+#   they land, megatron_ascend.posttrain rejects model_type deepseek_v4 when it builds the model. The layout
+#   below can already be checked:  SHOW_LAYOUT=1 NNODES=128 bash posttrain_scripts/posttrain_deepseek_v4_pro_1024x910c.sh
+#   (DEVICE_TYPE=cuda runs the same recipe on NVIDIA GPUs: DEVICES_PER_NODE=8 NNODES=256.)
+#
+# Layout: TP1 x PP16 x DP128 = 2048, EP64 with expert-TP 1 (EP x expert-DP = 64 x 2 = the 128 ranks of a stage).
+# * PP16: 61 layers as 3 | 14 x 4 | 2; the last stage also holds the MTP block and the head.
+# * EP64: 384 routed experts / 64 = 6 per device. Routed weights ~1.55T / 16 stages / 64 = ~1.5B per device at
+#   12 B/param (expert-DP 2 with the distributed optimizer) = ~18 GB of a die's 64 GB.
+# * TP1: V4 attention has ONE shared KV head (MQA), so TP would only split query heads and the grouped output
+#   projection while replicating the 512-wide KV; the dense part (~0.3B per layer + 0.9B embeddings) is instead
+#   replicated over DP128 with the distributed optimizer (~6.1 B/param, ~12 GB per device).
+# * GBS 1024 = 8 micro-batches of 1 x 8K tokens per DP rank ... too few for PP16 (bubble 15/23), so the recipe
+#   uses GBS 4096 (32 per DP rank, bubble 15/47 = 32%; interleaving with --num-layers-per-virtual-pipeline-stage
+#   would cut it, but 61 layers do not split evenly into virtual stages, hence not used here).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DEVICE_TYPE=${DEVICE_TYPE:-npu}
+DEVICES_PER_NODE=${DEVICES_PER_NODE:-16}
+NNODES=${NNODES:-128}
+source pretrain_scripts/device_env.sh
+
+HF_CONFIG=${HF_CONFIG:-/data/DeepSeek-V4-Pro/config.json}
+TOKENIZER_PATH=${TOKENIZER_PATH:-/data/DeepSeek-V4-Pro}
+DATA_PATH=${DATA_PATH:-/data/sft/v4pro}
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-/ckpt/v4_pro_base}
+CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-/ckpt/v4_pro_sft}
+TB_DIR=${TB_DIR:-$CKPT_SAVE_DIR/tensorboard}
+
+MODEL_ARGS="--model-config $HF_CONFIG --mtp-num-layers 1 --mtp-loss-scaling-factor 0.1"
+PARALLEL_ARGS="--tensor-model-parallel-size 1 --pipeline-model-parallel-size 16 \
+    --decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2 \
+    --expert-model-parallel-size 64 --expert-tensor-parallel-size 1 --use-distributed-optimizer \
+    --overlap-grad-reduce --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
+TRAIN_ARGS="--stage sft --load $CKPT_LOAD_DIR --seq-length 8192 --micro-batch-size 1 --global-batch-size 4096 \
+    --train-iters 3000 --bf16 --lr 5e-6 --min-lr 5e-7 --lr-warmup-iters 100 --lr-decay-style cosine \
+    --weight-decay 0.0 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --moe-router-bias-update-rate 0"
+DATA_ARGS="--data-path $DATA_PATH --split 99,1,0 --sft-packing --tokenizer-type HuggingFaceTokenizer \
+    --tokenizer-model $TOKENIZER_PATH --make-vocab-size-divisible-by 1 --prompt-type auto"
+OUTPUT_ARGS="--log-interval 1 --eval-interval 500 --eval-iters 5 --save $CKPT_SAVE_DIR --save-interval 250 \
+    --save-retain 2 --tensorboard-dir $TB_DIR"
+
+# shellcheck disable=SC2086
+run_or_show megatron_ascend.posttrain $MODEL_ARGS $PARALLEL_ARGS $TRAIN_ARGS $DATA_ARGS $OUTPUT_ARGS \
+    2>&1 | tee "logs_deepseek_v4_pro_sft_node${NODE_RANK}.log"
