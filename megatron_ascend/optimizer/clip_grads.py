@@ -3,7 +3,9 @@
 Which ranks count which gradient elements, so that every element of the single-process model is counted
 exactly once (``counts_in_grad_norm``):
 
-* a param marked ``shared`` (a tied copy on another pipeline stage) is not counted;
+* a param marked ``shared`` (a tied copy on another pipeline stage) is not counted, nor is a
+  ``shared_embedding`` copy outside the first pipeline stage (the canonical copy lives there; the model
+  marks its later-stage copies with ``shared_embedding`` alone);
 * a dense param without ``tensor_model_parallel`` is a TP duplicate: only tp rank 0 counts it; an expert
   param without ``tensor_model_parallel`` is an expert-TP duplicate: only etp rank 0 counts it;
 * without the distributed optimizer the grads are replicated over dp (dense) / expert-dp (experts) after
@@ -29,6 +31,8 @@ def counts_in_grad_norm(param: torch.Tensor, groups, distributed: bool) -> bool:
         return False
     if groups is None:
         return True
+    if getattr(param, "shared_embedding", False) and groups.pp_rank != 0:
+        return False
     expert = bool(getattr(param, "is_expert", False))
     if not getattr(param, "tensor_model_parallel", False):
         if (groups.etp_rank if expert else groups.tp_rank) != 0:
