@@ -336,6 +336,8 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
     md = read_metadata(path)
     chunks = st.model_chunks_of(model_chunks)
 
+    if common.get("release"):  # converted weights (Megatron's "release"): no optimizer / RNG, iteration 0
+        finetune = True
     load_optim = optimizer is not None and not finetune and not no_load_optim
     agree_or_raise(lambda: _require_optim(common, path) if load_optim else None)
     skipped = set()

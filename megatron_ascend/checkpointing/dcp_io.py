@@ -130,8 +130,10 @@ def _size(x) -> torch.Size:
 class ChunkSavePlanner(DefaultSavePlanner):
     """Write items from a list of Chunks; DCP's global planning (merge + dedup of replicas) is kept."""
 
-    def __init__(self, chunks: Iterable[Chunk]):
+    def __init__(self, chunks: Iterable[Chunk], release_lazy: bool = False):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._release_lazy = release_lazy
+        self._last_lazy: Optional[torch.Tensor] = None
         self._by_index: Dict[Tuple[str, Tuple[int, ...]], Chunk] = {}
         for c in chunks:  # a tensor held twice on one rank (tied weights) is written once
             self._by_index.setdefault((c.fqn, c.offsets), c)
@@ -153,7 +155,18 @@ class ChunkSavePlanner(DefaultSavePlanner):
     def resolve_data(self, write_item: WriteItem):
         c = self._by_index[(write_item.index.fqn, tuple(write_item.index.offset))]
         t = c.data()
-        return t if t.device.type == "cpu" else t.cpu()
+        t = t if t.device.type == "cpu" else t.cpu()
+        if self._release_lazy and c.tensor is None:
+            # Streaming: DCP's FileSystemWriter keeps a reference to every tensor it wrote to a file until the
+            # file is closed. With the serial loader (per_thread_copy_ahead=0) the previous lazy tensor has been
+            # written when the next one is resolved, so its storage is freed here: memory stays at one tensor.
+            if self._last_lazy is not None:
+                self._last_lazy.untyped_storage().resize_(0)
+            st = t.untyped_storage()
+            if st.nbytes() != t.nbytes or not t.is_contiguous() or not st.resizable():
+                t = t.contiguous().clone()  # own exactly its storage (safetensors' tensors are not resizable)
+            self._last_lazy = t
+        return t
 
 
 class ChunkLoadPlanner(DefaultLoadPlanner):
@@ -206,13 +219,16 @@ def check_chunks_against_metadata(metadata: Metadata, chunks: Sequence[Chunk], w
                               "--no-load-optim / --finetune if only optimizer state is missing)")
 
 
-def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None) -> None:
-    """Collective over ``process_group`` (all ranks when None; no group needed without torch.distributed)."""
-    writer = dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None, streaming: bool = False) -> None:
+    """Collective over ``process_group`` (all ranks when None; no group needed without torch.distributed).
+
+    streaming: chunks with a ``loader`` are produced one at a time and freed once written (converters)."""
+    writer = dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True,
+                                  per_thread_copy_ahead=0 if streaming else 10_000_000)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save({}, storage_writer=writer, planner=ChunkSavePlanner(chunks), process_group=process_group,
-                 no_dist=not is_distributed())
+        dcp.save({}, storage_writer=writer, planner=ChunkSavePlanner(chunks, release_lazy=streaming),
+                 process_group=process_group, no_dist=not is_distributed())
 
 
 def read_chunks(path: str, chunks: Sequence[Chunk], process_group=None, metadata: Optional[Metadata] = None) -> None:
