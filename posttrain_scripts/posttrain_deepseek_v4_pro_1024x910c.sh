@@ -4,7 +4,7 @@
 #
 #   *** WAITING FOR V4 MODEL SUPPORT ***  The V4 modules (mHC residual streams, shared-KV MQA with sliding window
 #   and CSA/HCA compressed attention, hash routing, sqrt-softplus scores, SwiGLU clamp) are a later issue; until
-#   they land, megatron_ascend.posttrain rejects model_type deepseek_v4 when it builds the model. The layout
+#   they land, the trainer refuses model_type deepseek_v4 with a one-line error (exit 2). The layout
 #   below can already be checked:  SHOW_LAYOUT=1 NNODES=128 bash posttrain_scripts/posttrain_deepseek_v4_pro_1024x910c.sh
 #   (DEVICE_TYPE=cuda runs the same recipe on NVIDIA GPUs: DEVICES_PER_NODE=8 NNODES=256.)
 #
