@@ -20,7 +20,14 @@ Owns: ``MegatronOptimizer`` and ``build_optimizer``. Model chunks must be wrappe
 * LR: ``param_groups`` are torch's; ``OptimizerParamScheduler`` (lr_scheduler.py) sets their ``lr``. The
   trainer calls ``scheduler.step(1)`` only when ``step()`` returned ``update_successful`` (as Megatron).
 
-Checkpoint structure (``state_dict()``), the same with and without the distributed optimizer::
+Checkpoint, the path the checkpointing package uses (checkpointing/state.py's contract):
+``sharded_param_state()`` -> [(model param, {"main_param", "exp_avg", "exp_avg_sq": live 1-D (or, without
+the distributed optimizer, local-shaped) tensors}, flat_range (start, end) or None)], written in place by a
+load; ``state_dict_common()`` / ``load_state_dict_common(d)`` for the JSON part (Adam step count, skipped
+steps, loss scaler, param-group hyper-parameters). torch.distributed.checkpoint then reshards at any layout
+by cutting each flat range into boxes of the global tensor.
+
+Self-contained structure (``state_dict()``), the same with and without the distributed optimizer::
 
     {"common": {"optimizer": "adam", "step": int, "num_skipped_steps": int, "grad_scaler": dict | None,
                 "param_groups": [{"name": "decay" | "no_decay", "lr", "weight_decay", "betas", "eps"}],
