@@ -174,3 +174,17 @@ def test_capacity_factor_drops_and_counts_single_process():
     # expert 5 is picked by all 16 tokens but keeps only `cap`
     assert stats["moe/layer_0/dropped_tokens"] >= t - cap
     assert stats["moe/layer_0/max_tokens"] == t  # routing counts are pre-drop
+
+
+def test_bf16_layer_runs_with_fp32_router_and_stays_close():
+    from megatron_ascend.moe import MoELayer
+    cfg = dataclasses.replace(_cfg("bias_one_expert"), init_method_std=0.05)
+    ref = MoELayer(cfg, None, None, 0, seed=9)
+    lay = MoELayer(cfg, None, None, 0, seed=9).to(torch.bfloat16)
+    assert lay.gate.weight.dtype == torch.float32 and lay.experts.gate_proj.dtype == torch.bfloat16
+    x = torch.randn(6, 2, H)
+    y = lay(x.to(torch.bfloat16).requires_grad_())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert relerr(y.float(), ref(x)) < 3e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lay.parameters())
