@@ -93,6 +93,18 @@ def model_parallel_seed(seed: int, groups=None, tracker: Optional[RNGStatesTrack
     tracker.add(DATA_PARALLEL_RNG, base + _TP_SEED_OFFSET + 100000 + dp_rank)
 
 
+# SavedTensorMeter instances (megatron_ascend.recompute) measuring right now; checkpoints report the inputs they
+# keep alive to them (torch's checkpoint holds its inputs by reference, not through saved-tensor hooks)
+ACTIVE_METERS: list = []
+
+
+def _report_kept(tensors) -> None:
+    for m in ACTIVE_METERS:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                m.record(t, kept_by_checkpoint=True)
+
+
 def checkpoint(fn, *args, **kwargs):
     """Activation checkpoint of ``fn(*args)`` (torch's non-reentrant checkpoint) that replays the same random
     numbers on recompute: the CPU / accelerator generators (torch restores them) and every state of the RNG
@@ -117,4 +129,40 @@ def checkpoint(fn, *args, **kwargs):
     def context_fn():
         return contextlib.nullcontext(), _recompute_ctx()
 
+    _report_kept(args)
     return tuc.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn, **kwargs)
+
+
+class _Recompute:
+    """Placeholder packed instead of a discarded output."""
+
+
+def checkpoint_discard_output(fn, x: torch.Tensor, consumer):
+    """``consumer(fn(x))`` keeping neither fn's internals nor its output y for backward: fn is checkpointed (only
+    x is kept) and, while the consumer runs, y is packed as a placeholder and recomputed from x (once) when the
+    consumer's backward unpacks it -- Megatron's CheckpointWithoutOutput for norms and activations. fn must be
+    deterministic (norms, activation functions)."""
+    y = checkpoint(fn, x)
+    cache = {}
+
+    def is_y(t):
+        return (t.data_ptr() == y.data_ptr() and t.shape == y.shape and t.dtype == y.dtype
+                and t.stride() == y.stride())
+
+    def pack(t):
+        if is_y(t):
+            return _Recompute
+        for m in ACTIVE_METERS:  # these hooks shadow a meter's own; report what is really kept
+            m.record(t)
+        return t
+
+    def unpack(p):
+        if p is _Recompute:
+            if "y" not in cache:
+                with torch.no_grad():
+                    cache["y"] = fn(x.detach())
+            return cache["y"]
+        return p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return consumer(y)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ...config import ModelConfig, ParallelConfig
-from ...tensor_parallel.random import checkpoint
+from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
 from .attention import MLAttention
 from .mlp import DenseMLP
 from .norm import RMSNorm
@@ -71,10 +71,11 @@ class DecoderLayer(nn.Module):
         self.aux_loss_scale = 1.0  # set by the trainer (e.g. 1 / num_microbatches), see DeepseekForCausalLM
         self.recompute_modules = frozenset()
 
-    def _norm(self, norm, x):
+    def _norm_then(self, norm, x, consumer):
+        """consumer(norm(x)); with selective 'layernorm' recompute the norm output is not kept (recomputed)."""
         if "layernorm" in self.recompute_modules:
-            return checkpoint(norm, x)
-        return norm(x)
+            return checkpoint_discard_output(norm, x, consumer)
+        return consumer(norm(x))
 
     def _mlp(self, x, input_ids):
         name = "moe" if self.is_moe else "mlp"
@@ -86,10 +87,10 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[torch.Tensor] = None, input_ids: Optional[torch.Tensor] = None):
         """Returns (hidden [s(/tp), b, h], detached indexer loss or None)."""
-        attn, idx_loss = self.self_attn(self._norm(self.input_layernorm, hidden), cos, sin, mask)
+        attn, idx_loss = self._norm_then(self.input_layernorm, hidden, lambda y: self.self_attn(y, cos, sin, mask))
         hidden = hidden + attn
         if idx_loss is not None:
             hidden = attach_aux_loss(hidden, idx_loss, self.indexer_loss_coeff * self.aux_loss_scale)
             idx_loss = idx_loss.detach()
-        hidden = hidden + self._mlp(self._norm(self.post_attention_layernorm, hidden), input_ids)
+        hidden = hidden + self._norm_then(self.post_attention_layernorm, hidden, lambda y: self._mlp(y, input_ids))
         return hidden, idx_loss

@@ -103,6 +103,7 @@ class DeepseekForCausalLM(nn.Module):
         # full recompute plan: list of lists of global layer ids; each inner list is one checkpointed chunk
         # (set by megatron_ascend.recompute.apply_recompute); layers in no chunk run normally
         self.recompute_chunks: List[List[int]] = []
+        self.recompute_mtp = False  # full recompute also checkpoints each MTP depth
         self.init_weights(init_seed)
 
     # -- pipeline / trainer hooks -----------------------------------------------------------------------
@@ -213,7 +214,11 @@ class DeepseekForCausalLM(nn.Module):
                 if segment_ids is not None:
                     mask_k = mask_k * (segment_ids == _shift_left(segment_ids, k, -1)).float()
                 emb = self.model.embed_tokens(ids_k)
-                prev, l = self.mtp.layers[str(k - 1)].forward_mtp(emb, prev, cos, sin, mask, ids_k)
+                layer = self.mtp.layers[str(k - 1)]
+                if self.recompute_mtp and torch.is_grad_enabled():
+                    prev, l = checkpoint(lambda e, p_, _l=layer, _ids=ids_k: _l(e, p_, cos, sin, mask, _ids), emb, prev)
+                else:
+                    prev, l = layer(emb, prev, cos, sin, mask, ids_k)
                 if l is not None:
                     idx_losses.append(l)
                 loss_k = vocab_parallel_cross_entropy(self._head(prev), labels_k.t(), self.groups, vocab_size=V).t()

@@ -38,7 +38,7 @@ class MTPLayer(DecoderLayer):
         mark_sharded(self.eh_proj.weight, None, sequence_parallel=sp)
         self.shared_head = _SharedHead(h, eps, sp)
 
-    def forward_mtp(self, emb: torch.Tensor, prev: torch.Tensor, cos, sin, mask, input_ids):
+    def forward(self, emb: torch.Tensor, prev: torch.Tensor, cos, sin, mask, input_ids):
         """emb, prev [s(/tp), b, h] -> (normed hidden [s(/tp), b, h] for the head and the next depth,
         detached indexer loss or None)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(prev)], dim=-1))
