@@ -114,3 +114,51 @@ def test_parity_world4():
 
 def test_parity_world8():
     _check(8)
+
+
+def _unused_param_body():
+    """Overlap with a param that gets no grad on rank 1 only: buckets launch in layout order on every rank, so
+    rank 1 defers the rest to finish_grad_sync and the sums still match (no collective mismatch)."""
+    from torch import nn
+    from megatron_ascend.config import ParallelConfig
+    from megatron_ascend.distributed import DistributedDataParallel
+    from megatron_ascend.parallel_state import initialize_model_parallel
+    pg = initialize_model_parallel(ParallelConfig(world_size=2))
+    rank = pg.rank
+    m = nn.Module()
+    m.a = nn.Parameter(torch.ones(8, dtype=torch.float64))
+    m.b = nn.Parameter(torch.ones(8, dtype=torch.float64))
+    m.c = nn.Parameter(torch.ones(8, dtype=torch.float64))
+    out = {}
+    for distributed in (False, True):
+        ddp = DistributedDataParallel(m, pg, bucket_size=8, overlap_grad_reduce=True,
+                                      use_distributed_optimizer=distributed, grad_dtype=torch.float64, align=1)
+        x = torch.arange(8, dtype=torch.float64) + rank
+        loss = (m.a * x).sum() + (m.c * 2 * x).sum() + ((m.b * 3 * x).sum() if rank == 0 else 0.0)
+        loss.backward()
+        launched = [b.launched for buf in ddp.grad_buffers for b in buf.buckets]
+        ddp.finish_grad_sync()
+        want = {"a": 2 * torch.arange(8.) + 1, "b": 3 * torch.arange(8.), "c": 2 * (2 * torch.arange(8.) + 1)}
+        ok = True
+        for name in "abc":
+            g = getattr(m, name).main_grad
+            buf = ddp.buffer_of(getattr(m, name))
+            lo, hi = (buf.bucket_of(getattr(m, name)).shard_range() if distributed else (0, 10 ** 9))
+            s = buf.slots[id(getattr(m, name))]
+            a, b = max(lo, s.start) - s.start, min(hi, s.end) - s.start
+            ok &= bool(torch.equal(g.view(-1)[a:b], want[name].double()[a:b])) if a < b else True
+        out[distributed] = {"ok": ok, "launched": launched, "buckets": len(launched)}
+        for h in ddp._hooks:
+            h.remove()
+    return out
+
+
+def test_overlap_with_a_param_unused_on_one_rank():
+    res = run_distributed(2, _unused_param_body, timeout=120)
+    for rank, r in enumerate(res):
+        for distributed, v in r.items():
+            assert v["ok"], f"rank {rank} distributed={distributed}: wrong reduced grads"
+            assert v["buckets"] == 3
+    # layout is reverse registration order: buckets [c], [b], [a]; rank 1 never sees b's grad
+    assert res[0][False]["launched"] == [True, True, True]
+    assert res[1][False]["launched"] == [True, False, False]
