@@ -100,9 +100,13 @@ def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int, dis
 # Activations
 # ------------------------------------------------------------------------------------------------------
 RECOMPUTE_CHOICES = ("none", "selective", "full")
-# what "selective" recomputes in the planner (DeepSeek-V3 report: norms and MLA up-projections; plus the
-# MoE SwiGLU activation, Megatron's moe_act)
-SELECTIVE_MODULES = ("layernorm", "mla_up_proj", "moe_act")
+# what "selective" recomputes in the planner: the modules recompute.py applies that free memory in this library
+# (measured): "layernorm" drops each pre-norm's output and 1/rms, "core_attn" the s x s probabilities of math
+# attention (nothing with fused attention, whose saved q/k/v/out stay as checkpoint inputs), "mlp" the dense
+# SwiGLU internals, "moe" the whole MoE block but its input, "moe_act" half the SwiGLU tensors (not yet supported
+# by moe/). "mla_up_proj" frees nothing here: core attention keeps the q / k / v it produces (DeepSeek-V3 and
+# Megatron free them with an output-discarding checkpoint; see docs/PLANNER.md).
+SELECTIVE_MODULES = ("core_attn", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,12 @@ def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     q_in = cfg.q_lora_rank or h
     t: Dict[str, float] = {}
     # RMSNorm keeps its input and fp32 1/rms; its output and the linear's flattened input copy on local tokens
-    t["attn.input_norm"] = (h * a + st) / sp_div + (0 if "layernorm" in mods else 2 * h * a / sp_div)
+    t["attn.input_norm"] = 2 * h * a / sp_div + (0 if "layernorm" in mods else (h * a + st) / sp_div)
     if cfg.q_lora_rank:
         t["attn.q_a_norm"] = (2 * cfg.q_lora_rank * a + st) / sp_div  # q_a output and its norm
     t["attn.kv_a_norm"] = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a + cfg.kv_lora_rank * a + st) / sp_div
     t["attn.latent"] = (q_in + cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a  # [c_q | c_kv | k_pe], gathered
-    t["attn.qkv"] = 0.0 if "mla_up_proj" in mods else nl * (qk + qk + cfg.v_head_dim) * a
+    t["attn.qkv"] = nl * (qk + qk + cfg.v_head_dim) * a  # kept by core attention (or its checkpoint)
     if o.flash_attention:
         t["attn.core"] = nl * cfg.v_head_dim * a + nl * 4  # output (o_proj input) + fp32 log-sum-exp per head
     else:  # math attention keeps the full s x s probabilities (the causal half is masked, not skipped)
@@ -180,10 +184,12 @@ def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, f
     a, st = o.act_bytes, o.norm_stats_bytes
     mods = set(o.selective_modules) if o.recompute == "selective" else set()
     t: Dict[str, float] = {}
-    t["ffn.norm"] = (h * a + st) / sp_div + (0 if "layernorm" in mods else 2 * h * a / sp_div)
+    t["ffn.norm"] = 2 * h * a / sp_div + (0 if "layernorm" in mods else (h * a + st) / sp_div)
     swiglu = 2 if "moe_act" in mods else 4  # gate out, up out, silu(gate), product (down input)
     if not moe:
-        t["ffn.dense"] = swiglu * cfg.intermediate_size / o.tp * a
+        t["ffn.dense"] = 0.0 if "mlp" in mods else 4 * cfg.intermediate_size / o.tp * a
+        return t
+    if "moe" in mods:
         return t
     E, k, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     # each TP rank routes its own 1/tp of the tokens (moe_layer._token_chunk); with expert-TP the etp group
@@ -225,15 +231,20 @@ def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 
 
 def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: int, with_mtp: int) -> float:
-    """Final norm + output head + vocab-parallel CE (fp32 softmax of the local vocab slice, local target,
-    masks), once per head (main + each MTP depth), plus each MTP depth's enorm / hnorm / eh_proj inputs."""
+    """Final norm + output head + vocab-parallel CE (fp32 softmax of the local vocab slice, local target, masks),
+    once per head (main + each MTP depth), plus each MTP depth's enorm / hnorm / eh_proj inputs. Under full
+    recompute the MTP block (its norms, projection and final norm) is one checkpoint: only its head remains."""
     tokens = o.seq_length * o.micro_batch_size
     h = cfg.hidden_size
     sp_div = o.tp if o.sp else 1
     a, st = o.act_bytes, o.norm_stats_bytes
-    per_head = (h * a + st + h * a) / sp_div + h * a + vocab_local * 4 + 8 + 2 + 4
-    mtp_extra = (2 * (2 * h * a + st) + 2 * h * a) / sp_div  # enorm, hnorm (in, out) and the eh_proj input
-    return tokens * (per_head * (1 + with_mtp) + mtp_extra * with_mtp)
+    ce = h * a + vocab_local * 4 + 8 + 2 + 8  # head input (gathered), softmax, local target, masks, labels
+    main = (2 * h * a + st) / sp_div + ce + 4  # final norm in / out + 1/rms; + the fp32 loss mask
+    if o.recompute == "full":
+        mtp = h * a / sp_div + ce
+    else:
+        mtp = (2 * h * a + st) / sp_div + ce + (2 * (2 * h * a + st) + 2 * h * a) / sp_div
+    return tokens * (main + mtp * with_mtp)
 
 
 def embedding_activation_bytes(o: ActivationOptions, cfg: Optional[ModelConfig] = None) -> float:
