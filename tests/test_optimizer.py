@@ -295,3 +295,35 @@ def test_build_optimizer_errors():
         build_optimizer(ddp, OptimizerConfig(), None, distributed=True)
     with pytest.raises(ValueError, match="gradient_scaling"):
         DistributedDataParallel(Toy(None, moe=False), None, gradient_scaling="mean")
+
+
+def test_bf16_grad_buffer_zero_count_and_sgd_single_process():
+    run = Run(par={}, dtype=torch.float32, steps=1, clip_grad=0.0)
+    xs, ts = make_data(1, run.n_tokens, torch.float32)
+    # bf16 grad buffer with fp32 params: the optimizer works on an fp32 copy of the reduced grads
+    model = Toy(None, dtype=torch.float32)
+    ddp = DistributedDataParallel(model, None, grad_dtype=torch.bfloat16)
+    opt = build_optimizer(ddp, run.opt_cfg(), None, log_num_zeros_in_grad=True)
+    model.forward_post(model.forward_pre(xs[0]), ts[0], run.n_tokens).backward()
+    with torch.no_grad():
+        model.dense.fc1_bias.main_grad[:3] = 0.0  # known zeros
+    want_zeros = sum(int((p.main_grad == 0).sum()) for p in model.parameters())
+    ok, norm, zeros = opt.step()
+    assert ok and zeros == want_zeros >= 3
+    assert all(e.main_param.grad.dtype == torch.float32 for e in opt.entries)
+    want_norm = math.sqrt(sum(float(p.main_grad.float().pow(2).sum()) for p in model.parameters()))
+    assert abs(norm - want_norm) <= 1e-6 * want_norm
+    # SGD: p -= lr * (g + wd * p) on the decay group, plain on 1-D params
+    model = Toy(None, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ddp = DistributedDataParallel(model, None, grad_dtype=torch.float64)
+    cfg = dataclasses.replace(run.opt_cfg(), optimizer="sgd")
+    opt = build_optimizer(ddp, cfg, None)
+    model.forward_post(model.forward_pre(xs[0].double()), ts[0].double(), run.n_tokens).backward()
+    grads = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    assert opt.step()[0]
+    for n, p in model.named_parameters():
+        wd = cfg.weight_decay if p.dim() > 1 else 0.0
+        want = before[n] - cfg.lr * (grads[n] + wd * before[n])
+        assert (p - want).abs().max() < 1e-14, n
+    assert list(opt.full_param_state()["dense.fc1_weight"]) == ["main_param"]  # SGD keeps no state
