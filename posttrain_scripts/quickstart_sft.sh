@@ -4,14 +4,17 @@
 #
 #   bash pretrain_scripts/quickstart.sh && bash posttrain_scripts/quickstart_sft.sh
 #
-# The task: reverse a list of 3-5 space-separated letters ("Reverse: c a f b" -> "b f a c"). The script writes
-# SFT_TRAIN (alpaca JSONL) and a disjoint held-out SFT_TEST, preprocesses the training set with the DeepSeek chat
+# The task (QUICKSTART_SFT_TASK): copy (default) or reverse a list of QUICKSTART_SFT_LEN (4) space-separated
+# letters: "Repeat: c a f b" -> "c a f b" ("Reverse: c a f b" -> "b f a c"). The pretrained model answers with
+# Python code (it has only seen the standard library), so exact match starts at 0. Reversal is harder: this tiny
+# model needs far more than 300 iterations for it, so copy is the default. The script writes the training set
+# (alpaca JSONL) and a disjoint held-out set, preprocesses the training set with the DeepSeek chat
 # template (tools/preprocess_data.py --sft: loss on assistant tokens only), measures exact match on the held-out
 # set with greedy decoding (python -m megatron_ascend.training.generate, one process, the checkpoint resharded
 # to TP1 PP1 on load), fine-tunes at the pretraining layout (TP2 PP2 EP2 DP2, distributed optimizer, 8 gloo
 # processes; --load implies --finetune: fresh optimizer and iteration count), then measures again.
 #
-# Knobs: QUICKSTART_DIR (the pretraining outputs, default ./quickstart_run), QUICKSTART_SFT_ITERS (150),
+# Knobs: QUICKSTART_DIR (the pretraining outputs, default ./quickstart_run), QUICKSTART_SFT_ITERS (300),
 # QUICKSTART_EVAL_LIMIT (200 held-out examples), QUICKSTART_SKIP_INSTALL=1, DEVICE_TYPE, GPUS_PER_NODE, MASTER_PORT.
 set -euo pipefail
 
@@ -19,7 +22,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 PYTHON=${PYTHON:-python}
 OUT=${QUICKSTART_DIR:-$REPO/quickstart_run}
-ITERS=${QUICKSTART_SFT_ITERS:-150}
+ITERS=${QUICKSTART_SFT_ITERS:-300}
+TASK=${QUICKSTART_SFT_TASK:-copy}   # copy | reverse
 EVAL_LIMIT=${QUICKSTART_EVAL_LIMIT:-200}
 DEVICE_TYPE=${DEVICE_TYPE:-cpu}
 export MEGATRON_ASCEND_DEVICE=$DEVICE_TYPE
@@ -34,29 +38,31 @@ fi
 # ---- 1. instruction data with checkable answers ---------------------------------------------------------------
 SFT=$OUT/sft
 mkdir -p "$SFT"
-$PYTHON - "$SFT" <<'EOF'
+$PYTHON - "$SFT" "$TASK" <<'EOF'
 import json, os, random, string, sys
-out = sys.argv[1]
+out, task = sys.argv[1], sys.argv[2]
 rng = random.Random(0)
 seen, rows = set(), []
 while len(rows) < 3200:
-    n = rng.randint(3, 5)
+    n = int(os.environ.get("QUICKSTART_SFT_LEN", "4"))
     letters = tuple(rng.choice(string.ascii_lowercase[:12]) for _ in range(n))
     if letters in seen:
         continue
     seen.add(letters)
-    rows.append({"instruction": "Reverse: " + " ".join(letters), "output": " ".join(reversed(letters))})
+    answer = reversed(letters) if task == "reverse" else letters
+    rows.append({"instruction": ("Reverse: " if task == "reverse" else "Repeat: ") + " ".join(letters),
+                 "output": " ".join(answer)})
 for name, part in (("train", rows[:3000]), ("test", rows[3000:])):
-    with open(os.path.join(out, f"reverse_{name}.jsonl"), "w") as f:
+    with open(os.path.join(out, f"{task}_{name}.jsonl"), "w") as f:
         for r in part:
             f.write(json.dumps(r) + "\n")
-print(f"[sft] task data: {out}/reverse_train.jsonl (3000), {out}/reverse_test.jsonl (200, disjoint)")
+print(f"[sft] task '{task}': {out}/{task}_train.jsonl (3000), {out}/{task}_test.jsonl (200, disjoint)")
 EOF
-$PYTHON tools/preprocess_data.py --sft --input "$SFT/reverse_train.jsonl" --output-prefix "$SFT/reverse" \
+$PYTHON tools/preprocess_data.py --sft --input "$SFT/${TASK}_train.jsonl" --output-prefix "$SFT/$TASK" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" --prompt-type deepseek --no-progress
 
 EVAL="$PYTHON -m megatron_ascend.training.generate --tokenizer-type SentencePieceTokenizer \
-    --tokenizer-model $TOKENIZER --eval-data $SFT/reverse_test.jsonl --prompt-type deepseek --max-new-tokens 12 \
+    --tokenizer-model $TOKENIZER --eval-data $SFT/${TASK}_test.jsonl --prompt-type deepseek --max-new-tokens 12 \
     --limit $EVAL_LIMIT"
 # shellcheck disable=SC2086
 $EVAL --load "$PRETRAINED" --label "before SFT" --output "$SFT/accuracy_before.json"
@@ -83,9 +89,9 @@ MODEL_ARGS="--model-type deepseek_v3 --num-layers 4 --hidden-size 64 --ffn-hidde
 PARALLEL_ARGS="--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2 \
     --use-distributed-optimizer"
 TRAIN_ARGS="--stage sft --load $PRETRAINED --seq-length 32 --micro-batch-size 4 --global-batch-size 32 \
-    --train-iters $ITERS --lr 2e-3 --min-lr 1e-4 --lr-warmup-iters $(( ITERS / 15 + 1 )) --lr-decay-style cosine --weight-decay 0.0 \
+    --train-iters $ITERS --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( ITERS / 15 + 1 )) --lr-decay-style cosine --weight-decay 0.0 \
     --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --seed 42"
-DATA_ARGS="--data-path $SFT/reverse --split 95,5,0 --tokenizer-type SentencePieceTokenizer \
+DATA_ARGS="--data-path $SFT/$TASK --split 95,5,0 --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model $TOKENIZER --prompt-type deepseek"
 OUTPUT_ARGS="--log-interval 10 --eval-interval $(( ITERS / 3 > 0 ? ITERS / 3 : 1 )) --eval-iters 2 \
     --save $CKPT_SAVE_DIR --save-interval $ITERS --tensorboard-dir $TB_DIR"
