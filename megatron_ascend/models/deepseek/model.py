@@ -85,8 +85,9 @@ class DeepseekForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         if pre_process or (post_process and (self.include_mtp or tied)):
             self.model.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, h, groups, self.sp)
-            if not pre_process:
+            if not pre_process:  # a later stage's copy: synced by the embedding group, counted once (stage 0)
                 self.model.embed_tokens.weight.shared_embedding = True
+                self.model.embed_tokens.weight.shared = True
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, parallel, groups, i) for i in self.layer_ids})
         if post_process:
             self.model.norm = RMSNorm(h, config.rms_norm_eps, sequence_parallel=self.sp)
