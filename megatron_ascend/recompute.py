@@ -12,7 +12,8 @@ bytes saved for backward.
   ``mla_up_proj`` (q_b / kv_b projections + RoPE), ``layernorm`` (the two pre-norms, output-discarding: the
   norm output kept by its consumer is dropped and recomputed from the norm input when backward needs it),
   ``mlp`` (the dense MLP), ``moe`` (the whole MoE block); ``moe_act`` and ``shared_experts`` are applied inside
-  the MoE block and need ``MoELayer.supports_recompute`` to list them (a ConfigError says so otherwise).
+  the MoE block and need ``MoELayer.supports_recompute`` to list them (a ConfigError says so otherwise); with
+  ``moe`` also selected they are subsumed by the whole-block checkpoint.
 
 Every checkpoint is ``tensor_parallel.random.checkpoint``: torch's non-reentrant checkpoint with the CPU /
 accelerator RNG and the RNG-tracker states restored, so recomputed activations are bitwise the forward ones
@@ -93,7 +94,9 @@ def apply_recompute(chunks: Union[nn.Module, Sequence[nn.Module]], train: Option
                                       f"block, and {type(layer.mlp).__name__} does not support it; drop them or use "
                                       f"'moe' (recompute the whole MoE block)")
                 if supported:
-                    layer.mlp.recompute_modules = inner
+                    # under 'moe' the whole block is one checkpoint: checkpoints inside it would only keep the
+                    # original forward's gate/up alive, so the inner modules are subsumed
+                    layer.mlp.recompute_modules = frozenset() if "moe" in layer.recompute_modules else inner
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ Owns:
 * ``SharedExperts`` (``mlp.shared_experts``): one SwiGLU MLP of width n_shared_experts * moe_intermediate_size,
   gate/up column-parallel and down row-parallel over tp. ``forward`` returns the *partial* row-parallel
   output (before the TP reduction): the MoE layer fuses that reduction with the routed output.
+* ``swiglu_then(gate, up, limit, consumer, recompute)``: ``consumer(swiglu(gate, up))``; with ``recompute``
+  (selective ``moe_act``, set by MoELayer as ``recompute_act`` on both expert modules) neither the SwiGLU
+  internals (silu(gate)) nor its output (the [tokens, I] input the down projection keeps) are saved: only gate
+  and up are kept, and the activation is recomputed from them when backward needs it (Megatron's moe_act,
+  CheckpointWithoutOutput). Local compute only: nothing before the activation (router, all-to-all, the
+  gate/up matmuls) runs again. The activation is elementwise and cheap; it is evaluated up to twice more in
+  backward (once for the down projection's weight grad, once inside the checkpoint for its own grad).
 Does not own: token movement (dispatcher.py).
 """
 from __future__ import annotations
@@ -21,7 +28,51 @@ import torch
 import torch.nn as nn
 
 from ..platform import kernels
+from ..tensor_parallel import random as tp_random
 from ..tensor_parallel.sharding import init_normal_, mark_sharded
+
+
+class _Discarded:
+    """Placeholder packed instead of the discarded activation."""
+
+
+def swiglu_then(gate: torch.Tensor, up: torch.Tensor, limit: float, consumer, recompute: bool = False):
+    """``consumer(swiglu(gate, up, limit))``; with ``recompute`` the activation and its internals are not kept for
+    backward (recomputed from gate and up, bitwise: same kernel, same inputs). Leaves the autograd graph as
+    without recompute (torch's non-reentrant checkpoint records the real ops), so every gradient, including the
+    order in which contributions are summed, is the one of no recompute."""
+    def act_fn(g, u):
+        return kernels.get("swiglu")(g, u, limit)
+
+    if not recompute or not torch.is_grad_enabled():
+        return consumer(act_fn(gate, up))
+    act = tp_random.checkpoint(act_fn, gate, up)  # keeps gate and up only (silu(gate) is recomputed)
+    cache = {}
+
+    act_storage = act.untyped_storage().data_ptr()
+
+    def pack(t):
+        # the activation itself or a view of it (F.linear on [s, b, W] saves a [s*b, W] view)
+        if t.dtype == act.dtype and t.untyped_storage().data_ptr() == act_storage:
+            return (_Discarded, t.shape, t.stride(), t.storage_offset() - act.storage_offset())
+        for m in tp_random.ACTIVE_METERS:  # these hooks shadow a meter's own; report what is really kept
+            m.record(t)
+        return t
+
+    def unpack(p):
+        if isinstance(p, tuple) and p and p[0] is _Discarded:
+            if "act" not in cache:
+                with torch.no_grad():
+                    a = act_fn(gate.detach(), up.detach())
+                if a.stride() != act.stride():  # same layout as the forward's, so the saved views map onto it
+                    a = torch.empty_strided(act.shape, act.stride(), dtype=a.dtype, device=a.device).copy_(a)
+                cache["act"] = a
+            a = cache["act"]
+            return a.as_strided(p[1], p[2], a.storage_offset() + p[3])
+        return p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return consumer(act)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -89,6 +140,7 @@ class GroupedExperts(nn.Module):
         self.first_expert = ep_rank * self.num_local
         self.layer_idx = layer_idx
         self.limit = swiglu_limit
+        self.recompute_act = False  # selective recompute 'moe_act' (set through MoELayer.recompute_modules)
         il = inter // etp_size
         self.gate_proj = nn.Parameter(torch.empty(self.num_local, il, hidden))  # [E_local, I/etp, h]
         self.up_proj = nn.Parameter(torch.empty(self.num_local, il, hidden))    # [E_local, I/etp, h]
@@ -107,8 +159,8 @@ class GroupedExperts(nn.Module):
         """x [N, h] grouped by local expert (``counts[i]`` rows for local expert i) -> [N, h]."""
         gate = grouped_mm(x, self.gate_proj.transpose(1, 2), counts)
         up = grouped_mm(x, self.up_proj.transpose(1, 2), counts)
-        act = kernels.get("swiglu")(gate, up, self.limit)
-        return grouped_mm(act, self.down_proj.transpose(1, 2), counts)
+        down = self.down_proj.transpose(1, 2)
+        return swiglu_then(gate, up, self.limit, lambda a: grouped_mm(a, down, counts), self.recompute_act)
 
 
 class _Linear(nn.Module):
@@ -132,6 +184,7 @@ class SharedExperts(nn.Module):
                              f"{tp_size}; pick a TP size that divides {width}")
         self.layer_idx = layer_idx
         self.limit = swiglu_limit
+        self.recompute_act = False  # selective recompute 'moe_act' (set through MoELayer.recompute_modules)
         wl = width // tp_size
         self.gate_proj = _Linear(wl, hidden)   # column-parallel: weight [W/tp, h]
         self.up_proj = _Linear(wl, hidden)     # column-parallel: weight [W/tp, h]
@@ -148,5 +201,4 @@ class SharedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., h] (full, replicated over tp) -> partial [..., h] (sum over tp ranks = the MLP output)."""
-        act = kernels.get("swiglu")(self.gate_proj(x), self.up_proj(x), self.limit)
-        return self.down_proj(act)
+        return swiglu_then(self.gate_proj(x), self.up_proj(x), self.limit, self.down_proj, self.recompute_act)

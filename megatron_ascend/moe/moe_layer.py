@@ -18,6 +18,13 @@ Consequences: the router weight gets a partial gradient on each TP rank (marked 
 DP wrapper all-reduces it over tp, like a norm weight under SP); the balance-loss statistics of a sequence
 are summed over tp (load_balancing.py); the expert-bias counts of all tp ranks add up to the TP group's batch.
 
+Selective recompute (``megatron_ascend.recompute.apply_recompute`` sets ``recompute_modules``; the names this
+layer takes are ``supports_recompute``): ``moe_act`` drops the SwiGLU activation of the routed and shared experts
+(recomputed from gate/up in backward, experts.swiglu_then); ``shared_experts`` checkpoints the shared-expert MLP
+(only its input is kept). Both recompute local compute only: the router, the dispatcher's collectives and the
+TP/SP reductions are outside the recomputed regions, so no side effect (bias counts, logged aux values) repeats.
+With both, the shared expert is checkpointed whole and its activation is not handled separately.
+
 Dropless by default; ``moe_expert_capacity_factor`` drops the lowest-weight assignments over capacity per
 expert, decided on each rank's own tokens (so, as in Megatron, which tokens drop depends on the layout).
 """
@@ -34,6 +41,7 @@ from .dispatcher import AllGatherDispatcher, AllToAllDispatcher
 from .experts import GroupedExperts, SharedExperts
 from .load_balancing import attach_aux_loss, balance_loss, in_backward_recompute, z_loss
 from .router import TopKRouter, capacity_keep_mask
+from ..tensor_parallel.random import checkpoint as tp_checkpoint
 from ..tensor_parallel.sharding import init_normal_, mark_sharded
 
 
@@ -55,6 +63,8 @@ def _check(cfg: ModelConfig, par: Optional[ParallelConfig], layer_idx: int) -> N
 
 
 class MoELayer(nn.Module):
+    supports_recompute = ("moe_act", "shared_experts")
+
     def __init__(self, model_cfg: ModelConfig, par_cfg: Optional[ParallelConfig], groups, layer_idx: int,
                  seed: int = 1234, init: bool = True):
         super().__init__()
@@ -88,8 +98,31 @@ class MoELayer(nn.Module):
         self.balance = None if (lb == "none" or cfg.aux_loss_alpha == 0 or self.hash_layer) else lb
         # gradient scale of this layer's aux losses; None = the global set_aux_loss_scale value
         self.aux_loss_scale: Optional[float] = None
+        self.recompute_modules = frozenset()
         if init:
             self.init_weights(cfg.init_method_std, seed)
+
+    @property
+    def recompute_modules(self) -> frozenset:
+        return self._recompute_modules
+
+    @recompute_modules.setter
+    def recompute_modules(self, modules) -> None:
+        modules = frozenset(modules)
+        bad = modules - frozenset(self.supports_recompute)
+        if bad:
+            raise ConfigError(f"MoELayer recompute modules {' '.join(sorted(bad))} are unknown; use any of "
+                              f"{' '.join(self.supports_recompute)}")
+        self._recompute_modules = modules
+        self.experts.recompute_act = "moe_act" in modules
+        if self.shared_experts is not None:  # a checkpointed shared expert keeps nothing inside anyway
+            self.shared_experts.recompute_act = "moe_act" in modules and "shared_experts" not in modules
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Partial shared-expert output; checkpointed (local compute only) under 'shared_experts' recompute."""
+        if "shared_experts" in self._recompute_modules and torch.is_grad_enabled():
+            return tp_checkpoint(self.shared_experts, x)
+        return self.shared_experts(x)
 
     def init_weights(self, std: float, seed: int) -> None:
         init_normal_(self.gate.weight, f"model.layers.{self.layer_idx}.mlp.gate.weight", std, seed)
@@ -127,15 +160,15 @@ class MoELayer(nn.Module):
         if sp:
             out = routed.view(s_loc, b, h)
             if self.shared_experts is not None:
-                out = comm.reduce_scatter_to_sp(self.shared_experts(x_full), self.tp_group) + out
+                out = comm.reduce_scatter_to_sp(self._shared(x_full), self.tp_group) + out
             return out
         if tp == 1:
             out = routed.view(s_loc, b, h)
-            return out + self.shared_experts(x_full) if self.shared_experts is not None else out
+            return out + self._shared(x_full) if self.shared_experts is not None else out
         total = s_loc * b
         padded = torch.nn.functional.pad(routed, (0, 0, start, total - start - n)).view(s_loc, b, h)
         if self.shared_experts is not None:
-            padded = self.shared_experts(x_full) + padded
+            padded = self._shared(x_full) + padded
         return comm.reduce_from_tp(padded, self.tp_group)
 
     def _routed(self, x: torch.Tensor, ids: Optional[torch.Tensor], start: int, b: int, s_full: int) -> torch.Tensor:
