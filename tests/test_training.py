@@ -127,3 +127,37 @@ def test_show_layout_and_help(capsys, monkeypatch):
         pretrain.main(["--help"])
     assert e.value.code == 0
     assert "--tensor-model-parallel-size" in capsys.readouterr().out
+
+
+PARITY = ("--num-layers 4 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --q-lora-rank 16 "
+          "--kv-lora-rank 16 --qk-head-dim 8 --qk-pos-emb-head-dim 4 --v-head-dim 8 --num-experts 4 "
+          "--moe-ffn-hidden-size 16 --n-shared-experts 1 --moe-router-topk 2 --first-k-dense-replace 1 "
+          "--moe-router-score-function sigmoid --moe-router-topk-method noaux_tc --moe-aux-loss-coeff 1e-2 "
+          "--moe-router-bias-update-rate 1e-2 --mtp-num-layers 1 --vocab-size 128 --make-vocab-size-divisible-by 1 "
+          "--max-position-embeddings 64 --seq-length 16 --micro-batch-size 2 --global-batch-size 8 --lr 3e-3 "
+          "--train-iters 3 --eval-interval 3 --eval-iters 1 --log-interval 1 --mock-data --seed 3")
+
+
+def _parity_body(extra):
+    from megatron_ascend.training.entry import parse
+    from megatron_ascend.training.trainer import Trainer
+    tr = Trainer(parse(PARITY.split() + extra.split(), "pretrain"), print_fn=lambda s: None)
+    res = tr.train()
+    tr.close()
+    return res.losses, res.grad_norms, res.validation
+
+
+def test_trainer_losses_equal_single_process_at_tp2_pp2_ep2_dp2():
+    """The whole loop (schedule, loss normalisation, DDP, distributed optimizer, clipping, bias update, MTP,
+    balance loss, evaluation) at TP2 PP2 EP2 DP2 gives the single-process losses and grad norms (fp32)."""
+    (ref_l, ref_g, ref_v), = run_distributed(1, _parity_body, "", timeout=200)
+    par = run_distributed(8, _parity_body, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                                           "--expert-model-parallel-size 2 --use-distributed-optimizer",
+                          timeout=300)
+    for losses, gnorms, val in par:
+        for it in (1, 2, 3):
+            for k in ("lm loss", "mtp_1 loss", "load_balancing_loss"):
+                assert losses[it][k] == pytest.approx(ref_l[it][k], rel=2e-5, abs=1e-7), (it, k)
+            assert gnorms[it] == pytest.approx(ref_g[it], rel=1e-4)
+        assert val[3]["lm loss"] == pytest.approx(ref_v[3]["lm loss"], rel=2e-5)
+    assert ref_l[1]["lm loss"] != ref_l[3]["lm loss"]

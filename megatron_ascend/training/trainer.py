@@ -107,7 +107,8 @@ class Trainer:
         self.signal = ExitSignalHandler()
         self.result = TrainResult()
         if self.is_logging_rank and self.writer.enabled:
-            self.writer.text("config", f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
+            self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
+                                       f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
 
     # -- setup helpers ---------------------------------------------------------------------------------
     def _resolve_vocab(self) -> None:
