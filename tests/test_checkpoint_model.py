@@ -70,6 +70,9 @@ def test_model_checkpoint_reshards_tp2pp2ep2dp2_to_tp1ep4_and_back(tmp_path):
     b = run_distributed(4, body_b, d_a, d_b, timeout=600)[0]
     c = run_distributed(8, body_a_resume, d_b, timeout=600)[0]
     assert sorted(b["resumed"]) == [3] and sorted(c) == [3], (b, c)
+    print(f"step-3 loss: A {a[3]!r}, B resumed from A {b['resumed'][3]!r} (rel {_rel(b['resumed'][3], a[3]):.2g}); "
+          f"B {b['own'][3]!r}, A resumed from B {c[3]!r} (rel {_rel(c[3], b['own'][3]):.2g}); "
+          f"A vs B straight rel {_rel(b['own'][3], a[3]):.2g}")
     assert a[1] != a[3]  # training moves the loss, so equal losses mean the state was carried over
     # same model and data at two layouts: the straight runs agree to fp32 reduction-order noise
     assert _rel(b["own"][3], a[3]) < 1e-5, (a, b["own"])
