@@ -6,7 +6,6 @@ Three worlds: A trains 3 steps saving at 2 (the reference loss of step 3); B res
 and separately trains its own 3 steps saving at 2; A resumes B's checkpoint."""
 import os
 
-import torch
 
 from tests.harness import run_distributed
 

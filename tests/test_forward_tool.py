@@ -1,7 +1,6 @@
 """tools/forward.py at (T, P, E) in {(1,1,1), (2,2,2), (1,2,4), (2,1,4)} on a checkpoint converted from a tiny
 HF DeepSeek-V3 (and, at one layout, on the HF directory read directly) gives the logits of transformers on the
 original directory within 1e-5 (fp32), and per-token losses equal to cross entropy of those logits."""
-import argparse
 import os
 
 import torch

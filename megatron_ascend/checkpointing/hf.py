@@ -31,7 +31,7 @@ import os
 import re
 import resource
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from unittest import mock
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
