@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Model FLOP utilisation on CPU: model FLOPs per step / (step time x the machine's matmul FLOP/s measured in the
+same process on the model's own GEMM shapes), single process and at 2 ranks (TP2, EP2).
+
+    python bench/mfu.py [--reps 6] [--world 1,2] [--profile]
+
+FLOPs: monitoring.flops.model_flops_per_token (Megatron's formula; fwd + bwd). The denominator P_gemm is the
+median FLOP/s of torch.matmul on the step's GEMMs ([T,h]x[h,*] projections, [T k/E, h]x[h, I] expert GEMMs,
+[T,h]x[h,V] head), weighted by their FLOPs, timed just before the run with the same thread count. A step is
+forward + backward + AdamW of DeepseekForCausalLM (hidden 1024, 8 experts). With --profile, torch.profiler's
+top self-CPU ops of one step name what eats the time that is not GEMM. Target (issue 11): >= 0.6 single process.
+Not a test.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megatron_ascend.config import ModelConfig, ParallelConfig  # noqa: E402
+
+CFG = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512, num_hidden_layers=2,
+           first_k_dense_replace=1, num_attention_heads=8, n_routed_experts=8, n_shared_experts=1,
+           num_experts_per_tok=2, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+           v_head_dim=64, max_position_embeddings=2048, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
+SEQ, MBS = 512, 1
+
+
+def gemm_shapes(cfg: ModelConfig, T: int):
+    """(m, k, n) of the forward GEMMs of one step (backward repeats them as two GEMMs of the same FLOPs)."""
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        out += [(T, h, cfg.q_lora_rank), (T, cfg.q_lora_rank, n * qk), (T, h, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                (T, cfg.kv_lora_rank, n * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (T, n * cfg.v_head_dim, h)]
+        if cfg.is_moe_layer(i):
+            te = T * cfg.num_experts_per_tok // cfg.n_routed_experts
+            I = cfg.moe_intermediate_size
+            out += [(te, h, I)] * (2 * cfg.n_routed_experts) + [(te, I, h)] * cfg.n_routed_experts
+            out += [(T, h, I * cfg.n_shared_experts)] * 2 + [(T, I * cfg.n_shared_experts, h)]
+        else:
+            out += [(T, h, cfg.intermediate_size)] * 2 + [(T, cfg.intermediate_size, h)]
+    out.append((T, h, cfg.vocab_size))
+    return out
+
+
+def gemm_flops_per_s(shapes, reps=5) -> float:
+    """FLOP-weighted matmul throughput on these shapes: sum of FLOPs / sum of median times."""
+    flops = secs = 0.0
+    for m, k, n in sorted(set(shapes)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.matmul(a, b)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            ts.append(time.perf_counter() - t0)
+        cnt = shapes.count((m, k, n))
+        flops += 2 * m * k * n * cnt
+        secs += statistics.median(ts) * cnt
+    return flops / secs
+
+
+def _step_times(par, groups, reps, profile=False):
+    from megatron_ascend.models.deepseek import DeepseekForCausalLM
+    cfg = ModelConfig(**CFG)
+    torch.manual_seed(0)
+    m = DeepseekForCausalLM(cfg, par, groups)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
+    ids = torch.randint(0, cfg.vocab_size, (MBS, SEQ))
+    mask = torch.ones(MBS, SEQ)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = m(ids, labels=ids, loss_mask=mask)
+        ((out["lm_loss"] * mask).sum() / mask.sum()).backward()
+        opt.step()
+
+    step()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            step()
+        table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return ts, table
+
+
+def _dist_body(kind, reps):
+    import torch.distributed as dist
+    from megatron_ascend.parallel_state import initialize_model_parallel
+    n = dist.get_world_size()
+    par = ParallelConfig(world_size=n, tensor_model_parallel_size=n if kind == "tp" else 1,
+                         expert_model_parallel_size=n if kind == "ep" else 1,
+                         expert_tensor_parallel_size=1, sequence_parallel=kind == "tp")
+    g = initialize_model_parallel(par)
+    ts, _ = _step_times(par, g, reps)
+    cfg = ModelConfig(**CFG)
+    p_gemm = gemm_flops_per_s(gemm_shapes(cfg, SEQ * MBS // (n if kind == "tp" else 1)))
+    return ts, p_gemm
+
+
+def main():
+    from megatron_ascend.monitoring.flops import model_flops_per_token
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=6)
+    ap.add_argument("--world", default="1,2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    cfg = ModelConfig(**CFG)
+    f_step = model_flops_per_token(cfg, SEQ) * SEQ * MBS
+    print(f"model: h {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-"
+          f"{cfg.num_experts_per_tok}, seq {SEQ} x mbs {MBS}: {f_step / 1e9:.2f} GFLOP per step")
+    if "1" in a.world.split(","):
+        torch.set_num_threads(a.threads)
+        p_gemm = gemm_flops_per_s(gemm_shapes(cfg, SEQ * MBS))
+        ts, table = _step_times(ParallelConfig(), None, a.reps, a.profile)
+        t = statistics.median(ts)
+        print(f"1 process, {a.threads} threads: step {t * 1e3:.0f} ms (IQR {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}), "
+              f"P_gemm {p_gemm / 1e9:.1f} GFLOP/s, achieved {f_step / t / 1e9:.1f} GFLOP/s, "
+              f"MFU(gemm) = {f_step / t / p_gemm:.2f}")
+        if table:
+            print(table)
+    if "2" in a.world.split(","):
+        from tests.harness import run_distributed
+        for kind in ("tp", "ep"):
+            res = run_distributed(2, _dist_body, kind, a.reps, timeout=900)
+            t = max(statistics.median(r[0]) for r in res)
+            p = statistics.median([r[1] for r in res])
+            print(f"2 ranks {kind.upper()}2 (1 thread each): step {t * 1e3:.0f} ms, P_gemm/rank {p / 1e9:.1f} GFLOP/s, "
+                  f"MFU(gemm) = {f_step / t / (2 * p):.2f}")
+
+
+if __name__ == "__main__":
+    main()
