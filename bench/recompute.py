@@ -64,14 +64,7 @@ def main():
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
     settings = [("none", dict(granularity=None))]
-    supported = set()
-    for layer in model.model.layers.values():
-        if layer.is_moe:
-            supported |= set(getattr(layer.mlp, "supports_recompute", ()))
     for m in ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act", "shared_experts"):
-        if m in ("moe_act", "shared_experts") and m not in supported:
-            print(f"# selective {m}: not supported by this MoELayer (skipped)")
-            continue
         settings.append((f"selective {m}", dict(granularity="selective", modules=(m,))))
     settings += [("full uniform 1", dict(granularity="full", method="uniform", num_layers=1)),
                  ("full uniform 2", dict(granularity="full", method="uniform", num_layers=2)),
