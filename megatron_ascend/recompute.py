@@ -19,8 +19,8 @@ Every checkpoint is ``tensor_parallel.random.checkpoint``: torch's non-reentrant
 accelerator RNG and the RNG-tracker states restored, so recomputed activations are bitwise the forward ones
 (the MoE router sees the same input and takes the same top-k; collectives inside re-run in graph order).
 
-``SavedTensorMeter`` counts the bytes autograd saves for backward (saved-tensor hooks; parameters excluded,
-storages deduplicated; checkpoint inputs included), per decoder layer, plus the device allocator delta from
+``SavedTensorMeter`` counts the bytes autograd saves for backward (saved-tensor hooks; parameters and views
+of parameters excluded, storages deduplicated; checkpoint inputs included), per decoder layer, plus the device allocator delta from
 ``platform.memory_stats`` (on CPU that figure is the process RSS and only indicative).
 """
 from __future__ import annotations
@@ -102,6 +102,16 @@ def apply_recompute(chunks: Union[nn.Module, Sequence[nn.Module]], train: Option
 # ------------------------------------------------------------------------------------------------------------
 # measurement
 # ------------------------------------------------------------------------------------------------------------
+def _storage_key(t: torch.Tensor):
+    """((storage address, storage bytes), storage bytes); tensors without a storage count their own bytes."""
+    try:
+        st = t.untyped_storage()
+        return (st.data_ptr(), st.nbytes()), st.nbytes()
+    except (RuntimeError, NotImplementedError):
+        n = t.numel() * t.element_size()
+        return (id(t), n), n
+
+
 class SavedTensorMeter:
     """Bytes saved for backward during a forward, per scope (decoder layer ``layer.{i}`` / ``mtp.{k}`` or
     ``other``).
@@ -111,14 +121,17 @@ class SavedTensorMeter:
             out = model(ids, labels=labels)
         meter.total_bytes, meter.per_scope, meter.layer_bytes, meter.device_delta_bytes
 
-    Counted: every tensor autograd saves, once per storage, except parameters (leaves requiring grad), plus the
-    inputs kept by activation checkpoints. Memory is measured, not freed: use a fresh meter per forward.
+    Counted: every tensor autograd saves, once per storage (a storage is counted whole, the first time any view
+    of it is saved), except parameters: a parameter itself, a view of one (F.linear saves ``weight.t()``) and,
+    when ``model`` is given, anything on a parameter's storage; plus the inputs kept by activation checkpoints.
+    Memory is measured, not freed: use a fresh meter per forward.
     """
 
     def __init__(self, model: Optional[nn.Module] = None):
         self.model = model
         self.per_scope: Dict[str, int] = defaultdict(int)
         self._seen = set()
+        self._param_keys = set()
         self._scope: List[str] = ["other"]
         self._handles = []
         self._stack = None
@@ -141,17 +154,23 @@ class SavedTensorMeter:
     def _pop(self) -> None:
         self._scope.pop()
 
+    def _is_parameter(self, t: torch.Tensor) -> bool:
+        """A parameter, a view of one (F.linear saves ``weight.t()``, a view with a grad_fn), or any tensor on a
+        parameter's storage (a model's parameters, when the meter was given the model)."""
+        if isinstance(t, nn.Parameter):
+            return True
+        base = t._base
+        if base is not None and (isinstance(base, nn.Parameter) or (base.requires_grad and base.grad_fn is None)):
+            return True
+        return bool(self._param_keys) and _storage_key(t)[0] in self._param_keys
+
     def record(self, t: torch.Tensor, kept_by_checkpoint: bool = False) -> None:
-        if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter):
+        if not isinstance(t, torch.Tensor) or self._is_parameter(t):
             return
         if t.requires_grad and t.grad_fn is None and not kept_by_checkpoint:
-            return  # a parameter (or a leaf input): not an activation
-        try:
-            st = t.untyped_storage()
-            key, nbytes = (st.data_ptr(), st.nbytes()), st.nbytes()
-        except (RuntimeError, NotImplementedError):
-            key, nbytes = (id(t), t.numel() * t.element_size()), t.numel() * t.element_size()
-        if key in self._seen:
+            return  # a leaf input requiring grad: not an activation
+        key, nbytes = _storage_key(t)
+        if key in self._seen:  # each storage once, however many views of it are saved
             return
         self._seen.add(key)
         scope = self._scope[-1]
@@ -165,6 +184,8 @@ class SavedTensorMeter:
 
     def __enter__(self):
         self._install()
+        self._param_keys = set() if self.model is None else {
+            _storage_key(p)[0] for p in self.model.parameters()}
         platform.synchronize()
         self._mem0 = platform.memory_stats().get("allocated", 0)
         self._stack = contextlib.ExitStack()

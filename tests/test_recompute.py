@@ -40,9 +40,11 @@ def _step(model, ids, labels, mask, setting, meter=False):
     return loss.detach(), grads, m
 
 
-def _check_all(model, ids, labels, mask, settings, what):
+def _check_all(model, ids, labels, mask, settings, what, scopes=None):
     l0, g0, m0 = _step(model, ids, labels, mask, dict(granularity=None), meter=True)
     out = {"none": m0.total_bytes}
+    if scopes is not None:
+        scopes["none"] = dict(m0.per_scope)
     for s in settings:
         l, g, m = _step(model, ids, labels, mask, s, meter=True)
         assert torch.equal(l, l0), f"{what} {s}: loss {l.item()} != {l0.item()}"
@@ -50,7 +52,24 @@ def _check_all(model, ids, labels, mask, settings, what):
         for n in g0:
             assert torch.equal(g[n], g0[n]), f"{what} {s}: grad of {n} not bitwise equal"
         out[repr(s)] = m.total_bytes
+        if scopes is not None:
+            scopes[repr(s)] = dict(m.per_scope)
     return out
+
+
+def _assert_up_proj_saving(cfg, scopes, what):
+    """Selective mla_up_proj drops q, k, v of every attention block (rebuilt from the latents in backward):
+    each decoder / MTP layer keeps at least |q| + |k| + |v| - |latents| bytes fewer than without recompute."""
+    s, b = data(cfg.vocab_size)[0].shape[::-1]
+    n, f = cfg.num_attention_heads, 4  # fp32
+    qkv = s * b * n * (2 * cfg.qk_head_dim + cfg.v_head_dim) * f
+    latents = s * b * ((cfg.q_lora_rank or cfg.hidden_size) + cfg.kv_lora_rank + cfg.qk_rope_head_dim) * f
+    none, up = scopes["none"], scopes[repr(dict(granularity="selective", modules=("mla_up_proj",)))]
+    layers = [k for k in none if k not in ("other", "checkpoint")]
+    assert len(layers) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers, (what, sorted(none))
+    for k in layers:
+        assert none[k] - up.get(k, 0) >= qkv - latents, \
+            f"{what} {k}: mla_up_proj saves {none[k] - up.get(k, 0)} bytes, expected >= {qkv - latents}"
 
 
 def test_single_process_bitwise_and_meter():
@@ -64,7 +83,9 @@ def test_single_process_bitwise_and_meter():
     for what, cfg, settings in cases:
         model = DeepseekForCausalLM(cfg, init_seed=2)
         ids, labels, mask = data(cfg.vocab_size)
-        b = _check_all(model, ids, labels, mask, settings, what)
+        scopes = {}
+        b = _check_all(model, ids, labels, mask, settings, what, scopes)
+        _assert_up_proj_saving(cfg, scopes, what)
         full = b[repr(dict(granularity="full", method="uniform", num_layers=1))]
         assert full <= 0.2 * b["none"], f"{what}: full recompute keeps {full / b['none']:.2%} of saved bytes"
         for s in settings:

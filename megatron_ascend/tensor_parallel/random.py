@@ -134,35 +134,68 @@ def checkpoint(fn, *args, **kwargs):
 
 
 class _Recompute:
-    """Placeholder packed instead of a discarded output."""
+    """Placeholder packed instead of a discarded output (or a view of it)."""
 
 
-def checkpoint_discard_output(fn, x: torch.Tensor, consumer):
-    """``consumer(fn(x))`` keeping neither fn's internals nor its output y for backward: fn is checkpointed (only
-    x is kept) and, while the consumer runs, y is packed as a placeholder and recomputed from x (once) when the
-    consumer's backward unpacks it -- Megatron's CheckpointWithoutOutput for norms and activations. fn must be
-    deterministic (norms, activation functions)."""
-    y = checkpoint(fn, x)
+def _owns_storage(t: torch.Tensor) -> bool:
+    return (t.storage_offset() == 0 and t.is_contiguous()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def checkpoint_discard_output(fn, x, consumer, *, checkpoint_fn: bool = True):
+    """``consumer(fn(x))`` without keeping fn's outputs for backward -- Megatron's CheckpointWithoutOutput.
+
+    ``x`` is a tensor or a tuple of arguments (fn(*x)); fn returns a tensor or a tuple of tensors, handed to the
+    consumer the same way. While the consumer runs, every tensor it saves for backward that lies on an output's
+    storage (the output or any view of it, e.g. the permuted q/k/v an attention kernel saves) is packed as a
+    placeholder; the first backward unpack recomputes fn from x once (same kernels as the forward: grad mode on,
+    inputs' requires_grad as in the forward) and hands out the same views of the recomputed outputs. Only
+    outputs that own their storage are discarded (a view into a larger tensor is kept as is).
+
+    ``checkpoint_fn=True``: fn itself is checkpointed too (only x is kept; its internals are recomputed again by
+    the checkpoint in fn's backward) -- for norms / activations whose internals are as large as the output.
+    ``checkpoint_fn=False``: fn runs as is and keeps what it saves itself; use it when that is only x and
+    parameters (linear layers + elementwise ops on non-grad tables, e.g. MLA's up-projections + RoPE), so fn
+    is recomputed exactly once. fn must be deterministic (no dropout)."""
+    args = x if isinstance(x, tuple) else (x,)
+    y = checkpoint(fn, *args) if checkpoint_fn else fn(*args)
+    outs = y if isinstance(y, tuple) else (y,)
+    owned = {}
+    for j, o in enumerate(outs):
+        if isinstance(o, torch.Tensor) and o.requires_grad and _owns_storage(o):
+            owned[o.untyped_storage().data_ptr()] = j
+    meta = [(o.shape, o.stride(), o.dtype) if isinstance(o, torch.Tensor) else None for o in outs]
     cache = {}
 
-    def is_y(t):
-        return (t.data_ptr() == y.data_ptr() and t.shape == y.shape and t.dtype == y.dtype
-                and t.stride() == y.stride())
-
     def pack(t):
-        if is_y(t):
-            return _Recompute
+        j = owned.get(t.untyped_storage().data_ptr())
+        if j is not None and t.dtype == meta[j][2]:
+            return (_Recompute, j, t.shape, t.stride(), t.storage_offset())
         for m in ACTIVE_METERS:  # these hooks shadow a meter's own; report what is really kept
             m.record(t)
         return t
 
+    def recompute():
+        det = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        with torch.enable_grad():
+            r = fn(*det)
+        r = r if isinstance(r, tuple) else (r,)
+        res = []
+        for j, o in enumerate(r):
+            o = o.detach() if isinstance(o, torch.Tensor) else o
+            # the forward's layout, so the saved views map onto the recomputed output
+            if j in owned.values() and (o.stride() != meta[j][1] or o.storage_offset() != 0):
+                o = torch.empty_strided(meta[j][0], meta[j][1], dtype=o.dtype, device=o.device).copy_(o)
+            res.append(o)
+        return res
+
     def unpack(p):
-        if p is _Recompute:
+        if isinstance(p, tuple) and p and p[0] is _Recompute:
             if "y" not in cache:
-                with torch.no_grad():
-                    cache["y"] = fn(x.detach())
-            return cache["y"]
+                cache["y"] = recompute()
+            _, j, shape, stride, offset = p
+            return cache["y"][j].as_strided(shape, stride, offset)
         return p
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return consumer(y)
+        return consumer(*outs) if isinstance(y, tuple) else consumer(y)

@@ -13,8 +13,13 @@ per-head partial gradients); q_b_proj / kv_b_proj are column-parallel (heads), o
 Inputs ``x [s(/tp), b, h]`` -> output ``[s(/tp), b, h]``.
 
 Core attention is torch's scaled_dot_product_attention with either ``is_causal`` or a boolean mask
-``[b, 1, s, s]`` (packed segments, DSA top-k). Selective recompute: ``core_attn`` and ``mla_up_proj``
-(set in ``self.recompute_modules`` by megatron_ascend.recompute).
+``[b, 1, s, s]`` (packed segments, DSA top-k) where it has a kernel that keeps q, k, v for backward, else an
+explicit softmax(QK^T)V with the same memory (torch's math fallback keeps scaled copies instead). Selective
+recompute (``self.recompute_modules``, set by megatron_ascend.recompute): ``core_attn`` checkpoints core
+attention; ``mla_up_proj`` runs q_b_proj / kv_b_proj + RoPE + concat as a checkpoint without output: q, k, v
+are dropped once core attention has saved them and rebuilt from the latents when its backward needs them
+(with ``core_attn`` also on, that checkpoint holds q, k, v as its inputs, so the pair saves what ``core_attn``
+alone saves).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from ...config import ModelConfig
 from ...tensor_parallel import mappings as M
 from ...tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, tp_info
-from ...tensor_parallel.random import checkpoint
+from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
 from ...tensor_parallel.sharding import mark_sharded
 from .norm import RMSNorm
 from .rope import apply_rope_interleaved, softmax_scale
@@ -42,12 +47,54 @@ def _replicated_linear(i: int, o: int, bias: bool, sequence_parallel: bool) -> n
     return lin
 
 
+_SDPA_KEEPS_INPUTS = {}
+
+
+def _sdpa_keeps_inputs(q: torch.Tensor, v: torch.Tensor, masked: bool) -> bool:
+    """Whether torch's scaled_dot_product_attention keeps q, k, v themselves for backward (a fused / flash
+    kernel) for this device, dtype and head dims, found once by running it on a tiny problem. It does not when
+    it falls back to its math path (e.g. on CPU when q/k and v head dims differ): that path saves scaled
+    copies of q and k, so dropping q/k/v (selective ``mla_up_proj`` recompute) would free nothing."""
+    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], masked)
+    if key not in _SDPA_KEEPS_INPUTS:
+        s, dq, dv = 4, q.shape[-1], v.shape[-1]
+        with torch.enable_grad():
+            t = [torch.ones(s, 1, 1, d, dtype=q.dtype, device=q.device, requires_grad=True) for d in (dq, dq, dv)]
+            kept = set()
+
+            def pack(x):
+                kept.add(x.untyped_storage().data_ptr())
+                return x
+
+            mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril().view(1, 1, s, s) if masked else None
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in t), attn_mask=mask,
+                                               is_causal=not masked)
+        _SDPA_KEEPS_INPUTS[key] = all(x.untyped_storage().data_ptr() in kept for x in t)
+    return _SDPA_KEEPS_INPUTS[key]
+
+
+def _explicit_attention(qt, kt, vt, mask, scale):
+    """softmax(q k^T * scale, masked) v on [b, n, s, d]; autograd keeps q, k, v themselves (views), the
+    probabilities and the mask -- the memory of torch's math fallback, with q/k/v droppable. A row with no
+    allowed key attends uniformly (masked scores are the dtype's minimum, not -inf)."""
+    w = torch.matmul(qt, kt.transpose(-1, -2)) * scale
+    s = qt.shape[-2]
+    allowed = torch.ones(s, s, dtype=torch.bool, device=qt.device).tril() if mask is None else mask
+    w = w.masked_fill(~allowed, torch.finfo(w.dtype).min)
+    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(vt.dtype)
+    return torch.matmul(p, vt)
+
+
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                    scale: float) -> torch.Tensor:
     """q, k: [s, b, n, dq]; v: [s, b, n, dv]; mask None (causal) or bool [b, 1, s, s] (True = attend).
-    Returns [s, b, n*dv]."""
+    Returns [s, b, n*dv]. torch's SDPA where it has a kernel that keeps q, k, v (flash / fused), else the
+    explicit form (see ``_sdpa_keeps_inputs``); both keep q, k, v themselves for backward."""
     qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-    if mask is None:
+    if not _sdpa_keeps_inputs(q, v, mask is not None):
+        o = _explicit_attention(qt, kt, vt, mask, scale)
+    elif mask is None:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     else:
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
@@ -147,13 +194,25 @@ class MLAttention(nn.Module):
             allowed = _expand_mask(mask, x_full.shape[0], x_full.shape[1], x.device)
             index_scores, selected = self.indexer(x_full, q_in_f.detach(), cos, sin, allowed)
             mask = selected.unsqueeze(1)  # [b, 1, s, s]: causal/segment AND top-k
-        q, k, v = self._run("mla_up_proj", self._up_proj, q_in_f, c_kv_f, k_pe_f, cos, sin)
-        o = self._run("core_attn", self._core, q, k, v, mask)
-        if self.indexer is not None and torch.is_grad_enabled():
-            with torch.no_grad():
-                p = attention_probs(q.detach(), k.detach(), mask, self.softmax_scale)
-                p = M._all_reduce(p, self.group)
-            indexer_loss = self.indexer.kl_loss(p, index_scores, selected)
+        probs = []
+
+        def attend(q, k, v):
+            o = self._run("core_attn", self._core, q, k, v, mask)
+            if self.indexer is not None and torch.is_grad_enabled():
+                with torch.no_grad():
+                    p = attention_probs(q.detach(), k.detach(), mask, self.softmax_scale)
+                    probs.append(M._all_reduce(p, self.group))
+            return o
+
+        if "mla_up_proj" in self.recompute_modules and torch.is_grad_enabled():
+            # Megatron's up-projection recompute: q, k, v are not kept for core attention's backward, they are
+            # rebuilt (once) from the latents, which q_b_proj / kv_b_proj keep anyway
+            o = checkpoint_discard_output(self._up_proj, (q_in_f, c_kv_f, k_pe_f, cos, sin), attend,
+                                          checkpoint_fn=False)
+        else:
+            o = attend(*self._up_proj(q_in_f, c_kv_f, k_pe_f, cos, sin))
+        if probs:
+            indexer_loss = self.indexer.kl_loss(probs[0], index_scores, selected)
         return self.o_proj(o), indexer_loss
 
 
