@@ -88,9 +88,9 @@ MODEL_ARGS="--model-type deepseek_v3 --num-layers 4 --hidden-size 64 --ffn-hidde
     --max-position-embeddings 256 --init-method-std 0.02"
 PARALLEL_ARGS="--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2 \
     --use-distributed-optimizer"
-TRAIN_ARGS="--stage sft --load $PRETRAINED --seq-length 32 --micro-batch-size 4 --global-batch-size 32 \
-    --train-iters $ITERS --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( ITERS / 15 + 1 )) --lr-decay-style cosine --weight-decay 0.0 \
-    --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --seed 1234"
+TRAIN_ARGS="--stage sft --load $PRETRAINED --seq-length 32 --micro-batch-size 8 --global-batch-size 32 \
+    --train-iters $ITERS --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( ITERS / 30 > 0 ? ITERS / 30 : 1 )) --lr-decay-style cosine --weight-decay 0.01 \
+    --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.999 --seed 1234"
 DATA_ARGS="--data-path $SFT/$TASK --split 95,5,0 --tokenizer-type SentencePieceTokenizer \
     --tokenizer-model $TOKENIZER --prompt-type deepseek"
 OUTPUT_ARGS="--log-interval 10 --eval-interval $(( ITERS / 3 > 0 ? ITERS / 3 : 1 )) --eval-iters 2 \
