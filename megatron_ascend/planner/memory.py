@@ -100,13 +100,14 @@ def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int, dis
 # Activations
 # ------------------------------------------------------------------------------------------------------
 RECOMPUTE_CHOICES = ("none", "selective", "full")
-# what "selective" recomputes in the planner: the modules recompute.py applies that free memory in this library
-# (measured): "layernorm" drops each pre-norm's output and 1/rms, "core_attn" the s x s probabilities of math
-# attention (nothing with fused attention, whose saved q/k/v/out stay as checkpoint inputs), "mlp" the dense
-# SwiGLU internals, "moe" the whole MoE block but its input, "moe_act" half the SwiGLU tensors (not yet supported
-# by moe/). "mla_up_proj" frees nothing here: core attention keeps the q / k / v it produces (DeepSeek-V3 and
-# Megatron free them with an output-discarding checkpoint; see docs/PLANNER.md).
-SELECTIVE_MODULES = ("core_attn", "layernorm")
+# what "selective" recomputes in the planner: DeepSeek-V3's choice (norms, MLA up-projections) plus the MoE
+# SwiGLU (Megatron's moe_act). Each module frees what recompute.py frees in this library (measured with its
+# SavedTensorMeter): "layernorm" each pre-norm's output, its flattened copy and 1/rms (the input stays);
+# "mla_up_proj" q / k / v (output-discarding, rebuilt from the latents; they stay when "core_attn" is also
+# recomputed, as that checkpoint keeps them as inputs); "core_attn" the s x s probabilities of math attention or
+# the log-sum-exp of fused attention; "moe_act" half of the routed and shared SwiGLU tensors; "shared_experts"
+# the shared expert; "mlp" the dense SwiGLU; "moe" the whole MoE block but its input.
+SELECTIVE_MODULES = ("layernorm", "mla_up_proj", "moe_act")
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,16 @@ def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     q_in = cfg.q_lora_rank or h
     t: Dict[str, float] = {}
     # RMSNorm keeps its input and fp32 1/rms; its output and the linear's flattened input copy on local tokens
-    t["attn.input_norm"] = 2 * h * a / sp_div + (0 if "layernorm" in mods else (h * a + st) / sp_div)
+    t["attn.input_norm"] = h * a / sp_div + (0 if "layernorm" in mods else (2 * h * a + st) / sp_div)
     if cfg.q_lora_rank:
         t["attn.q_a_norm"] = (2 * cfg.q_lora_rank * a + st) / sp_div  # q_a output and its norm
     t["attn.kv_a_norm"] = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a + cfg.kv_lora_rank * a + st) / sp_div
     t["attn.latent"] = (q_in + cfg.kv_lora_rank + cfg.qk_rope_head_dim) * a  # [c_q | c_kv | k_pe], gathered
-    t["attn.qkv"] = nl * (qk + qk + cfg.v_head_dim) * a  # kept by core attention (or its checkpoint)
+    dropped = "mla_up_proj" in mods and "core_attn" not in mods
+    t["attn.qkv"] = 0.0 if dropped else nl * (qk + qk + cfg.v_head_dim) * a
     if o.flash_attention:
-        t["attn.core"] = nl * cfg.v_head_dim * a + nl * 4  # output (o_proj input) + fp32 log-sum-exp per head
+        # output (o_proj input) + fp32 log-sum-exp per head
+        t["attn.core"] = nl * cfg.v_head_dim * a + (0 if "core_attn" in mods else nl * 4)
     else:  # math attention keeps the full s x s probabilities (the causal half is masked, not skipped)
         t["attn.core"] = (0 if "core_attn" in mods else nl * s * a) + nl * cfg.v_head_dim * a
     if cfg.has_indexer:
@@ -184,7 +187,7 @@ def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, f
     a, st = o.act_bytes, o.norm_stats_bytes
     mods = set(o.selective_modules) if o.recompute == "selective" else set()
     t: Dict[str, float] = {}
-    t["ffn.norm"] = 2 * h * a / sp_div + (0 if "layernorm" in mods else (h * a + st) / sp_div)
+    t["ffn.norm"] = h * a / sp_div + (0 if "layernorm" in mods else (2 * h * a + st) / sp_div)
     swiglu = 2 if "moe_act" in mods else 4  # gate out, up out, silu(gate), product (down input)
     if not moe:
         t["ffn.dense"] = 0.0 if "mlp" in mods else 4 * cfg.intermediate_size / o.tp * a
@@ -198,7 +201,7 @@ def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, f
     rows = own * k * o.etp
     t["ffn.router"] = own * (E * 4 + k * 8 + 4 + k * 4)  # fp32 scores, top-k ids, normaliser, weights
     t["ffn.sort"] = own * k * 8 * 2  # token and expert index of every assignment (int64)
-    if cfg.n_shared_experts:
+    if cfg.n_shared_experts and "shared_experts" not in mods:
         t["ffn.shared"] = swiglu * cfg.n_shared_experts * I / o.tp * a
     t["ffn.routed.in"] = rows * h * a  # permuted token rows (expert gate/up input)
     t["ffn.routed.act"] = rows * swiglu * I / o.etp * a

@@ -32,8 +32,8 @@ def assumptions(cfg: ModelConfig, cluster: Cluster, seq: int, gbs: int, prec: Pr
         f"{'overlapped with the last backward / first forward' if topts.overlap_dp else 'exposed'}",
         f"memory: + {mopts.reserve_gib:g} GiB reserve per device, fits if <= {mopts.usable_fraction:.0%} of HBM; "
         f"{'fused (flash) attention' if mopts.flash_attention else 'unfused attention (s x s probabilities saved)'}",
-        "recompute: selective = core_attn + layernorm (what the library's recompute frees today; mla_up_proj frees "
-        "nothing while core attention keeps q/k/v); full = uniform, 1 layer: layer inputs + one layer's working set",
+        "recompute: selective = layernorm + mla_up_proj + moe_act (DeepSeek-V3's choice + MoE SwiGLU, as recompute.py "
+        "frees them); full = uniform, 1 layer: layer inputs + one layer's working set",
     ]
     if cfg.model_type == "deepseek_v4":
         lines.append("V4 attention (CSA/HCA, mHC) is not implemented in the library yet: its parameters and FLOPs "
