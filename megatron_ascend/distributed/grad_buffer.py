@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+from ..tensor_parallel.mappings import all_gather_tensor as _all_gather
+from ..tensor_parallel.mappings import reduce_scatter_tensor as _reduce_scatter
 
 
 def _round_up(n: int, m: int) -> int:

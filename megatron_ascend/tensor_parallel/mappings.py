@@ -84,9 +84,20 @@ def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-# torch >= 2.12 names them *_single (the *_tensor names warn as deprecated)
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch >= 2.12 names them *_single (the *_tensor names warn as deprecated). Looked up at call time, so
+# wrappers installed on torch.distributed (comm_counter, profilers) see every call.
+def reduce_scatter_tensor(out, x, group=None, async_op=False):
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+def all_gather_tensor(out, x, group=None, async_op=False):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+_REDUCE_SCATTER = reduce_scatter_tensor
+_ALL_GATHER = all_gather_tensor
 
 
 # -- autograd functions ------------------------------------------------------------------------------
