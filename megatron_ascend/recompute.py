@@ -9,8 +9,10 @@ bytes saved for backward.
   rest keep their activations.
 * ``full`` also checkpoints each MTP depth (the MTP block is a full decoder layer) on the chunk that holds it.
 * ``selective`` with ``recompute_modules`` (config.RECOMPUTE_MODULES): ``core_attn`` (softmax(QK^T)V),
-  ``mla_up_proj`` (q_b / kv_b projections + RoPE), ``layernorm`` (the two pre-norms, output-discarding: the
-  norm output kept by its consumer is dropped and recomputed from the norm input when backward needs it),
+  ``mla_up_proj`` (q_b / kv_b projections + RoPE, output-discarding: q, k, v are dropped once core attention
+  has saved them and rebuilt once from the latents for its backward), ``layernorm`` (the two pre-norms,
+  output-discarding: the norm output, and every view of it its consumer keeps, is dropped and recomputed from
+  the norm input when backward needs it),
   ``mlp`` (the dense MLP), ``moe`` (the whole MoE block); ``moe_act`` and ``shared_experts`` are applied inside
   the MoE block and need ``MoELayer.supports_recompute`` to list them (a ConfigError says so otherwise); with
   ``moe`` also selected they are subsumed by the whole-block checkpoint.
@@ -20,8 +22,8 @@ accelerator RNG and the RNG-tracker states restored, so recomputed activations a
 (the MoE router sees the same input and takes the same top-k; collectives inside re-run in graph order).
 
 ``SavedTensorMeter`` counts the bytes autograd saves for backward (saved-tensor hooks; parameters and views
-of parameters excluded, storages deduplicated; checkpoint inputs included), per decoder layer, plus the device allocator delta from
-``platform.memory_stats`` (on CPU that figure is the process RSS and only indicative).
+of parameters excluded, storages deduplicated; checkpoint inputs included), per decoder layer, plus the device
+allocator delta from ``platform.memory_stats`` (on CPU that figure is the process RSS and only indicative).
 """
 from __future__ import annotations
 

@@ -75,13 +75,14 @@ def _sdpa_keeps_inputs(q: torch.Tensor, v: torch.Tensor, masked: bool) -> bool:
 
 
 def _explicit_attention(qt, kt, vt, mask, scale):
-    """softmax(q k^T * scale, masked) v on [b, n, s, d]; autograd keeps q, k, v themselves (views), the
-    probabilities and the mask -- the memory of torch's math fallback, with q/k/v droppable. A row with no
-    allowed key attends uniformly (masked scores are the dtype's minimum, not -inf)."""
+    """softmax(q k^T * scale, masked) v on [b, n, s, d]; autograd keeps q, k, v themselves (views) and the
+    probabilities -- the memory of torch's math fallback, with q/k/v droppable. The mask is an additive bias
+    (0 / the dtype's minimum; an add keeps nothing for backward), so a row with no allowed key attends
+    uniformly instead of giving NaN."""
     w = torch.matmul(qt, kt.transpose(-1, -2)) * scale
     s = qt.shape[-2]
     allowed = torch.ones(s, s, dtype=torch.bool, device=qt.device).tril() if mask is None else mask
-    w = w.masked_fill(~allowed, torch.finfo(w.dtype).min)
+    w = w + torch.zeros(allowed.shape, dtype=w.dtype, device=w.device).masked_fill(~allowed, torch.finfo(w.dtype).min)
     p = torch.softmax(w, dim=-1, dtype=torch.float32).to(vt.dtype)
     return torch.matmul(p, vt)
 
