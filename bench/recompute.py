@@ -4,8 +4,8 @@
 
 One process, a small DeepSeek-V3-shaped model (1 dense + MoE layers, MLA, MTP). Bytes come from
 ``recompute.SavedTensorMeter`` (saved-tensor hooks, parameters and their views excluded, storages
-deduplicated; "layers" counts decoder/MTP layers and recompute checkpoints, "total" adds the head and loss). Step time is the median of
-``--repeats`` forward+backward passes. This is a benchmark that prints numbers, not a test.
+deduplicated; "layers" counts decoder/MTP layers and recompute checkpoints, "total" adds the head and loss).
+Step time is the median of ``--repeats`` forward+backward passes. This is a benchmark that prints numbers, not a test.
 """
 from __future__ import annotations
 
