@@ -20,26 +20,8 @@ TINY = ("--num-layers 4 --hidden-size 32 --ffn-hidden-size 64 --num-attention-he
         "--use-distributed-optimizer")
 
 
-def _moe_ready():
-    try:
-        from megatron_ascend.models.deepseek.layer import DecoderLayer  # noqa: F401
-        from megatron_ascend.config import ModelConfig, ParallelConfig
-        DecoderLayer(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-                                 num_hidden_layers=2, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=4,
-                                 qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=4,
-                                 num_experts_per_tok=2, first_k_dense_replace=1), ParallelConfig(), None, 1)
-        return True
-    except NotImplementedError:
-        return False
-
-
 def _args(extra):
-    a = TINY.split()
-    if not _moe_ready():  # MoE layer not landed yet: dense layers, no MTP, no EP
-        a = " ".join(a).replace("--first-k-dense-replace 1", "--first-k-dense-replace 4").replace(
-            "--mtp-num-layers 1", "--mtp-num-layers 0").replace("--expert-model-parallel-size 2",
-                                                                "--expert-model-parallel-size 1").split()
-    return a + extra.split()
+    return TINY.split() + extra.split()
 
 
 def _train(argv):
@@ -64,10 +46,7 @@ def _resume_body(root, precision):
     rank = torch.distributed.get_rank()
     out = {}
     for prec in precision:
-        # bf16 runs without MTP for now: with PP2 the last stage holds an MTP copy of the embedding, and saving
-        # its bf16 distributed-optimizer state collides with the first stage's copy in the checkpoint
-        # ("overlapping chunks" from DCP); a checkpointing/optimizer issue, reported. fp32 covers MTP.
-        flag = " --bf16 --mtp-num-layers 0" if prec == "bf16" else ""
+        flag = " --bf16" if prec == "bf16" else ""
         full, p_full, _ = _train(_args(f"--train-iters {N}" + flag))
         d = os.path.join(root, prec)
         half, _, tr1 = _train(_args(f"--train-iters {N} --exit-interval {N // 2} --save {d}" + flag))
