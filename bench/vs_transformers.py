@@ -6,8 +6,13 @@ DeepseekV3ForCausalLM on the same DeepSeek-V3 config, the same weights and the s
 
 First the two losses on the same batch must agree (|dloss| <= 1e-5, fp32), otherwise the timing compares
 different models. Then the steps are interleaved (ours, theirs, ours, ...), 2 warm-up repetitions discarded,
-and the median and IQR of tokens/s are printed with the ratio ours / transformers. Both sides use
-torch.optim.AdamW (foreach) and torch's SDPA attention. Targets (issue 11): >= 1.5x small, >= 1.2x large.
+and the median and IQR of tokens/s are printed with the ratio ours / transformers. Each side takes its own
+library's training step, same hyper-parameters (AdamW lr 1e-4, wd 0.01, grad clip 1.0): ours is
+DistributedDataParallel (single process: the flat grad buffer) + megatron_ascend.optimizer (flat fused AdamW,
+grad norm + clip inside ``step()``); transformers' is what its Trainer runs by default on torch >= 2.8:
+``clip_grad_norm_`` + ``torch.optim.AdamW(fused=True)`` (optim "adamw_torch_fused"), with SDPA attention.
+``--same-optimizer`` instead gives both models torch.optim.AdamW(foreach=True) and no clipping (the model
+alone). Targets (issue 11): >= 1.5x small, >= 1.2x large.
 Not a test: CPU timings on a shared machine are noisy; read the IQR.
 """
 import argparse
@@ -68,16 +73,52 @@ def loss_hf(model, ids, labels):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def step(model, opt, fn, ids, labels):
+def step(model, opt, fn, ids, labels, clip=0.0):
+    """One torch-style step (transformers' Trainer: backward, clip_grad_norm_, optimizer.step)."""
     opt.zero_grad(set_to_none=True)
     loss = fn(model, ids, labels)
     loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     return loss.item()
 
 
-def run(name, reps, warmup):
+def step_ours(ddp, opt, fn, ids, labels):
+    """Our trainer's step: zero the grad buffer, backward into it, MegatronOptimizer.step (norm, clip, AdamW)."""
+    opt.zero_grad()
+    loss = fn(ddp.module, ids, labels)
+    loss.backward()
+    ok, _, _ = opt.step()
+    if not ok:
+        raise RuntimeError("our optimizer skipped a step (non-finite grad norm)")
+    return loss.item()
+
+
+def optimizers(ours, hf, same_optimizer):
+    """{name: (model, step callable)} for the two sides (see the module docstring)."""
+    if same_optimizer:
+        o1 = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
+        o2 = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+        return {"ours": lambda: step(ours, o1, loss_ours, *BATCH),
+                "transformers": lambda: step(hf, o2, loss_hf, *BATCH)}
+    from megatron_ascend.config import OptimizerConfig
+    from megatron_ascend.distributed import DistributedDataParallel
+    from megatron_ascend.optimizer import build_optimizer
+    ddp = DistributedDataParallel(ours)
+    o1 = build_optimizer(ddp, OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0), None)
+    o2 = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
+    return {"ours": lambda: step_ours(ddp, o1, loss_ours, *BATCH),
+            "transformers": lambda: step(hf, o2, loss_hf, *BATCH, clip=1.0)}
+
+
+BATCH = ()
+
+
+def run(name, reps, warmup, same_optimizer=False):
+    global BATCH
     cfg, ours, hf, ids, labels = build(name)
+    BATCH = (ids, labels)
     with torch.no_grad():
         lo, lh = loss_ours(ours, ids, labels).item(), loss_hf(hf, ids, labels).item()
     print(f"== {name}: h {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-"
@@ -85,15 +126,13 @@ def run(name, reps, warmup):
     print(f"   loss ours {lo:.7f}  transformers {lh:.7f}  |d| {abs(lo - lh):.2e}")
     if abs(lo - lh) > 1e-5:
         raise SystemExit(f"losses differ by {abs(lo - lh):.2e} > 1e-5: not the same model, no timing")
-    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
-            "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)}
-    models = {"ours": (ours, loss_ours), "transformers": (hf, loss_hf)}
-    times = {k: [] for k in models}
+    steps = optimizers(ours, hf, same_optimizer)
+    print(f"   optimizers: {'torch AdamW foreach on both, no clip' if same_optimizer else 'each library its own'}")
+    times = {k: [] for k in steps}
     for r in range(reps + warmup):
         for k in (("ours", "transformers") if r % 2 == 0 else ("transformers", "ours")):
-            m, fn = models[k]
             t0 = time.perf_counter()
-            step(m, opts[k], fn, ids, labels)
+            steps[k]()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[k].append(dt)
@@ -115,12 +154,14 @@ def main():
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--same-optimizer", action="store_true",
+                   help="torch.optim.AdamW(foreach) on both sides, no clipping (compares the models alone)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for name in a.configs.split(","):
-        run(name, a.reps, a.warmup)
+        run(name, a.reps, a.warmup, a.same_optimizer)
 
 
 if __name__ == "__main__":

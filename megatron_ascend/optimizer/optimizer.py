@@ -10,10 +10,20 @@ Owns: ``MegatronOptimizer`` and ``build_optimizer``. Model chunks must be wrappe
   1-D slice ``param.view(-1)[start:end]`` of the owned range.
 * step: finish the grad reduction of every chunk -> (fp16) unscale -> global grad norm across all groups
   (clip_grads.py) -> skip the step and count it if the norm is inf / nan (fp16: the loss scaler backs off)
-  -> clip -> Adam(W) (torch.optim.AdamW, decoupled weight decay; no decay on 1-D params and ``*.bias``)
+  -> clip -> Adam(W) (decoupled weight decay as torch.optim.AdamW; no decay on 1-D params and ``*.bias``)
   -> copy main params into the model params -> all-gather the updated shards (distributed optimizer)
   -> post-step hooks. Module buffers (``requires_grad`` False tensors and registered buffers, e.g. the MoE
   router's ``e_score_correction_bias``) are never touched.
+* flat Adam: main params, their grads and both Adam states live in flat contiguous buffers, one per run
+  of params adjacent in a grad buffer ("segment"; without the distributed optimizer that is a whole grad
+  buffer, with it each bucket's owned shard). fp32 params without the distributed optimizer are re-pointed
+  into that flat main buffer (``param.data`` becomes a view, as the distributed optimizer's param buffer
+  does); the per-param ``main_param`` / states are views of the flats. The update is one fused
+  ``torch._fused_adamw_`` call per param group over the segments' decay / no-decay sub-ranges (a handful of
+  large tensors instead of a loop over params); where the fused kernel is unavailable, the same math as
+  torch's foreach AdamW with ``torch._foreach_*`` ops over those sub-ranges. Same update rule as
+  torch.optim.AdamW (tests compare with it); ``torch.optim.AdamW`` is kept as ``inner`` for its
+  ``param_groups`` (the LR scheduler writes ``lr`` there) and ``state`` (views, the checkpoint contract).
 * post-step hooks run only after a successful step. The trainer passes
   ``post_step_hooks=[lambda: moe.update_expert_bias(model, groups, rate)]`` (or registers it once with
   ``register_post_step_hook``) so the aux-loss-free bias update sees the loads of a step that was applied.
@@ -65,6 +75,7 @@ from .clip_grads import clip_grads_, count_zeros, counts_in_grad_norm, global_gr
 from .grad_scaler import ConstantGradScaler, DynamicGradScaler
 
 _HALF = (torch.bfloat16, torch.float16)
+_FUSED_OK: Dict[str, bool] = {}  # device type -> False once torch._fused_adamw_ refused it
 STATE_KEYS = ("main_param", "exp_avg", "exp_avg_sq")
 
 
@@ -138,17 +149,100 @@ class MegatronOptimizer:
         elif opt_cfg.optimizer == "adam":
             self.inner = torch.optim.AdamW(groups_, lr=opt_cfg.lr, betas=(opt_cfg.adam_beta1, opt_cfg.adam_beta2),
                                            eps=opt_cfg.adam_eps, weight_decay=opt_cfg.weight_decay)
-            scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            for e in self.entries:  # eager states: measurable memory and a complete state_dict from step 0
-                self.inner.state[e.main_param] = {
-                    "step": torch.tensor(0.0, dtype=scalar),
-                    "exp_avg": torch.zeros_like(e.main_param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(e.main_param, memory_format=torch.preserve_format)}
+            self._build_flat()  # eager states: measurable memory and a complete state_dict from step 0
         elif opt_cfg.optimizer == "sgd":
             self.inner = torch.optim.SGD(groups_, lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay)
         else:
             raise ValueError(f"--optimizer {opt_cfg.optimizer!r} is unknown; use adam or sgd")
         self._steps = 0
+
+    def _build_flat(self) -> None:
+        """Flat main / grad / state buffers per segment and the per-group sub-ranges the fused update runs on."""
+        order = sorted(self.entries, key=lambda e: (id(e.buffer), e.buf_range[0]))
+        segments: List[List[_Entry]] = []
+        for e in order:
+            last = segments[-1][-1] if segments else None
+            if last is not None and last.buffer is e.buffer and last.buf_range[1] == e.buf_range[0] and \
+                    last.main_param.dtype == e.main_param.dtype:
+                segments[-1].append(e)
+            else:
+                segments.append([e])
+        self._step_t: Dict[torch.device, torch.Tensor] = {}
+        self._runs: Dict[int, List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._grad_casts: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (fp32 flat grad, grad-buffer view)
+        group_of = {g["name"] == "decay": gi for gi, g in enumerate(self.inner.param_groups)}
+        for seg in segments:
+            buf, a, b = seg[0].buffer, seg[0].buf_range[0], seg[-1].buf_range[1]
+            dev, mdtype = seg[0].main_param.device, seg[0].main_param.dtype
+            if dev not in self._step_t:
+                self._step_t[dev] = torch.zeros((), dtype=torch.float32, device=dev)
+            step_t = self._step_t[dev]
+            if buf.param_data is not None and buf.param_data.dtype == mdtype:
+                main = buf.param_data[a:b]  # distributed fp32: the main params already are this flat view
+            else:
+                main = torch.empty(b - a, dtype=mdtype, device=dev)
+            grad_src = buf.grad_data[a:b]
+            grad = grad_src if grad_src.dtype == mdtype else torch.empty(b - a, dtype=mdtype, device=dev)
+            if grad is not grad_src:
+                self._grad_casts.append((grad, grad_src))
+            m, v = torch.zeros_like(main), torch.zeros_like(main)
+            for e in seg:
+                lo, hi = e.buf_range[0] - a, e.buf_range[1] - a
+                shape = e.main_param.shape
+                mv = main[lo:hi].view(shape)
+                if mv.data_ptr() != e.main_param.data_ptr():
+                    mv.copy_(e.main_param)
+                    if e.main_param.data_ptr() == e.model_view.data_ptr():
+                        e.param.data = mv  # fp32 without the distributed optimizer: re-point the model param
+                        e.model_view = e.param.data
+                    e.main_param = mv
+                e.main_param.grad = grad[lo:hi].view(shape)
+                if grad is not grad_src:
+                    e.grad_view = grad_src[lo:hi].view(shape)
+                self.inner.state[e.main_param] = {"step": step_t, "exp_avg": m[lo:hi].view(shape),
+                                                  "exp_avg_sq": v[lo:hi].view(shape)}
+            # sub-ranges of one param group each (decay flags alternate along the buffer)
+            start = 0
+            for i, e in enumerate(seg):
+                end = seg[i + 1].buf_range[0] - a if i + 1 < len(seg) else b - a
+                nxt = seg[i + 1] if i + 1 < len(seg) else None
+                if nxt is None or nxt.decay != e.decay:
+                    gi = group_of[e.decay]
+                    self._runs.setdefault(gi, []).append((main[start:end], grad[start:end], m[start:end],
+                                                          v[start:end]))
+                    start = end
+        # the param groups hold the (re-created) main params: keep them in sync with the entries
+        for gi, g in enumerate(self.inner.param_groups):
+            decay = g["name"] == "decay"
+            g["params"] = [e.main_param for e in self.entries if e.decay == decay]
+
+    def _adam_step(self) -> None:
+        """AdamW over the flat sub-ranges: torch._fused_adamw_ per param group, else torch._foreach_* ops."""
+        step = float(self._steps + 1)
+        for t in self._step_t.values():
+            t.fill_(step)
+        for gi, runs in self._runs.items():
+            g = self.inner.param_groups[gi]
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            ps, gs, ms, vs = (list(x) for x in zip(*runs))
+            dev = ps[0].device
+            if _FUSED_OK.get(dev.type, True) and hasattr(torch, "_fused_adamw_"):
+                try:
+                    torch._fused_adamw_(ps, gs, ms, vs, [], [self._step_t[dev]] * len(ps), lr=lr, beta1=b1,
+                                        beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                    continue
+                except (RuntimeError, NotImplementedError):  # no fused kernel for this device / dtype
+                    _FUSED_OK[dev.type] = False
+            if wd != 0.0:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_lerp_(ms, gs, 1 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+            step_size = lr / (1 - b1 ** step)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_div_(denom, (1 - b2 ** step) ** 0.5)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, ms, denom, -step_size)
 
     # -- construction ----------------------------------------------------------------------------------
     def _add_param(self, name: str, p: nn.Parameter, ddp: DistributedDataParallel) -> None:
@@ -208,9 +302,13 @@ class MegatronOptimizer:
         """One update. Returns (update_successful, grad_norm, num_zeros_in_grad or None)."""
         for ddp in self.chunks:
             ddp.finish_grad_sync()
-        for e in self.entries:
-            if e.grad_view.dtype != e.main_param.dtype:
-                e.main_param.grad = e.grad_view.to(e.main_param.dtype)
+        if self.cfg.optimizer == "adam" and self.inner is not None:
+            for flat, src in self._grad_casts:  # e.g. bf16 grad buffer -> the fp32 flat grads, one copy each
+                flat.copy_(src)
+        else:
+            for e in self.entries:
+                if e.grad_view.dtype != e.main_param.dtype:
+                    e.main_param.grad = e.grad_view.to(e.main_param.dtype)
         grads = self._main_grads()
         if self.grad_scaler is not None and grads:
             torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
@@ -226,7 +324,10 @@ class MegatronOptimizer:
         num_zeros = count_zeros(self._main_grads(True), self.groups, self.device) \
             if self.log_num_zeros_in_grad else None
         if self.inner is not None:
-            self.inner.step()
+            if self.cfg.optimizer == "adam":
+                self._adam_step()
+            else:
+                self.inner.step()
         self._steps += 1
         self._copy_main_to_model()
         for fn in list(self.post_step_hooks) + list(post_step_hooks or []):
