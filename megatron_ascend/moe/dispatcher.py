@@ -15,7 +15,8 @@ computes its I-slice of the same tokens, and reduce-scatters the partial outputs
   3. all-to-all of the rows with variable splits; the received [src rank][local expert] chunks are reordered
      to [local expert][src rank] so each local expert's rows are contiguous
   4. grouped SwiGLU experts
-  5. inverse reorder, all-to-all back, ``index_add`` of ``weight * y`` into the token rows
+  5. inverse reorder, all-to-all back, ``weight * y`` summed per token: dropless, the sort is a permutation of
+     the n*k rows (gathers both ways, sum over k); with dropped assignments, ``index_add`` into the token rows
 
 all-gather (group tp_ep = etp x ep): every rank gathers all tokens, indices and weights of the group, keeps the
 assignments of its local experts, computes them, scatters ``weight * y`` into the gathered token rows, and a
@@ -30,6 +31,57 @@ from typing import Tuple
 import torch
 
 from . import comm
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[perm]`` for a permutation ``perm`` whose inverse is ``inv``: the backward is the gather ``g[inv]``
+    (no accumulating scatter, which autograd's generic index backward has to do)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+class _ExpandPermute(torch.autograd.Function):
+    """rows = x[order // k] (each token's k copies, permuted); backward: g[inv] summed over the k copies."""
+
+    @staticmethod
+    def forward(ctx, x, src, inv, k):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv).view(-1, ctx.k, g.shape[1]).sum(1), None, None, None
+
+
+class _Permutation:
+    """Dropless routing (every token has all k assignments): the sort by expert is a permutation of the
+    n*k (token, slot) rows, so dispatch = expand + permute and combine = inverse permute + sum over k, both with
+    gather-only backwards."""
+
+    def __init__(self, order: torch.Tensor, n: int, k: int):
+        self.order, self.n, self.k = order, n, k
+        self.inv = torch.empty_like(order)
+        self.inv[order] = torch.arange(order.numel(), device=order.device)
+
+    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, h] -> rows [n*k, h] in expert-sorted order (row i is token order[i] // k)."""
+        return _ExpandPermute.apply(x, torch.div(self.order, self.k, rounding_mode="floor"), self.inv, self.k)
+
+    def combine(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """y [n*k, h] in sorted order, w [n*k] sorted weights -> sum_k w * y per token [n, h]."""
+        dtype = torch.promote_types(y.dtype, w.dtype)
+        yw = y.to(dtype) * w.to(dtype).unsqueeze(1)
+        return _PermuteRows.apply(yw, self.inv, self.order).view(self.n, self.k, -1).sum(1)
 
 
 def _sort_by_expert(idx: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,13 +134,22 @@ class AllToAllDispatcher:
             idx = comm.all_gather_v(idx, etp_sizes, self.etp_group)
             weights = comm.all_gather_v(weights, etp_sizes, self.etp_group)
         n, h = x.shape[0], x.shape[1]
-        tok, e, w = _sort_by_expert(idx, weights)
+        perm = None
+        if n > 0 and bool((idx >= 0).all()):  # dropless: a permutation of the n*k rows
+            e_flat = idx.reshape(-1)
+            order = torch.argsort(e_flat, stable=True)
+            perm = _Permutation(order, n, idx.shape[1])
+            e, w = e_flat[order], weights.reshape(-1)[order]
+            sent = perm.dispatch(x)
+        else:
+            tok, e, w = _sort_by_expert(idx, weights)
+            sent = x[tok]
         counts = torch.bincount(e, minlength=self.num_experts)  # [E] = [ep, E_local] rows to send
         recv = comm.all_to_all_counts(counts, self.ep_group).view(self.ep, self.num_local)  # [src, E_local]
         send = counts.view(self.ep, self.num_local)
         in_splits = send.sum(1).tolist()
         out_splits = recv.sum(1).tolist()
-        rows = comm.all_to_all(x[tok], out_splits, in_splits, self.ep_group)
+        rows = comm.all_to_all(sent, out_splits, in_splits, self.ep_group)
         if self.ep > 1 and self.num_local > 1:
             reorder = _chunk_transpose_index(recv)
             rows = rows[reorder]
@@ -96,7 +157,7 @@ class AllToAllDispatcher:
         if self.ep > 1 and self.num_local > 1:
             y = y.new_empty(y.shape).index_copy(0, reorder, y)  # undo the reorder
         y = comm.all_to_all(y, in_splits, out_splits, self.ep_group)
-        out = _combine(y, tok, w, n).to(x.dtype)
+        out = (perm.combine(y, w) if perm is not None else _combine(y, tok, w, n)).to(x.dtype)
         if etp_sizes is not None:
             out = comm.reduce_scatter_v(out, etp_sizes, self.etp_group)
         return out
