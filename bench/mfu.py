@@ -7,7 +7,8 @@ same process on the model's own GEMM shapes), single process and at 2 ranks (TP2
 FLOPs: monitoring.flops.model_flops_per_token (Megatron's formula; fwd + bwd). The denominator P_gemm is the
 median FLOP/s of torch.matmul on the step's GEMMs ([T,h]x[h,*] projections, [T k/E, h]x[h, I] expert GEMMs,
 [T,h]x[h,V] head), weighted by their FLOPs, timed just before the run with the same thread count. A step is
-forward + backward + AdamW of DeepseekForCausalLM (hidden 1024, 8 experts). With --profile, torch.profiler's
+forward + backward + optimizer step of DeepseekForCausalLM (hidden 1024, 8 experts) as our trainer runs it:
+DistributedDataParallel (flat grad buffer) + megatron_ascend.optimizer (grad norm, clip 1.0, flat fused AdamW). With --profile, torch.profiler's
 top self-CPU ops of one step name what eats the time that is not GEMM. Target (issue 11): >= 0.6 single process.
 Not a test.
 """
@@ -70,13 +71,17 @@ def _step_times(par, groups, reps, profile=False):
     from megatron_ascend.models.deepseek import DeepseekForCausalLM
     cfg = ModelConfig(**CFG)
     torch.manual_seed(0)
+    from megatron_ascend.config import OptimizerConfig
+    from megatron_ascend.distributed import DistributedDataParallel
+    from megatron_ascend.optimizer import build_optimizer
     m = DeepseekForCausalLM(cfg, par, groups)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)
+    ddp = DistributedDataParallel(m, groups)
+    opt = build_optimizer(ddp, OptimizerConfig(lr=1e-4, weight_decay=0.01, clip_grad=1.0), groups)
     ids = torch.randint(0, cfg.vocab_size, (MBS, SEQ))
     mask = torch.ones(MBS, SEQ)
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         out = m(ids, labels=ids, loss_mask=mask)
         ((out["lm_loss"] * mask).sum() / mask.sum()).backward()
         opt.step()

@@ -216,11 +216,22 @@ class MegatronOptimizer:
             decay = g["name"] == "decay"
             g["params"] = [e.main_param for e in self.entries if e.decay == decay]
 
-    def _adam_step(self) -> None:
-        """AdamW over the flat sub-ranges: torch._fused_adamw_ per param group, else torch._foreach_* ops."""
+    def _fused_clip_ok(self) -> bool:
+        """Clip inside the fused kernel (its grad_scale divides the grads on the fly and stores them back, so
+        the main grads end clipped as with a separate pass): adam, fp32 / half main params (the kernel takes
+        an fp32 factor; fp64 models clip in a separate pass so the factor stays exact), kernel available."""
+        return (self.cfg.optimizer == "adam" and self.inner is not None and hasattr(torch, "_fused_adamw_")
+                and all(_FUSED_OK.get(t.device.type, True) and t.dtype != torch.float64
+                        for runs in self._runs.values() for t, _, _, _ in runs))
+
+    def _adam_step(self, clip_coeff: Optional[float] = None) -> None:
+        """AdamW over the flat sub-ranges: torch._fused_adamw_ per param group, else torch._foreach_* ops.
+        ``clip_coeff``: scale the grads by it first (only given when ``_fused_clip_ok()``)."""
         step = float(self._steps + 1)
         for t in self._step_t.values():
             t.fill_(step)
+        scale = {dev: torch.full((), 1.0 / clip_coeff, dtype=torch.float32, device=dev)
+                 for dev in self._step_t} if clip_coeff is not None else {}
         for gi, runs in self._runs.items():
             g = self.inner.param_groups[gi]
             lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
@@ -229,10 +240,13 @@ class MegatronOptimizer:
             if _FUSED_OK.get(dev.type, True) and hasattr(torch, "_fused_adamw_"):
                 try:
                     torch._fused_adamw_(ps, gs, ms, vs, [], [self._step_t[dev]] * len(ps), lr=lr, beta1=b1,
-                                        beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                                        beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                                        grad_scale=scale.get(dev))
                     continue
                 except (RuntimeError, NotImplementedError):  # no fused kernel for this device / dtype
                     _FUSED_OK[dev.type] = False
+            if dev in scale:  # only reached if the kernel refused after _fused_clip_ok() said yes
+                torch._foreach_mul_(gs, clip_coeff)
             if wd != 0.0:
                 torch._foreach_mul_(ps, 1 - lr * wd)
             torch._foreach_lerp_(ms, gs, 1 - b1)
@@ -319,13 +333,18 @@ class MegatronOptimizer:
         if found_inf:
             self.num_skipped_steps += 1
             return False, grad_norm, None
-        if self.cfg.clip_grad > 0.0:
-            clip_grads_(grads, self.cfg.clip_grad, grad_norm)
         num_zeros = count_zeros(self._main_grads(True), self.groups, self.device) \
-            if self.log_num_zeros_in_grad else None
+            if self.log_num_zeros_in_grad else None  # (scaling by the clip factor keeps zeros zero)
+        clip_coeff = None
+        if self.cfg.clip_grad > 0.0:
+            coeff = self.cfg.clip_grad / (grad_norm + 1.0e-6)
+            if coeff < 1.0 and self._fused_clip_ok():
+                clip_coeff = coeff  # applied by the fused kernel as it reads the grads (and written back)
+            else:
+                clip_grads_(grads, self.cfg.clip_grad, grad_norm)
         if self.inner is not None:
             if self.cfg.optimizer == "adam":
-                self._adam_step()
+                self._adam_step(clip_coeff)
             else:
                 self.inner.step()
         self._steps += 1
