@@ -5,8 +5,12 @@ Model code calls ``kernels.get("rms_norm")(x, weight, eps)`` and never asks whic
 The references here are the numerical oracle for every fused path (tests compare against them).
 
 Status: the torch_npu / MindSpeed bindings (npu_rms_norm, npu_fusion_attention, npu_grouped_matmul,
-npu_moe_token_permute, npu_swiglu, npu_rotary_mul) need Ascend hardware and are a later issue; on this
-machine only the references are registered. ``MEGATRON_ASCEND_KERNELS=reference`` forces the references.
+npu_moe_token_permute, npu_swiglu, npu_rotary_mul) need Ascend hardware and are a later issue. On every
+platform ``rms_norm`` has a fused entry: torch's own ``F.rms_norm`` (one fused kernel forward and backward)
+for fp32 input and weight, where it equals the reference bitwise (checked by tests/test_platform.py's
+comparison and the model parity tests); other dtypes take the reference (which computes in fp32 and casts
+before the weight multiply, a rounding F.rms_norm does not reproduce). ``MEGATRON_ASCEND_KERNELS=reference``
+forces the references.
 """
 from __future__ import annotations
 
@@ -74,6 +78,16 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
             outs.append(x[start:start + c] @ weight[g])
         start += c
     return torch.cat(outs, 0) if outs else x.new_zeros(0, weight.shape[-1])
+
+
+def _rms_norm_torch_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm(x, weight, eps)
+
+
+if hasattr(F, "rms_norm"):
+    register_fused("rms_norm", _rms_norm_torch_fused)
 
 
 def _register_platform_kernels() -> None:
