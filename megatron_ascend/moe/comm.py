@@ -2,10 +2,8 @@
 
 Owns: all-to-all with variable split sizes (``all_to_all``), all-gather / reduce-scatter of a variable
 number of rows per rank along dim 0 (``all_gather_v`` / ``reduce_scatter_v``), and the four small
-tensor-parallel mappings the shared experts use (copy / reduce / sequence gather / sequence scatter).
-Does not own: the general tensor-parallel mappings of ``tensor_parallel`` (those are another package's);
-these are kept private to moe so the MoE layer does not depend on their progress, and are built on the
-same torch.distributed primitives.
+tensor-parallel mappings the shared experts use (copy / reduce / sequence gather / sequence scatter), which
+are thin names over ``tensor_parallel.mappings`` (one implementation of each collective in the library).
 
 Every function is a no-op when ``group`` is None or has one rank. Every rank of the group must call the
 same functions in the same order, also when it has no rows to send (a zero-row tensor is fine):
@@ -21,6 +19,10 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..tensor_parallel.mappings import (copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+                                        reduce_from_tensor_model_parallel_region,
+                                        reduce_scatter_to_sequence_parallel_region)
 
 
 def group_size(group) -> int:
@@ -131,101 +133,34 @@ def reduce_scatter_v(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor:
     return _ReduceScatterV.apply(x, list(sizes), group)
 
 
-# ---- tensor-parallel mappings for the shared experts ----------------------------------------------
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
-
-
-def _all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, 0)
-
-
-def _reduce_scatter_dim0(x: torch.Tensor, group) -> torch.Tensor:
-    n, r = group_size(group), group_rank(group)
-    if x.shape[0] % n:
-        raise ValueError(f"reduce-scatter along dim 0 of size {x.shape[0]} over {n} ranks: the sequence length "
-                         f"must be divisible by the tensor-parallel size under sequence parallel")
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce_scatter: all-reduce and keep our chunk
-        return _all_reduce(x, group).chunk(n, 0)[r].contiguous()
-    x = x.contiguous()
-    out = x.new_empty((x.shape[0] // n,) + tuple(x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x, group=group)
-    return out
-
-
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_dim0(grad, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_dim0(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.group), None
-
-
+# ---- tensor-parallel mappings for the shared experts: the tensor_parallel package's own ---------------
 def copy_to_tp(x, group):
     """identity forward, all-reduce backward (input of a column-parallel layer without SP)."""
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+    return copy_to_tensor_model_parallel_region(x, group)
 
 
 def reduce_from_tp(x, group):
     """all-reduce forward, identity backward (output of a row-parallel layer without SP)."""
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return reduce_from_tensor_model_parallel_region(x, group)
 
 
 def gather_from_sp(x, group):
     """all-gather dim 0 forward, reduce-scatter backward ([s/tp, b, h] -> [s, b, h])."""
-    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
+    return gather_from_sequence_parallel_region(x, group)
 
 
 def reduce_scatter_to_sp(x, group):
     """reduce-scatter dim 0 forward, all-gather backward ([s, b, h] partial -> [s/tp, b, h])."""
-    return x if group_size(group) == 1 else _ReduceScatterSeq.apply(x, group)
+    return reduce_scatter_to_sequence_parallel_region(x, group)
 
 
 def all_reduce_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Sum a statistics tensor over the group (no autograd)."""
     if group_size(group) == 1:
         return x
-    return _all_reduce(x.detach(), group)
+    x = x.detach().contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def maybe_group(groups, name: str) -> Optional[object]:
