@@ -52,22 +52,8 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
         chunks.append(DistributedDataParallel(m, groups, bucket_size=opt_cfg.bucket_size,
                                               overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
                                               use_distributed_optimizer=par.use_distributed_optimizer))
-    _mark_canonical_embedding(chunks, model_cfg, par)
     sync_embedding_weights(chunks, groups)
     return chunks
-
-
-def _mark_canonical_embedding(chunks, model_cfg: ModelConfig, par: ParallelConfig) -> None:
-    """embedding_sync's protocol wants the first stage's embedding marked canonical whenever the last stage
-    holds a copy (MTP or tied head with PP > 1); the model marks only the copy, so mark the original here."""
-    from ..pipeline_parallel.embedding_sync import mark_shared_embedding
-    if par.pp == 1 or not (model_cfg.num_nextn_predict_layers > 0 or model_cfg.tie_word_embeddings):
-        return
-    for c in chunks:
-        m = unwrap(c)
-        emb = getattr(getattr(m, "model", None), "embed_tokens", None)
-        if m.pre_process and emb is not None and not getattr(emb.weight, "shared_embedding", False):
-            mark_shared_embedding(emb.weight, canonical=True)
 
 
 def _apply_recompute(model, train_cfg: TrainingConfig) -> None:

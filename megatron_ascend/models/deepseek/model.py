@@ -85,9 +85,11 @@ class DeepseekForCausalLM(nn.Module):
         tied = config.tie_word_embeddings
         if pre_process or (post_process and (self.include_mtp or tied)):
             self.model.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, h, groups, self.sp)
+            w = self.model.embed_tokens.weight
             if not pre_process:  # a later stage's copy: synced by the embedding group, counted once (stage 0)
-                self.model.embed_tokens.weight.shared_embedding = True
-                self.model.embed_tokens.weight.shared = True
+                w.shared_embedding, w.shared = True, True
+            elif parallel is not None and parallel.pp > 1 and (config.num_nextn_predict_layers > 0 or tied):
+                w.shared_embedding, w.shared = True, False  # the canonical copy the last stage's copy follows
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, parallel, groups, i) for i in self.layer_ids})
         if post_process:
             self.model.norm = RMSNorm(h, config.rms_norm_eps, sequence_parallel=self.sp)
