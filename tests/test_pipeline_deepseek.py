@@ -48,15 +48,12 @@ def _forward_step(data_iterator, chunk):
 
 def _build(cfg, par, pg, vp):
     from megatron_ascend.models.deepseek import DeepseekForCausalLM
-    from megatron_ascend.pipeline_parallel import mark_shared_embedding, model_chunk_specs
+    from megatron_ascend.pipeline_parallel import model_chunk_specs
     chunks = []
     for spec in model_chunk_specs(cfg.num_hidden_layers, par.pp, pg.pp_rank, vp):
         m = DeepseekForCausalLM(cfg, par, pg, pre_process=spec.pre_process, post_process=spec.post_process,
                                 layer_ids=spec.layer_ids)
-        w = getattr(getattr(m.model, "embed_tokens", None), "weight", None)
-        if spec.pre_process and par.pp > 1 and w is not None and not getattr(w, "shared_embedding", False):
-            # the first stage's copy takes part in the tie (MTP / tied head on the last stage)
-            mark_shared_embedding(w, canonical=True)
+        # the model itself marks the first stage's embedding as the tie's canonical copy (MTP / tied head)
         chunks.append(m)
     return chunks
 
