@@ -91,7 +91,7 @@ def _step(extra):
                 for b in c.grad_buffers:
                     pad[bool(b.is_expert)] += b.numel - b.numel_unpadded
         opts = CommOptions(seq_length=tr.train_cfg.seq_length, num_microbatches=tr.num_micro, act_bytes=4,
-                           grad_bytes=4, param_bytes=4, backend=dist.get_backend(),
+                           grad_bytes=4, param_bytes=4,
                            dp_padding_elems=pad[False], edp_padding_elems=pad[True])
         analytic = rank_step_volume(tr.model_cfg, lay, split, g.pp_rank, count, opts)
         states = model_state_bytes(count, Precision.named("fp32"), par.dp, par.edp, par.use_distributed_optimizer,

@@ -47,8 +47,6 @@ class CommOptions:
     p2p_header_bytes: int = 80  # pipeline_parallel.p2p sends an int64[10] shape header before each tensor
     dp_padding_elems: int = 0  # distributed-optimizer bucket padding (dense), from the live buffers when known
     edp_padding_elems: int = 0
-    # moe/comm.py reduce-scatters as all-reduce + chunk on gloo (same payload, other op); nccl / hccl: "nccl"
-    backend: str = "nccl"
 
 
 def _add(v: Dict[Key, float], group: str, op: str, nbytes: float, size: int) -> None:
@@ -100,11 +98,7 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
         moe_sp = n_moe * (2 * act if shared else 0)  # shared expert: gather in, reduce-scatter out
         ag = n_att * (lat + act) + n_dense * 2 * act + moe_sp + embeds * act + heads * act
         _add(v, "tp", "all_gather", m * ag, t)
-        if o.backend == "gloo":
-            _add(v, "tp", "reduce_scatter", m * (ag - moe_sp), t)
-            _add(v, "tp", "all_reduce", m * moe_sp, t)
-        else:
-            _add(v, "tp", "reduce_scatter", m * ag, t)  # every all-gather has a reduce-scatter partner (fwd/bwd)
+        _add(v, "tp", "reduce_scatter", m * ag, t)  # every all-gather has a reduce-scatter partner (fwd/bwd)
     else:
         ar = n_att * (lat + act) + n_dense * 2 * act + n_moe * 2 * act + embeds * act + heads * act
         _add(v, "tp", "all_reduce", m * ar, t)
