@@ -181,7 +181,7 @@ def _v4_attention_terms(cfg: ModelConfig, o: ActivationOptions, ratio: int) -> D
 
 def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, float]:
     """Bytes saved per micro-batch token by the FFN sublayer (dense SwiGLU, or moe/ MoELayer with the
-    all-to-all dispatcher: router, sorted assignment indices, permuted rows, grouped SwiGLU, weighted combine)."""
+    all-to-all dispatcher: router, the inverse permutation, permuted rows, grouped SwiGLU, weighted combine)."""
     h = cfg.hidden_size
     sp_div = o.tp if o.sp else 1
     a, st = o.act_bytes, o.norm_stats_bytes
@@ -200,12 +200,12 @@ def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, f
     own = 1.0 / o.tp
     rows = own * k * o.etp
     t["ffn.router"] = own * (E * 4 + k * 8 + 4 + k * 4)  # fp32 scores, top-k ids, normaliser, weights
-    t["ffn.sort"] = own * k * 8 * 2  # token and expert index of every assignment (int64)
+    t["ffn.sort"] = own * k * 8  # the inverse permutation of the n*k assignment rows (int64)
     if cfg.n_shared_experts and "shared_experts" not in mods:
         t["ffn.shared"] = swiglu * cfg.n_shared_experts * I / o.tp * a
     t["ffn.routed.in"] = rows * h * a  # permuted token rows (expert gate/up input)
     t["ffn.routed.act"] = rows * swiglu * I / o.etp * a
-    t["ffn.routed.out"] = rows * (2 * h * a + 4)  # expert output, its weighted copy, the fp32 weight
+    t["ffn.routed.out"] = rows * (h * a + 4)  # expert output and the fp32 weight (saved by weight * y)
     return t
 
 
