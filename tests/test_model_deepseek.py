@@ -208,9 +208,7 @@ def _ep_body(refs, layouts):
 
 
 def test_expert_parallel_layouts_match_transformers():
-    from tests.test_model_parity import _moe_available, references
-    if not _moe_available():
-        pytest.skip("megatron_ascend.moe.MoELayer not available yet")
+    from tests.test_model_parity import references
     refs = [r for r in references(True) if r[0] in ("v3_yarn", "v2_lite")]
     layouts = [(1, 4, False, 1), (2, 2, True, 2), (2, 2, True, 1)]
     done = run_distributed(4, _ep_body, refs, layouts, timeout=300)[0]
@@ -264,9 +262,6 @@ def _init_body(layouts):
 
 
 def test_initialisation_is_layout_independent():
-    from tests.test_model_parity import _moe_available
-    if not _moe_available():
-        pytest.skip("megatron_ascend.moe.MoELayer not available yet")
     assert run_distributed(4, _init_body, [(1, 1), (2, 1), (4, 1), (1, 4), (2, 2)], timeout=300)[0] > 100
 
 

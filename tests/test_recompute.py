@@ -21,11 +21,6 @@ MOE_SETTINGS = [dict(granularity="selective", modules=("moe",)),
                 dict(granularity="selective", modules=("moe", "layernorm", "core_attn"))]
 
 
-def _moe_available():
-    from tests.test_model_parity import _moe_available as f
-    return f()
-
-
 def _step(model, ids, labels, mask, setting, meter=False):
     from megatron_ascend.recompute import SavedTensorMeter, apply_recompute
     apply_recompute(model, **setting)
@@ -79,8 +74,7 @@ def test_single_process_bitwise_and_meter():
              ("v3.2 DSA indexer", tiny_cfg(model_type="deepseek_v32", num_hidden_layers=3, first_k_dense_replace=4,
                                           index_n_heads=4, index_head_dim=16, index_topk=4,
                                           dsa_indexer_loss_coeff=0.3), SETTINGS)]
-    if _moe_available():
-        cases.append(("v3 MoE + MTP", tiny_cfg(num_hidden_layers=3), SETTINGS + MOE_SETTINGS))
+    cases.append(("v3 MoE + MTP", tiny_cfg(num_hidden_layers=3), SETTINGS + MOE_SETTINGS))
     for what, cfg, settings in cases:
         model = DeepseekForCausalLM(cfg, init_seed=2)
         ids, labels, mask = data(cfg.vocab_size)
@@ -118,8 +112,6 @@ def test_checkpoint_replays_rng_and_tracker_states():
 def test_moe_internal_modules_need_moe_support():
     from megatron_ascend.models.deepseek import DeepseekForCausalLM
     from megatron_ascend.recompute import apply_recompute
-    if not _moe_available():
-        pytest.skip("MoELayer not available")
     model = DeepseekForCausalLM(tiny_cfg(num_hidden_layers=2), init_seed=1)
     supported = set(getattr(model.model.layers["1"].mlp, "supports_recompute", ()))
     for m in ("moe_act", "shared_experts"):
@@ -150,8 +142,6 @@ def _layouts_body(layouts, settings):
 
 
 def test_bitwise_across_tp_ep_layouts():
-    if not _moe_available():
-        pytest.skip("MoELayer not available")
     settings = [SETTINGS[4], SETTINGS[5], SETTINGS[7]] + MOE_SETTINGS
     assert all(run_distributed(4, _layouts_body, [(2, 2, True), (1, 4, False), (4, 1, True)], settings,
                                timeout=400))

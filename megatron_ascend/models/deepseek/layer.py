@@ -40,15 +40,6 @@ def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> to
     return _AttachAuxLoss.apply(hidden, aux, scale)
 
 
-def moe_layer_class():
-    """``MoELayer`` from megatron_ascend.moe, or None while that package does not provide it."""
-    try:
-        from ...moe import MoELayer
-    except ImportError:
-        return None
-    return MoELayer
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, groups=None, layer_idx: int = 0):
         super().__init__()
@@ -59,12 +50,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, sequence_parallel=sp)
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
-            cls = moe_layer_class()
-            if cls is None:
-                raise NotImplementedError(
-                    f"layer {layer_idx} is a MoE layer but megatron_ascend.moe.MoELayer is not available; "
-                    f"set first_k_dense_replace >= num_hidden_layers for a dense model")
-            self.mlp = cls(config, parallel, groups, layer_idx)
+            from ...moe import MoELayer  # moe imports nothing from models; imported here to keep start-up light
+            self.mlp = MoELayer(config, parallel, groups, layer_idx)
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, groups, sp, config.swiglu_limit)
         self.indexer_loss_coeff = config.dsa_indexer_loss_coeff
