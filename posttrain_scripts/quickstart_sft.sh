@@ -68,26 +68,10 @@ EVAL="$PYTHON -m megatron_ascend.training.generate --tokenizer-type SentencePiec
 $EVAL --load "$PRETRAINED" --label "before SFT" --output "$SFT/accuracy_before.json"
 
 # ---- 2. full-parameter SFT at the pretraining layout -----------------------------------------------------------
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-$(( 20000 + RANDOM % 20000 ))}
+source "$REPO/pretrain_scripts/quickstart_model.sh"  # the same architecture and layout as pretraining
 CKPT_SAVE_DIR=$OUT/sft_checkpoints
 TB_DIR=$OUT/sft_tensorboard
 rm -rf "$CKPT_SAVE_DIR" "$TB_DIR"
-DISTRIBUTED_ARGS="--nproc_per_node $GPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
-    --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
-# the same architecture as the pretraining run (the checkpoint must match it)
-MODEL_ARGS="--model-type deepseek_v3 --num-layers 4 --hidden-size 64 --ffn-hidden-size 128 \
-    --num-attention-heads 4 --q-lora-rank 32 --kv-lora-rank 32 --qk-head-dim 16 --qk-pos-emb-head-dim 8 \
-    --v-head-dim 16 --num-experts 8 --moe-ffn-hidden-size 64 --n-shared-experts 1 --moe-router-topk 2 \
-    --moe-router-num-groups 2 --moe-router-group-topk 1 --moe-router-score-function sigmoid \
-    --moe-router-topk-method noaux_tc --moe-router-topk-scaling-factor 2.5 --first-k-dense-replace 1 \
-    --moe-aux-loss-coeff 1e-4 --moe-router-bias-update-rate 1e-3 --mtp-num-layers 1 --mtp-loss-scaling-factor 0.3 \
-    --max-position-embeddings 256 --init-method-std 0.02"
-PARALLEL_ARGS="--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2 \
-    --use-distributed-optimizer"
 TRAIN_ARGS="--stage sft --load $PRETRAINED --seq-length 32 --micro-batch-size 8 --global-batch-size 32 \
     --train-iters $ITERS --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( ITERS / 30 > 0 ? ITERS / 30 : 1 )) --lr-decay-style cosine --weight-decay 0.01 \
     --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.999 --seed 1234"
