@@ -12,6 +12,7 @@ and ``apply_chat_template(messages)``.
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -23,7 +24,7 @@ from .errors import DataError
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """The shared interface and the chat-template plumbing. Subclasses set the ids and implement tokenize."""
 
     name = "base"
@@ -45,17 +46,20 @@ class Tokenizer:
     def eos(self) -> int:
         return self.eod
 
+    @abc.abstractmethod
     def tokenize(self, text: str) -> List[int]:
-        raise NotImplementedError
+        """Implemented by every concrete tokenizer."""
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.tokenize(t) for t in texts]
 
+    @abc.abstractmethod
     def detokenize(self, ids) -> str:
-        raise NotImplementedError
+        """Implemented by every concrete tokenizer."""
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> Optional[int]:
-        raise NotImplementedError
+        """Implemented by every concrete tokenizer."""
 
     def special_token_strings(self) -> Dict[str, Optional[str]]:
         return {"bos_token": None, "eos_token": None, "pad_token": None}
