@@ -95,6 +95,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion", action="store_false",
+                   help="compute weight grads into fresh tensors and add them into the grad buffer (zero-filled "
+                        "each step) instead of writing them into main_grad from the GEMM")
     g.add_argument("--show-layout", action="store_true", help="print every process group and exit")
 
 
@@ -239,7 +242,7 @@ def build_configs(args: argparse.Namespace, world_size: int
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, bf16=args.bf16, fp16=args.fp16,
         initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window, moe_router_bias_update_rate=args.moe_router_bias_update_rate,
-        overlap_grad_reduce=args.overlap_grad_reduce)
+        overlap_grad_reduce=args.overlap_grad_reduce, gradient_accumulation_fusion=args.gradient_accumulation_fusion)
     train = TrainingConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length or min(4096, model.max_position_embeddings), train_iters=args.train_iters or 0,

@@ -416,6 +416,7 @@ class OptimizerConfig:
     moe_router_bias_update_rate: float = 1e-3
     overlap_grad_reduce: bool = False
     bucket_size: Optional[int] = None
+    gradient_accumulation_fusion: bool = True  # weight-grad GEMMs write into main_grad (tensor_parallel/wgrad.py)
 
     def __post_init__(self):
         _require(self.optimizer in ("adam", "sgd"), f"--optimizer {self.optimizer!r} is unknown; use adam or sgd")

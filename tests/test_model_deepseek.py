@@ -325,3 +325,41 @@ def test_two_stage_split_equals_whole_model():
             assert torch.equal(p.grad, gw[n]), n
     emb = s0.model.embed_tokens.weight.grad + s1.model.embed_tokens.weight.grad  # the embedding-group all-reduce
     assert (emb - gw["model.embed_tokens.weight"]).abs().max().item() <= 1e-7
+
+
+@pytest.mark.parametrize("s", [128, 300, 1100])
+def test_causal_block_attention_equals_full_softmax(s):
+    """The causal math path (query blocks over the keys up to each block's end, scale and mask inside one
+    baddbmm) equals softmax over the full masked s x s matrix, output and q/k/v grads, fp64; it keeps q, k and v
+    themselves for backward (no copies), and keeps each block's probabilities instead of s x s."""
+    from megatron_ascend.models.deepseek.attention import causal_query_blocks, core_attention
+    blocks = causal_query_blocks(s)
+    assert blocks[0][0] == 0 and blocks[-1][1] == s and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert (len(blocks) > 1) == (s > 128) and len(blocks) <= 9
+    g = torch.Generator().manual_seed(s)
+    b, n, dq, dv = 2, 3, 24, 16  # q/k head dim != v head dim: CPU SDPA has no kernel keeping q, k, v
+    q, k, v = (torch.randn(s, b, n, d, generator=g, dtype=torch.float64, requires_grad=True) for d in (dq, dq, dv))
+    go = torch.randn(s, b, n * dv, generator=g, dtype=torch.float64)
+    scale = dq ** -0.5
+    saved = []
+
+    def pack(t):
+        saved.append((t.untyped_storage().data_ptr(), t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = core_attention(q, k, v, None, scale)
+    out.backward(go)
+    ptrs = {p for p, _ in saved}
+    assert all(t.untyped_storage().data_ptr() in ptrs for t in (q, k, v))
+    qkv = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    probs = sum(nn for p, nn in set(saved) if p not in qkv)
+    assert probs <= b * n * sum((e - a) * e for a, e in blocks) * 1.01 and (s <= 128 or probs < b * n * s * s)
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    w = torch.einsum("sbnd,tbnd->bnst", qr, kr) * scale
+    w = w.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    ref = torch.einsum("bnst,tbnd->sbnd", w, vr).reshape(s, b, n * dv)
+    ref.backward(go)
+    assert (out - ref).abs().max().item() < 1e-12
+    for a, r in ((q, qr), (k, kr), (v, vr)):
+        assert (a.grad - r.grad).abs().max().item() < 1e-12

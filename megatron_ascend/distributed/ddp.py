@@ -21,6 +21,13 @@ global-batch token count (docs/ARCHITECTURE.md "Loss normalisation"); ``'average
 before the reduction (dense and expert alike: an expert's grad summed over expert-dp already holds the
 contributions of all dp ranks' tokens), for losses that are averaged per dp rank.
 
+Gradient-accumulation fusion (``gradient_accumulation_fusion=True``, the default; Megatron's flag): params a
+layer marked ``wgrad_fusable`` get ``fuse_wgrad`` and their weight-gradient GEMMs write into ``main_grad``
+directly (tensor_parallel/wgrad.py); the hook then only drops the placeholder grad. ``zero_grad_buffer`` does
+not fill: it marks every main_grad stale, the first write of the step overwrites (``copy_`` in the hook,
+``mm(out=)`` in a fused backward), and each bucket zeroes the params still stale (no grad this step) before
+its reduction. Off, every grad goes through autograd and ``main_grad.add_`` into a zero-filled buffer.
+
 Microbatches: wrap all but the last backward in ``no_sync()`` (grads accumulate in ``main_grad``, nothing
 is reduced); ``finish_grad_sync()`` completes the reduction (launching what is not yet launched) and is
 idempotent until the next backward; ``zero_grad_buffer()`` clears the buffers before the next step.
@@ -39,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..tensor_parallel.wgrad import accumulate_main_grad, zero_if_stale
 from .grad_buffer import Bucket, GradBuffer
 
 GRADIENT_SCALINGS = ("sum", "average")
@@ -52,7 +60,8 @@ class DistributedDataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, groups=None, bucket_size: Optional[int] = None,
                  overlap_grad_reduce: bool = False, use_distributed_optimizer: bool = False,
-                 grad_dtype: torch.dtype = torch.float32, gradient_scaling: str = "sum", align: int = 64):
+                 grad_dtype: torch.dtype = torch.float32, gradient_scaling: str = "sum", align: int = 64,
+                 gradient_accumulation_fusion: bool = True):
         super().__init__()
         if gradient_scaling not in GRADIENT_SCALINGS:
             raise ValueError(f"gradient_scaling {gradient_scaling!r} is unknown; use 'sum' or 'average'")
@@ -95,6 +104,10 @@ class DistributedDataParallel(nn.Module):
             self._queues.setdefault(b.group_name, []).extend(b.buckets)
         self._next: Dict[str, int] = {k: 0 for k in self._queues}
         self._sp_params = [p for _, p in named if getattr(p, "sequence_parallel", False)]
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
+        for _, p in named:
+            p.fuse_wgrad = gradient_accumulation_fusion and bool(getattr(p, "wgrad_fusable", False))
+            p.grad_added_to_main_grad = False
         self._sync_enabled = True
         self._synced = True  # nothing to reduce yet
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_hook) for _, p in named]
@@ -119,7 +132,10 @@ class DistributedDataParallel(nn.Module):
     def _grad_hook(self, p: nn.Parameter) -> None:
         if p.grad is None:
             return
-        p.main_grad.add_(p.grad)
+        if p.grad_added_to_main_grad:  # a fused backward wrote main_grad; p.grad is its placeholder
+            p.grad_added_to_main_grad = False
+        else:
+            accumulate_main_grad(p, p.grad)
         p.grad = None
         self._synced = False
         if not (self.overlap_grad_reduce and self._sync_enabled):
@@ -193,10 +209,17 @@ class DistributedDataParallel(nn.Module):
         for p in self._buffer_of_params():
             p.grad = None
         for b in self.grad_buffers:
-            b.zero()
+            b.zero(lazy=self.gradient_accumulation_fusion)
         for k in self._next:
             self._next[k] = 0
-        self._synced = True
+        # lazily zeroed: the stale grads must still be zeroed (in the reduction) even if no backward runs
+        self._synced = not self.gradient_accumulation_fusion
+
+    def zero_stale_grads(self) -> None:
+        """Zero the main_grad of every param that got no gradient since ``zero_grad_buffer`` (lazy zeroing);
+        the reduction does this per bucket, call it before reading grads outside the reduction."""
+        for p in self._buffer_of_params():
+            zero_if_stale(p)
 
     def _buffer_of_params(self):
         for b in self.grad_buffers:

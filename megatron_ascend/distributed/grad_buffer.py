@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..tensor_parallel.mappings import all_gather_tensor as _all_gather
 from ..tensor_parallel.mappings import reduce_scatter_tensor as _reduce_scatter
+from ..tensor_parallel.wgrad import zero_if_stale
 
 
 def _round_up(n: int, m: int) -> int:
@@ -85,6 +86,8 @@ class Bucket:
         if self.launched:
             return
         self.launched = True
+        for p in self.params:  # lazily zeroed buffer: params that got no grad this step
+            zero_if_stale(p)
         buf = self.buffer
         data = self.grad_data
         if buf.scaling_factor != 1.0:
@@ -178,7 +181,16 @@ class GradBuffer:
     def bucket_of(self, p: torch.nn.Parameter) -> Bucket:
         return self.buckets[self.slots[id(p)].bucket]
 
-    def zero(self) -> None:
-        self.grad_data.zero_()
+    def zero(self, lazy: bool = False) -> None:
+        """Zero the grads. ``lazy``: mark every param's main_grad stale instead of filling (the first write of
+        the next step overwrites, tensor_parallel/wgrad.py; a bucket zeroes what is still stale before its
+        reduction). Padding is never written, so it stays zero."""
+        if lazy:
+            for p in self.params:
+                p.main_grad_stale = True
+        else:
+            self.grad_data.zero_()
+            for p in self.params:
+                p.main_grad_stale = False
         for b in self.buckets:
             b.reset()

@@ -125,6 +125,12 @@ class ActivationOptions:
     norm_stats_bytes: int = 4  # fp32 rstd per row
 
 
+def _causal_keys_per_query(s: int) -> float:
+    """Mean number of keys whose probability the causal math path keeps per query (its query blocks)."""
+    from ..models.deepseek.attention import causal_query_blocks
+    return sum((e - a) * e for a, e in causal_query_blocks(s)) / s
+
+
 def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     """Bytes saved per micro-batch token by one MLA sublayer of models/deepseek/attention.py (calibrated with a
     saved-tensor meter on CPU: see tests/test_planner_memory.py)."""
@@ -148,8 +154,8 @@ def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     if o.flash_attention:
         # output (o_proj input) + fp32 log-sum-exp per head
         t["attn.core"] = nl * cfg.v_head_dim * a + (0 if "core_attn" in mods else nl * 4)
-    else:  # math attention keeps the full s x s probabilities (the causal half is masked, not skipped)
-        t["attn.core"] = (0 if "core_attn" in mods else nl * s * a) + nl * cfg.v_head_dim * a
+    else:  # math attention keeps the probabilities of its causal query blocks (attention.causal_query_blocks)
+        t["attn.core"] = (0 if "core_attn" in mods else nl * _causal_keys_per_query(s) * a) + nl * cfg.v_head_dim * a
     if cfg.has_indexer:
         nh, d = cfg.index_n_heads / o.tp, cfg.index_head_dim
         t["attn.indexer"] = (nh * d + d + nh) * a  # indexer q, its shared k, head weights

@@ -6,6 +6,9 @@ model initialises them by global name (``sharding.init_normal_``) so the result 
 layout. Activations are ``[s, b, h]``; under sequence parallel a rank holds ``[s/tp, b, h]`` at the input
 of a column-parallel layer and at the output of a row-parallel one.
 
+The column / row weights are marked ``wgrad_fusable``: their weight gradients go straight into ``main_grad``
+under the DDP wrapper's gradient-accumulation fusion (wgrad.py).
+
 Does not own: expert layers (moe/), the all-to-all dispatch, initialisation values.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from . import mappings as M
 from .sharding import mark_sharded
+from .wgrad import linear, mark_wgrad_fusable
 
 
 def tp_info(groups, name: str = "tp") -> Tuple[object, int, int]:
@@ -53,6 +57,7 @@ class ColumnParallelLinear(nn.Module):
         self.skip_input_comm = skip_input_comm
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, dtype=dtype))
         mark_sharded(self.weight, {0: (group_name, rank, size)})
+        mark_wgrad_fusable(self.weight)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=dtype))
             mark_sharded(self.bias, {0: (group_name, rank, size)})
@@ -64,7 +69,7 @@ class ColumnParallelLinear(nn.Module):
             x = M.gather_from_sequence_parallel_region(x, self.group)
         elif not self.skip_input_comm:
             x = M.copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         if self.gather_output:
             y = M.gather_from_tensor_model_parallel_region(y, self.group)
         return y
@@ -93,6 +98,7 @@ class RowParallelLinear(nn.Module):
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel and size > 1
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, dtype=dtype))
         mark_sharded(self.weight, {1: (group_name, rank, size)})
+        mark_wgrad_fusable(self.weight)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype))
             mark_sharded(self.bias, None, sequence_parallel=self.sequence_parallel)
@@ -102,7 +108,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = M.scatter_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.sequence_parallel:
             y = M.reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:

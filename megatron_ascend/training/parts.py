@@ -51,6 +51,7 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
         m.to(_device())
         chunks.append(DistributedDataParallel(m, groups, bucket_size=opt_cfg.bucket_size,
                                               overlap_grad_reduce=opt_cfg.overlap_grad_reduce,
+                                              gradient_accumulation_fusion=opt_cfg.gradient_accumulation_fusion,
                                               use_distributed_optimizer=par.use_distributed_optimizer))
     sync_embedding_weights(chunks, groups)
     return chunks
@@ -109,6 +110,8 @@ def finalize_grads(model_chunks, groups) -> None:
     (the sum is linear, so the order does not change the result). Without --overlap-grad-reduce no bucket has
     been reduced yet at this point."""
     from ..pipeline_parallel.embedding_sync import allreduce_embedding_grads
+    for c in model_chunks:
+        c.zero_stale_grads()  # a copy that got no grad this step must read as zeros
     allreduce_embedding_grads(model_chunks, groups)
     for c in model_chunks:
         c.finish_grad_sync()

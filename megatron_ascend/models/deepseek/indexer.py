@@ -23,6 +23,7 @@ from ...config import ModelConfig
 from ...tensor_parallel import mappings as M
 from ...tensor_parallel.layers import ColumnParallelLinear, tp_info
 from ...tensor_parallel.sharding import mark_sharded
+from ...tensor_parallel import wgrad
 from .rope import apply_rope_half
 
 
@@ -36,7 +37,7 @@ class DSAIndexer(nn.Module):
         self.n_local = c.index_n_heads // tp
         self.wq_b = ColumnParallelLinear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, groups,
                                          skip_input_comm=True)
-        self.wk = nn.Linear(c.hidden_size, c.index_head_dim, bias=False)
+        self.wk = wgrad.Linear(c.hidden_size, c.index_head_dim, bias=False)
         self.k_norm = nn.LayerNorm(c.index_head_dim, eps=1e-6)
         self.weights_proj = ColumnParallelLinear(c.hidden_size, c.index_n_heads, groups, skip_input_comm=True)
         for p in list(self.wk.parameters()) + list(self.k_norm.parameters()):

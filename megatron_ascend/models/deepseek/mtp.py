@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ...config import ModelConfig, ParallelConfig
 from ...tensor_parallel.sharding import mark_sharded
+from ...tensor_parallel import wgrad
 from .layer import DecoderLayer
 from .norm import RMSNorm
 
@@ -34,7 +35,7 @@ class MTPLayer(DecoderLayer):
         h, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(h, eps, sequence_parallel=sp)
         self.hnorm = RMSNorm(h, eps, sequence_parallel=sp)
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = wgrad.Linear(2 * h, h, bias=False)
         mark_sharded(self.eh_proj.weight, None, sequence_parallel=sp)
         self.shared_head = _SharedHead(h, eps, sp)
 

@@ -1,0 +1,138 @@
+"""Gradient-accumulation fusion (tensor_parallel/wgrad.py + the DDP wrapper): weight-gradient GEMMs write into
+main_grad, the buffer is zeroed lazily. Units for the fused linear / grouped weight gradient (overwrite when
+stale, accumulate after, zero the groups without rows), and the whole DeepSeek model through DDP with fusion
+on equal to fusion off (bitwise but for a few
+weights whose contributions are summed in another order), with the lazily zeroed buffer poisoned with NaN between steps (any stale
+read would show), single process and at TP2 x EP2 x DP2 with overlapped bucketed reductions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ascend.tensor_parallel import wgrad
+from tests.harness import run_distributed
+
+
+def _fake_ddp_param(p):
+    p.fuse_wgrad = True
+    p.main_grad = torch.full_like(p, float("nan"))
+    p.main_grad_stale = True
+    p.grad_added_to_main_grad = False
+    return p
+
+
+def test_fused_linear_overwrites_when_stale_then_accumulates():
+    torch.manual_seed(0)
+    lin = wgrad.Linear(6, 5, bias=True)
+    ref = torch.nn.Linear(6, 5, bias=True)
+    ref.load_state_dict(lin.state_dict())
+    _fake_ddp_param(lin.weight)
+    xs = [torch.randn(3, 2, 6, requires_grad=True) for _ in range(2)]
+    for x in xs:
+        lin(x).square().sum().backward()
+        assert lin.weight.grad_added_to_main_grad and lin.weight.grad is not None  # the placeholder
+        lin.weight.grad, lin.weight.grad_added_to_main_grad = None, False
+    xr = [x.detach().clone().requires_grad_() for x in xs]
+    for x in xr:
+        ref(x).square().sum().backward()
+    assert torch.allclose(lin.weight.main_grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(lin.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6)  # bias: plain autograd
+    for x, y in zip(xs, xr):
+        assert torch.allclose(x.grad, y.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_unfused_linear_is_plain_autograd():
+    lin = wgrad.Linear(4, 3, bias=False)
+    assert lin.weight.wgrad_fusable and not wgrad.fuses(lin.weight)  # no DDP wrapper: nothing set
+    lin(torch.randn(2, 4)).sum().backward()
+    assert lin.weight.grad is not None and not hasattr(lin.weight, "grad_added_to_main_grad")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_wgrad_zeroes_groups_without_rows(fused):
+    g = torch.Generator().manual_seed(2)
+    counts = [3, 0, 4, 0, 1]
+    w = torch.randn(len(counts), 5, 7, generator=g)  # [G, out, in]
+    x = torch.randn(sum(counts), 7, generator=g)
+    dy = torch.randn(sum(counts), 5, generator=g)
+    ref, s = torch.zeros_like(w), 0
+    for i, c in enumerate(counts):
+        ref[i] = dy[s:s + c].t() @ x[s:s + c]
+        s += c
+    if not fused:
+        assert torch.allclose(wgrad.grouped_wgrad(dy, x, counts, w), ref, atol=1e-6)
+        return
+    _fake_ddp_param(w)
+    wgrad.grouped_wgrad(dy, x, counts, w)
+    assert torch.allclose(w.main_grad, ref, atol=1e-6) and not w.main_grad_stale
+    wgrad.grouped_wgrad(dy, x, counts, w)  # second micro-batch accumulates
+    assert torch.allclose(w.main_grad, 2 * ref, atol=1e-6)
+
+
+def _tiny_cfg():
+    from megatron_ascend.config import ModelConfig
+    return ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                       n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                       num_nextn_predict_layers=1, max_position_embeddings=64, init_method_std=0.05)
+
+
+def _grads_after_two_steps(fusion, par=None, pg=None, overlap=False, rank_batch=0):
+    """main_grad of every param after the second of two steps (2 micro-batches each); between steps the
+    buffers are zeroed and then poisoned with NaN (lazy zeroing must never let that through)."""
+    from megatron_ascend.distributed import DistributedDataParallel
+    from megatron_ascend.models.deepseek import DeepseekForCausalLM
+    torch.manual_seed(0)
+    m = DeepseekForCausalLM(_tiny_cfg(), par, pg)
+    m.unused = wgrad.Linear(4, 4, bias=False)  # gets no gradient: must read as zeros after the reduction
+    ddp = DistributedDataParallel(m, pg, overlap_grad_reduce=overlap, bucket_size=300 if overlap else None,
+                                  gradient_accumulation_fusion=fusion)
+    n_fused = sum(bool(getattr(p, "fuse_wgrad", False)) for p in m.parameters())
+    for step in range(2):
+        ddp.zero_grad_buffer()
+        if fusion:
+            for b in ddp.grad_buffers:
+                b.grad_data.fill_(float("nan"))
+        for mb in range(2):
+            g = torch.Generator().manual_seed(100 * step + 10 * rank_batch + mb)
+            ids = torch.randint(0, 64, (1, 6), generator=g)
+            out = m(ids, labels=ids, loss_mask=torch.ones(1, 6))
+            loss = out["lm_loss"].sum() + 0.3 * sum(x.sum() for x in out["mtp_losses"])
+            if mb == 0:
+                with ddp.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+        ddp.finish_grad_sync()
+    return {n: p.main_grad.clone() for n, p in m.named_parameters()}, n_fused
+
+
+def test_ddp_fusion_equals_no_fusion_single_process():
+    on, n_on = _grads_after_two_steps(True)
+    off, n_off = _grads_after_two_steps(False)
+    assert n_on > 10 and n_off == 0
+    assert float(on["unused.weight"].abs().sum()) == 0.0
+    # not bitwise everywhere: a weight used twice in one backward (the head: main + MTP) sums its two
+    # contributions in another order, and main_grad.addmm_ rounds differently from mm + add_
+    bitwise = sum(torch.equal(on[n], off[n]) for n in off)
+    assert bitwise >= len(off) - 4, (bitwise, len(off))
+    for n in off:
+        assert torch.allclose(on[n], off[n], rtol=1e-6, atol=1e-7), n
+
+
+def _dist_body():
+    from megatron_ascend.config import ParallelConfig
+    from megatron_ascend.parallel_state import initialize_model_parallel
+    par = ParallelConfig(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                         expert_tensor_parallel_size=1, sequence_parallel=True)
+    pg = initialize_model_parallel(par)
+    on, _ = _grads_after_two_steps(True, par, pg, overlap=True, rank_batch=pg.dp_rank)
+    off, _ = _grads_after_two_steps(False, par, pg, overlap=True, rank_batch=pg.dp_rank)
+    return ([n for n in off if not torch.allclose(on[n], off[n], rtol=1e-6, atol=1e-7)],
+            float(on["unused.weight"].abs().sum()))
+
+
+def test_ddp_fusion_equals_no_fusion_tp2_ep2_dp2_overlap():
+    for diff, unused in run_distributed(4, _dist_body):
+        assert diff == [] and unused == 0.0
