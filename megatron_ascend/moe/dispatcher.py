@@ -16,7 +16,8 @@ computes its I-slice of the same tokens, and reduce-scatters the partial outputs
      to [local expert][src rank] so each local expert's rows are contiguous
   4. grouped SwiGLU experts
   5. inverse reorder, all-to-all back, ``weight * y`` summed per token: dropless, the sort is a permutation of
-     the n*k rows (gathers both ways, sum over k); with dropped assignments, ``index_add`` into the token rows
+     the n*k rows (gathers both ways; the weighted sum over k is one batched GEMM); with dropped assignments,
+     ``index_add`` into the token rows
 
 all-gather (group tp_ep = etp x ep): every rank gathers all tokens, indices and weights of the group, keeps the
 assignments of its local experts, computes them, scatters ``weight * y`` into the gathered token rows, and a
@@ -33,21 +34,6 @@ import torch
 from . import comm
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` for a permutation ``perm`` whose inverse is ``inv``: the backward is the gather ``g[inv]``
-    (no accumulating scatter, which autograd's generic index backward has to do)."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv), None, None
-
-
 class _ExpandPermute(torch.autograd.Function):
     """rows = x[order // k] (each token's k copies, permuted); backward: g[inv] summed over the k copies."""
 
@@ -61,6 +47,28 @@ class _ExpandPermute(torch.autograd.Function):
     def backward(ctx, g):
         (inv,) = ctx.saved_tensors
         return g.index_select(0, inv).view(-1, ctx.k, g.shape[1]).sum(1), None, None, None
+
+
+class _PermuteCombine(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * y[t, j] after the inverse permutation, as one batched [1, k] x [k, h] GEMM per
+    token (forward) and a broadcast multiply + batched [k, h] x [h, 1] GEMM (backward), gathers only; keeps the
+    permuted y and weights (the bytes the multiply-then-sum form keeps)."""
+
+    @staticmethod
+    def forward(ctx, y, w, inv, order, n, k):
+        yp, wp = y.index_select(0, inv), w.index_select(0, inv)  # token-major: row t * k + j
+        ctx.save_for_backward(yp, wp, order)
+        ctx.n, ctx.k = n, k
+        return torch.bmm(wp.view(n, 1, k), yp.view(n, k, -1)).view(n, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        yp, wp, order = ctx.saved_tensors
+        n, k = ctx.n, ctx.k
+        g = g.contiguous()
+        gy = (wp.view(n, k, 1) * g.view(n, 1, -1)).view(n * k, -1).index_select(0, order)
+        gw = torch.bmm(yp.view(n, k, -1), g.view(n, -1, 1)).view(-1).index_select(0, order)
+        return gy, gw, None, None, None, None
 
 
 class _Permutation:
@@ -80,8 +88,7 @@ class _Permutation:
     def combine(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """y [n*k, h] in sorted order, w [n*k] sorted weights -> sum_k w * y per token [n, h]."""
         dtype = torch.promote_types(y.dtype, w.dtype)
-        yw = y.to(dtype) * w.to(dtype).unsqueeze(1)
-        return _PermuteRows.apply(yw, self.inv, self.order).view(self.n, self.k, -1).sum(1)
+        return _PermuteCombine.apply(y.to(dtype), w.to(dtype), self.inv, self.order, self.n, self.k)
 
 
 def _sort_by_expert(idx: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ model initialises them by global name (``sharding.init_normal_``) so the result 
 layout. Activations are ``[s, b, h]``; under sequence parallel a rank holds ``[s/tp, b, h]`` at the input
 of a column-parallel layer and at the output of a row-parallel one.
 
-The column / row weights are marked ``wgrad_fusable``: their weight gradients go straight into ``main_grad``
+The column / row / embedding weights are marked ``wgrad_fusable``: their weight gradients go straight into ``main_grad``
 under the DDP wrapper's gradient-accumulation fusion (wgrad.py).
 
 Does not own: expert layers (moe/), the all-to-all dispatch, initialisation values.
@@ -17,11 +17,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import mappings as M
 from .sharding import mark_sharded
-from .wgrad import linear, mark_wgrad_fusable
+from .wgrad import embedding, linear, mark_wgrad_fusable
 
 
 def tp_info(groups, name: str = "tp") -> Tuple[object, int, int]:
@@ -138,17 +137,18 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_parallel = sequence_parallel and size > 1
         self.weight = nn.Parameter(torch.empty(per, embedding_dim, dtype=dtype))
         mark_sharded(self.weight, {0: (group_name, rank, size)})
+        mark_wgrad_fusable(self.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.t()  # [s, b]
         if self.tp_size > 1:
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
             local = (ids - self.vocab_start).masked_fill(outside, 0)
-            out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+            out = embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
             if self.sequence_parallel:
                 return M.reduce_scatter_to_sequence_parallel_region(out, self.group)
             return M.reduce_from_tensor_model_parallel_region(out, self.group)
-        return F.embedding(ids, self.weight)
+        return embedding(ids, self.weight)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings} (/{self.tp_size}), {self.embedding_dim}"

@@ -9,8 +9,9 @@ write of a step, ``main_grad.addmm_(...)`` after that (further micro-batches, a 
 Protocol (the DDP wrapper, distributed/ddp.py, is the other side):
 
 * ``mark_wgrad_fusable(p)`` -- set by a *layer* on a weight it only ever uses through ``linear`` /
-  ``grouped_linear`` here. A weight that is also used another way (the tied output head is the embedding
-  weight) is not marked: its other gradient would arrive through autograd and be discarded.
+  ``embedding`` / ``grouped_linear`` here (the word embedding too: tied to the output head or shared with MTP,
+  every use is one of these). A weight also used another way must not be marked: its other gradient would
+  arrive through autograd and be discarded.
 * ``p.fuse_wgrad`` -- set by the DDP wrapper (``gradient_accumulation_fusion=True``, the default, as in
   Megatron; ``--no-gradient-accumulation-fusion`` turns it off) on marked params that have a ``main_grad``.
 * ``p.main_grad_stale`` -- set by the DDP wrapper's ``zero_grad_buffer`` instead of zero-filling: the next
@@ -111,6 +112,33 @@ class Linear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class _EmbeddingWgradFused(torch.autograd.Function):
+    """F.embedding whose backward adds the rows of dY into W.main_grad (index_add_; zeroed first when stale),
+    instead of building a zero-filled [V, h] gradient and copying it in."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids, weight)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ids, weight = ctx.saved_tensors
+        mg = weight.main_grad
+        if getattr(weight, "main_grad_stale", False):
+            mg.zero_()
+            weight.main_grad_stale = False
+        mg.index_add_(0, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).to(mg.dtype))
+        return None, _placeholder(weight)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding`` whose weight gradient goes straight into ``weight.main_grad`` when fusion is on for it."""
+    if fuses(weight) and weight.requires_grad and torch.is_grad_enabled():
+        return _EmbeddingWgradFused.apply(ids, weight)
+    return F.embedding(ids, weight)
 
 
 # -- grouped (per-expert) weight gradients -----------------------------------------------------------------
