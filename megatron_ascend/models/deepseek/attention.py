@@ -124,22 +124,59 @@ def _causal_bias(rows: int, cols: int, offset: int, dtype, device) -> torch.Tens
     return t
 
 
+class _CausalBlockAttention(torch.autograd.Function):
+    """Causal softmax(q k^T * scale) v on [B, s, d] (B = batch x heads), exact, per query block
+    (causal_query_blocks): block [a, e) takes keys [0, e); the scale and the block's causal mask are folded
+    into one ``baddbmm``. Keeps q, k, v (the inputs themselves) and each block's probabilities (in the softmax
+    dtype: fp32 for half inputs). The backward (torch's fused softmax backward per block) takes the last block
+    first -- it covers every key, so its dk / dv GEMM outputs are the full-size grads -- and adds the earlier
+    blocks' into their key prefixes: no zero-filled full-size grad per block as autograd would build."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        s = q.shape[1]
+        blocks = causal_query_blocks(s)
+        outs, probs = [], []
+        for a, e in blocks:
+            w = torch.baddbmm(_causal_bias(e - a, e, a, q.dtype, q.device), q[:, a:e], k[:, :e].transpose(1, 2),
+                              alpha=scale)
+            p = torch.softmax(w, dim=-1, dtype=_softmax_dtype(w.dtype))
+            probs.append(p)
+            outs.append(torch.bmm(p.to(v.dtype), v[:, :e]))
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.scale, ctx.blocks = scale, blocks
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, *probs = ctx.saved_tensors
+        scale = ctx.scale
+        dqs, dk, dv = [], None, None
+        # last block first: it sees every key, so its dk / dv are the full-size tensors (no zero fill); an
+        # earlier block's GEMM output is added into its key prefix (a GEMM written into a strided slice would
+        # run batch by batch)
+        for (a, e), p in reversed(list(zip(ctx.blocks, probs))):
+            do_b = do[:, a:e]
+            dv_b = torch.bmm(p.to(v.dtype).transpose(1, 2), do_b)
+            dp = torch.bmm(do_b, v[:, :e].transpose(1, 2)).to(p.dtype)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype).to(q.dtype)
+            dqs.append(torch.bmm(ds, k[:, :e]).mul_(scale))
+            dk_b = torch.bmm(ds.transpose(1, 2), q[:, a:e]).mul_(scale)
+            if dk is None:
+                dk, dv = dk_b, dv_b
+            else:
+                dk[:, :e].add_(dk_b)
+                dv[:, :e].add_(dv_b)
+        dq = dqs[0] if len(dqs) == 1 else torch.cat(dqs[::-1], dim=1)
+        return dq, dk, dv, None
+
+
 def _causal_block_attention(qt, kt, vt, scale):
-    """Causal softmax(q k^T * scale) v on [b, n, s, d], exact, computed per query block (causal_query_blocks):
-    block [a, e) takes keys [0, e), the scale and the block's causal mask are folded into one ``baddbmm``
-    (no separate multiply / add over the scores). Autograd keeps views of q, k, v and each block's
-    probabilities (the sum of the blocks' areas, not s^2)."""
+    """Causal attention on [b, n, s, d] through ``_CausalBlockAttention``."""
     b, n, s, d = qt.shape
     # [b, n, s, d] permuted from [s, b, n, d]: merging b and n is a view, so q/k/v are not copied
     q3, k3, v3 = qt.reshape(b * n, s, d), kt.reshape(b * n, s, d), vt.reshape(b * n, s, vt.shape[-1])
-    outs = []
-    for a, e in causal_query_blocks(s):
-        w = torch.baddbmm(_causal_bias(e - a, e, a, qt.dtype, qt.device), q3[:, a:e], k3[:, :e].transpose(1, 2),
-                          alpha=scale)
-        p = torch.softmax(w, dim=-1, dtype=_softmax_dtype(w.dtype)).to(vt.dtype)
-        outs.append(torch.bmm(p, v3[:, :e]))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return o.view(b, n, s, -1)
+    return _CausalBlockAttention.apply(q3, k3, v3, scale).view(b, n, s, -1)
 
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
