@@ -6,10 +6,15 @@ same process on the model's own GEMM shapes), single process and at 2 ranks (TP2
 
 FLOPs: monitoring.flops.model_flops_per_token (Megatron's formula; fwd + bwd). The denominator P_gemm is the
 median FLOP/s of torch.matmul on the step's GEMMs ([T,h]x[h,*] projections, [T k/E, h]x[h, I] expert GEMMs,
-[T,h]x[h,V] head), weighted by their FLOPs, timed just before the run with the same thread count. A step is
+[T,h]x[h,V] head), each in the three operand layouts a training step runs (forward x W^T, input grad dY W,
+weight grad dY^T X), weighted by their FLOPs, timed just before the run with the same thread count. The
+forward-layout-only ceiling (higher on CPU: the transposed layouts run slower) is printed beside it. A step is
 forward + backward + optimizer step of DeepseekForCausalLM (hidden 1024, 8 experts) as our trainer runs it:
 DistributedDataParallel (flat grad buffer) + megatron_ascend.optimizer (grad norm, clip 1.0, flat fused AdamW). With --profile, torch.profiler's
-top self-CPU ops of one step name what eats the time that is not GEMM. Target (issue 11): >= 0.6 single process.
+top self-CPU ops of one step name what eats the time that is not GEMM. Single process it is printed for 1
+micro-batch per optimizer step (the optimizer's memory-bound AdamW + grad norm over all 31M params then weigh on
+only 512 tokens) and for 4 micro-batches accumulated per step (``--micro-batches``; a real run accumulates
+many). Target (issue 11): >= 0.6 single process.
 Not a test.
 """
 import argparse
@@ -50,24 +55,36 @@ def gemm_shapes(cfg: ModelConfig, T: int):
     return out
 
 
-def gemm_flops_per_s(shapes, reps=5) -> float:
-    """FLOP-weighted matmul throughput on these shapes: sum of FLOPs / sum of median times."""
+def _gemm_ops(m, k, n, layouts):
+    """The GEMMs of a linear layer y[m, n] = x[m, k] W[n, k]^T as the training step runs them: forward x W^T,
+    input grad dY W, weight grad dY^T X (``layouts`` 'fwd' or 'train' = all three)."""
+    x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+    ops = [lambda: torch.matmul(x, w.t())]
+    if layouts == "train":
+        ops += [lambda: torch.matmul(dy, w), lambda: torch.matmul(dy.t(), x)]
+    return ops
+
+
+def gemm_flops_per_s(shapes, reps=5, layouts="train") -> float:
+    """FLOP-weighted matmul throughput on these shapes: sum of FLOPs / sum of median times. ``layouts='train'``
+    times each shape's forward, input-grad and weight-grad GEMM (the operand layouts a step runs: the
+    transposed ones are slower on CPU); ``'fwd'`` only the forward one."""
     flops = secs = 0.0
     for m, k, n in sorted(set(shapes)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        torch.matmul(a, b)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            ts.append(time.perf_counter() - t0)
         cnt = shapes.count((m, k, n))
-        flops += 2 * m * k * n * cnt
-        secs += statistics.median(ts) * cnt
+        for op in _gemm_ops(m, k, n, layouts):
+            op()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                op()
+                ts.append(time.perf_counter() - t0)
+            flops += 2 * m * k * n * cnt
+            secs += statistics.median(ts) * cnt
     return flops / secs
 
 
-def _step_times(par, groups, reps, profile=False):
+def _step_times(par, groups, reps, profile=False, micro_batches=1):
     from megatron_ascend.models.deepseek import DeepseekForCausalLM
     cfg = ModelConfig(**CFG)
     torch.manual_seed(0)
@@ -82,8 +99,14 @@ def _step_times(par, groups, reps, profile=False):
 
     def step():
         opt.zero_grad()
-        out = m(ids, labels=ids, loss_mask=mask)
-        ((out["lm_loss"] * mask).sum() / mask.sum()).backward()
+        for i in range(micro_batches):  # gradient accumulation: all but the last backward inside no_sync
+            out = m(ids, labels=ids, loss_mask=mask)
+            loss = (out["lm_loss"] * mask).sum() / (mask.sum() * micro_batches)
+            if i < micro_batches - 1:
+                with ddp.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
         opt.step()
 
     step()
@@ -122,6 +145,8 @@ def main():
     ap.add_argument("--world", default="1,2")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--micro-batches", default="1,4",
+                    help="micro-batches per optimizer step to report (single process), comma-separated")
     a = ap.parse_args()
     cfg = ModelConfig(**CFG)
     f_step = model_flops_per_token(cfg, SEQ) * SEQ * MBS
@@ -130,13 +155,17 @@ def main():
     if "1" in a.world.split(","):
         torch.set_num_threads(a.threads)
         p_gemm = gemm_flops_per_s(gemm_shapes(cfg, SEQ * MBS))
-        ts, table = _step_times(ParallelConfig(), None, a.reps, a.profile)
-        t = statistics.median(ts)
-        print(f"1 process, {a.threads} threads: step {t * 1e3:.0f} ms (IQR {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}), "
-              f"P_gemm {p_gemm / 1e9:.1f} GFLOP/s, achieved {f_step / t / 1e9:.1f} GFLOP/s, "
-              f"MFU(gemm) = {f_step / t / p_gemm:.2f}")
-        if table:
-            print(table)
+        p_fwd = gemm_flops_per_s(gemm_shapes(cfg, SEQ * MBS), layouts="fwd")
+        print(f"P_gemm {p_gemm / 1e9:.1f} GFLOP/s (forward layouts only: {p_fwd / 1e9:.1f})")
+        for mb in (int(x) for x in a.micro_batches.split(",")):
+            ts, table = _step_times(ParallelConfig(), None, a.reps, a.profile, mb)
+            t = statistics.median(ts)
+            f = f_step * mb
+            print(f"1 process, {a.threads} threads, {mb} micro-batch(es) per step: step {t * 1e3:.0f} ms "
+                  f"(min-max {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}), achieved {f / t / 1e9:.1f} GFLOP/s, "
+                  f"MFU(gemm) = {f / t / p_gemm:.2f} (vs the forward-layout ceiling: {f / t / p_fwd:.2f})")
+            if table:
+                print(table)
     if "2" in a.world.split(","):
         from tests.harness import run_distributed
         for kind in ("tp", "ep"):
