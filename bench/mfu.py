@@ -172,8 +172,12 @@ def main():
             res = run_distributed(2, _dist_body, kind, a.reps, timeout=900)
             t = max(statistics.median(r[0]) for r in res)
             p = statistics.median([r[1] for r in res])
-            print(f"2 ranks {kind.upper()}2 (1 thread each): step {t * 1e3:.0f} ms, P_gemm/rank {p / 1e9:.1f} GFLOP/s, "
-                  f"MFU(gemm) = {f_step / t / (2 * p):.2f}")
+            # TP2: one model replica's micro-batch split over the 2 ranks; EP2 (dp = 2): each rank runs its own
+            # micro-batch through the replicated dense part, the experts see both -> twice the model FLOPs
+            replicas = 2 if kind == "ep" else 1
+            print(f"2 ranks {kind.upper()}2 (1 thread each, {replicas} micro-batch(es) of {SEQ} tokens in all): "
+                  f"step {t * 1e3:.0f} ms, P_gemm/rank {p / 1e9:.1f} GFLOP/s, "
+                  f"MFU(gemm) = {replicas * f_step / t / (2 * p):.2f}")
 
 
 if __name__ == "__main__":
