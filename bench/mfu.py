@@ -127,6 +127,8 @@ def _step_times(par, groups, reps, profile=False, micro_batches=1):
 def _dist_body(kind, reps):
     import torch.distributed as dist
     from megatron_ascend.parallel_state import initialize_model_parallel
+    from megatron_ascend.platform import tune_host_allocator
+    tune_host_allocator()
     n = dist.get_world_size()
     par = ParallelConfig(world_size=n, tensor_model_parallel_size=n if kind == "tp" else 1,
                          expert_model_parallel_size=n if kind == "ep" else 1,
@@ -148,6 +150,9 @@ def main():
     ap.add_argument("--micro-batches", default="1,4",
                     help="micro-batches per optimizer step to report (single process), comma-separated")
     a = ap.parse_args()
+    from megatron_ascend.platform import tune_host_allocator
+    print(f"host allocator kept warm (platform.tune_host_allocator, as the trainer does on CPU): "
+          f"{tune_host_allocator()}")
     cfg = ModelConfig(**CFG)
     f_step = model_flops_per_token(cfg, SEQ) * SEQ * MBS
     print(f"model: h {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-"

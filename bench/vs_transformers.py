@@ -159,7 +159,10 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    from megatron_ascend.platform import tune_host_allocator
+    tuned = tune_host_allocator()  # what our trainer does on CPU; one process, so transformers gets it too
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, host allocator kept warm "
+          f"(platform.tune_host_allocator, both sides): {tuned}")
     for name in a.configs.split(","):
         run(name, a.reps, a.warmup, a.same_optimizer)
 

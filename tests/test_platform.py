@@ -62,3 +62,14 @@ def test_reference_kernels():
     out = kernels.get("grouped_matmul")(xs, ws, counts)
     torch.testing.assert_close(out, torch.cat([xs[:3] @ ws[0], xs[3:] @ ws[2]]))
     assert set(kernels.table()) >= {"rms_norm", "swiglu", "grouped_matmul"}
+
+
+def test_host_allocator_tuning(monkeypatch):
+    """glibc's mallopt is applied on Linux (the CI and this machine), refused on request."""
+    import platform as pyplatform
+    from megatron_ascend.platform import tune_host_allocator
+    monkeypatch.setenv("MA_HOST_ALLOCATOR", "system")
+    assert tune_host_allocator() is False
+    monkeypatch.delenv("MA_HOST_ALLOCATOR")
+    if pyplatform.system() == "Linux" and pyplatform.libc_ver()[0] == "glibc":
+        assert tune_host_allocator() is True

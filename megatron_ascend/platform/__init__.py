@@ -7,9 +7,9 @@ capture/restore for the accelerator, memory statistics, the peak FLOP/s table, a
 Nothing outside this package imports torch_npu or calls torch.cuda / torch.npu directly.
 """
 from .device import (Platform, detect_platform, get_platform, get_rng_state, init_distributed, memory_stats,
-                     reset_peak_memory_stats, set_rng_state, synchronize)
+                     reset_peak_memory_stats, set_rng_state, synchronize, tune_host_allocator)
 from .peak_flops import PEAK_TFLOPS_BF16, peak_tflops
 from . import kernels
 
 __all__ = ["Platform", "detect_platform", "get_platform", "init_distributed", "memory_stats",
-           "reset_peak_memory_stats", "synchronize", "get_rng_state", "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels"]
+           "reset_peak_memory_stats", "synchronize", "tune_host_allocator", "get_rng_state", "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels"]

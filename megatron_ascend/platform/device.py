@@ -83,6 +83,27 @@ def get_platform() -> Platform:
     return _PLATFORM
 
 
+HOST_ALLOCATOR_ENV = "MA_HOST_ALLOCATOR"  # "system" leaves glibc's malloc settings alone
+
+
+def tune_host_allocator() -> bool:
+    """Keep freed host memory in the process instead of returning it to the OS (glibc ``mallopt``: blocks up to
+    32 MiB come from the heap, whose top is not trimmed). A CPU training step frees and re-allocates the same
+    multi-MiB activation tensors every micro-batch; by default glibc unmaps / trims them and every new one
+    page-faults again (measured: a 2 MiB row gather took 0.45 ms inside a step against 0.06 ms warm). This is
+    the host analogue of the accelerator's caching allocator: the resident size stays at its high-water mark.
+    Returns True when applied (Linux glibc, and ``MA_HOST_ALLOCATOR`` is not ``system``)."""
+    if os.environ.get(HOST_ALLOCATOR_ENV, "") == "system":
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): leave the allocator alone
+        return False
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> Platform:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT).
 
@@ -92,6 +113,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> Platform:
     plat = get_platform()
     if dist.is_initialized():
         return plat
+    if plat.kind == "cpu":
+        tune_host_allocator()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
