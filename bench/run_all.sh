@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Run every issue-11 benchmark and write docs/BENCHMARKS.md (figures, the machine, the commands).
+# Run every issue-11 benchmark and write docs/BENCHMARKS.md (target table, reading = bench/reading.md, figures,
+# the machine, the commands).
 #   bash bench/run_all.sh [reps]        (CPU; takes several minutes on 2 cores)
 set -u
 cd "$(dirname "$0")/.."
 REPS=${1:-6}
 OUT=docs/BENCHMARKS.md
 TMP=$(mktemp -d)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 run() {  # name, command...
   local name=$1; shift
   echo "running: $*" >&2
@@ -24,10 +26,16 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo "noisy: read the IQR and the load average below; ratios of interleaved runs are more stable than absolutes."
   echo "The communication-volume and memory figures are deterministic."
   echo
+  echo "## Targets (issue 11), from this run (\`python bench/summary.py\` over the outputs below)"
+  echo
+  python bench/summary.py "$TMP"
+  echo
+  cat bench/reading.md
+  echo
   echo "## Machine"
   echo
   echo '```'
-  echo "nproc: $(nproc)   load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "nproc: $(nproc)   load average before: $LOAD_BEFORE   after: $(cut -d' ' -f1-3 /proc/loadavg)"
   lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|MHz|L2|L3' || true
   python -c "import torch, transformers; print('torch', torch.__version__, 'threads', torch.get_num_threads(), '| transformers', transformers.__version__)"
   echo '```'
