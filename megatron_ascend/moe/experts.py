@@ -111,7 +111,7 @@ class _GroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         dx = torch._grouped_mm(dy, weight, offs=ctx.offs) if ctx.needs_input_grad[0] else None
-        dw = wgrad.grouped_wgrad(dy, x, ctx.counts, weight) if ctx.needs_input_grad[1] else None
+        dw = wgrad.grouped_wgrad(dy, x, ctx.counts, weight, ctx.offs) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
 
 

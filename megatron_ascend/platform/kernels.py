@@ -43,6 +43,13 @@ def get(name: str) -> Callable:
     return _REFERENCE[name]
 
 
+def per_group_weight_grad(device: torch.device) -> bool:
+    """Whether a grouped (per-expert) weight gradient runs fastest as one GEMM per group (True on CPU:
+    torch._grouped_mm's 2-D x 2-D mode measured 2.4x slower there, bench/moe_dispatch.py) rather than one
+    grouped-GEMM launch (accelerators, where per-group launches would be the slow path)."""
+    return torch.device(device).type == "cpu"
+
+
 def table() -> Dict[str, str]:
     """name -> 'fused' or 'reference' (what get() returns now)."""
     return {n: ("fused" if get(n) is not _REFERENCE[n] else "reference") for n in sorted(_REFERENCE)}

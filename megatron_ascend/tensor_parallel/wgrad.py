@@ -142,12 +142,25 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 # -- grouped (per-expert) weight gradients -----------------------------------------------------------------
-def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: List[int], weight: torch.Tensor) -> torch.Tensor:
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: List[int], weight: torch.Tensor,
+                  offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per group g: dW[g] = dy_g^T x_g ([out, in], the layout of ``weight [G, out, in]``); groups without rows
     get zeros. Written into ``weight.main_grad`` when fusion is on (returns the placeholder), else returned.
-    One GEMM per group with ``out=``: on CPU this is ~2.4x faster than torch._grouped_mm's 2-D x 2-D
-    (weight-gradient) mode at DeepSeek expert shapes (bench/moe_dispatch.py prints both)."""
+    Where ``platform.kernels.per_group_weight_grad`` says so (CPU) it is one GEMM per group with ``out=``:
+    ~2.4x faster there than torch._grouped_mm's 2-D x 2-D (weight-gradient) mode at DeepSeek expert shapes;
+    elsewhere that one grouped launch (``offs``: the int32 cumulative counts) computes it."""
+    from ..platform import kernels
     fused = fuses(weight)
+    if offs is not None and not kernels.per_group_weight_grad(dy.device):
+        dw = torch._grouped_mm(dy.t(), x, offs=offs)
+        if not fused:
+            return dw
+        if getattr(weight, "main_grad_stale", False):
+            weight.main_grad.copy_(dw)
+        else:
+            weight.main_grad.add_(dw)
+        weight.main_grad_stale = False
+        return _placeholder(weight)
     if fused:
         dst, overwrite = weight.main_grad, bool(getattr(weight, "main_grad_stale", False))
     else:
