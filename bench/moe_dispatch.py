@@ -4,7 +4,10 @@
 
 1. expert compute forward+backward, balanced and skewed loads: torch._grouped_mm path vs padded bmm vs a
    per-expert loop (the old reference), as time ratios to the loop;
-2. MoELayer forward+backward at EP=world on gloo: all-to-all vs all-gather dispatcher, as a ratio.
+2. the expert weight gradient alone, into a grad buffer: torch._grouped_mm's 2-D x 2-D mode + add vs one GEMM
+   per expert into main_grad (tensor_parallel.wgrad.grouped_wgrad on CPU), at the large vs_transformers shapes
+   and at the given ones;
+3. MoELayer forward+backward at EP=world on gloo: all-to-all vs all-gather dispatcher, as a ratio.
 CPU timings on a shared machine are noisy; read the ratios, not the seconds.
 """
 from __future__ import annotations
@@ -81,6 +84,25 @@ def _dispatch_body(tokens, hidden, inter, experts, reps):
     return out
 
 
+def bench_weight_grad(tokens, hidden, inter, experts, reps=10):
+    """The expert weight gradient alone, accumulated into a grad buffer as training does: torch._grouped_mm's
+    2-D x 2-D mode (one launch, a fresh [E, I, h] result) added into main_grad, vs one GEMM per expert written
+    into main_grad (tensor_parallel.wgrad.grouped_wgrad under gradient-accumulation fusion, its CPU path)."""
+    from megatron_ascend.tensor_parallel.wgrad import grouped_wgrad
+    torch.manual_seed(0)
+    counts = torch.multinomial(torch.ones(experts), tokens, replacement=True).bincount(minlength=experts).tolist()
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x, dy, w = torch.randn(tokens, hidden), torch.randn(tokens, inter), torch.randn(experts, inter, hidden)
+    w.main_grad, w.fuse_wgrad = torch.zeros_like(w), True
+    one = lambda: w.main_grad.add_(torch._grouped_mm(dy.t(), x, offs=offs))  # noqa: E731
+    per = lambda: grouped_wgrad(dy, x, counts, w)  # noqa: E731  (not stale: accumulates, like one)
+    t1 = t2 = float("inf")
+    for _ in range(3):
+        t1, t2 = min(t1, _time(one, reps)), min(t2, _time(per, reps))
+    print(f"expert weight grad into main_grad T={tokens} h={hidden} I={inter} E={experts}: _grouped_mm 2-D mode + "
+          f"add {t1 * 1e3:.2f} ms, per-expert GEMMs into main_grad {t2 * 1e3:.2f} ms, ratio {t1 / t2:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
@@ -89,7 +111,11 @@ def main():
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="threads for the weight-gradient comparison")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    bench_weight_grad(2048, 1024, 256, 32)  # the large vs_transformers config's expert GEMMs
+    bench_weight_grad(a.tokens, a.hidden, a.inter, a.experts)
     torch.set_num_threads(1)
     bench_grouped(a.tokens, a.hidden, a.inter, a.experts)
     from harness import run_distributed

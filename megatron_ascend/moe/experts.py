@@ -98,7 +98,7 @@ def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Te
 class _GroupedLinear(torch.autograd.Function):
     """y_g = x_g W[g]^T for W [G, out, in] with torch._grouped_mm forward and input-gradient; the weight
     gradient is one GEMM per group (``wgrad.grouped_wgrad``: into ``W.main_grad`` under gradient-accumulation
-    fusion), ~2.4x faster on CPU than torch._grouped_mm's own 2-D x 2-D weight-gradient mode."""
+    fusion; on CPU that skips a fresh [E, out, in] gradient and its add: 5.5 vs 15.9 ms at h 1024, 32 experts)."""
 
     @staticmethod
     def forward(ctx, x, weight, counts, offs):

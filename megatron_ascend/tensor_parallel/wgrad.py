@@ -146,9 +146,9 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: List[int], weight: 
                   offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per group g: dW[g] = dy_g^T x_g ([out, in], the layout of ``weight [G, out, in]``); groups without rows
     get zeros. Written into ``weight.main_grad`` when fusion is on (returns the placeholder), else returned.
-    Where ``platform.kernels.per_group_weight_grad`` says so (CPU) it is one GEMM per group with ``out=``:
-    ~2.4x faster there than torch._grouped_mm's 2-D x 2-D (weight-gradient) mode at DeepSeek expert shapes;
-    elsewhere that one grouped launch (``offs``: the int32 cumulative counts) computes it."""
+    Where ``platform.kernels.per_group_weight_grad`` says so (CPU) it is one GEMM per group with ``out=``
+    (into the warm main_grad under fusion: no fresh gradient to allocate, fault in and add); elsewhere one
+    torch._grouped_mm 2-D x 2-D launch (``offs``: the int32 cumulative counts) computes it."""
     from ..platform import kernels
     fused = fuses(weight)
     if offs is not None and not kernels.per_group_weight_grad(dy.device):
