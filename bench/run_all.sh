@@ -15,6 +15,8 @@ run() {  # name, command...
 }
 run vs_transformers python bench/vs_transformers.py --reps "$REPS"
 run mfu python bench/mfu.py --reps "$REPS" --profile
+run breakdown_mfu python bench/breakdown.py --config mfu
+run breakdown_small python bench/breakdown.py --config small
 run comm_volume python bench/comm_volume.py
 run scaling python bench/scaling.py --reps 3
 run planner_v3 python tools/plan.py --preset v3-2048-h800 --top 10
@@ -42,7 +44,7 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo
   echo "## Results"
   echo
-  cat "$TMP"/vs_transformers.md "$TMP"/mfu.md "$TMP"/comm_volume.md "$TMP"/scaling.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
+  cat "$TMP"/vs_transformers.md "$TMP"/mfu.md "$TMP"/breakdown_mfu.md "$TMP"/breakdown_small.md "$TMP"/comm_volume.md "$TMP"/scaling.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
 } > "$OUT"
 rm -rf "$TMP"
 echo "wrote $OUT" >&2
