@@ -182,7 +182,7 @@ def main():
     tune_host_allocator()
     plat = get_platform()
     dev = torch.device(a.device) if a.device else plat.device()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    name = plat.device_name if dev.type == plat.kind else dev.type
     peak = peak_tflops(name, a.peak_tflops) if dev.type != "cpu" else a.peak_tflops
     print(f"device {name}, torch {torch.__version__}")
     if not a.skip_parity:
