@@ -37,11 +37,9 @@ SMALL = 1024  # bytes: an unmodelled collective below this per step is a scalar 
 
 def measure_and_predict(extra: str):
     """Run in every rank: one warm-up step, one counted step; returns (measured, analytic, param check)."""
-    import torch
     from megatron_ascend.comm_counter import CommCounter
-    from megatron_ascend.planner.comm import CommOptions, rank_step_volume
-    from megatron_ascend.planner.layout import Layout
-    from megatron_ascend.planner.params import rank_params, stage_split
+    from megatron_ascend.planner.comm import rank_step_volume
+    from megatron_ascend.planner.live import live_inputs
     from megatron_ascend.training.entry import parse
     from megatron_ascend.training.trainer import Trainer
     tr = Trainer(parse((TINY + extra).split(), "pretrain"), print_fn=lambda s: None)
@@ -49,28 +47,11 @@ def measure_and_predict(extra: str):
         tr.train_step()
         with CommCounter(tr.groups) as cc:
             tr.train_step()
-        par, g = tr.par, tr.groups
-        lay = Layout.from_parallel_config(par, micro_batch_size=tr.train_cfg.micro_batch_size)
-        split = stage_split(tr.model_cfg, par.pp, tr.vp, par.decoder_first_pipeline_num_layers,
-                            par.decoder_last_pipeline_num_layers)
-        count = rank_params(tr.model_cfg, split, g.pp_rank, par.tp, par.ep, par.etp)
-        live_dense = live_expert = 0
-        pad = {False: 0, True: 0}
-        for c in tr.model_chunks:
-            for p in c.module.parameters():
-                if getattr(p, "is_expert", False):
-                    live_expert += p.numel()
-                else:
-                    live_dense += p.numel()
-            if par.use_distributed_optimizer:
-                for b in c.grad_buffers:
-                    pad[bool(b.is_expert)] += b.numel - b.numel_unpadded
-        opts = CommOptions(seq_length=tr.train_cfg.seq_length, num_microbatches=tr.num_micro,
-                           act_bytes=4, grad_bytes=4, param_bytes=4,
-                           dp_padding_elems=pad[False], edp_padding_elems=pad[True])
-        analytic = rank_step_volume(tr.model_cfg, lay, split, g.pp_rank, count, opts)
+        li = live_inputs(tr)
+        analytic = rank_step_volume(tr.model_cfg, li.layout, li.split, tr.groups.pp_rank, li.count,
+                                    li.comm_options(tr.train_cfg.seq_length, tr.num_micro))
         return (dict(cc.bytes), dict(cc.calls), analytic,
-                (live_dense, live_expert, count.dense, count.expert), sorted(cc.aliases))
+                (li.live_dense, li.live_expert, li.count.dense, li.count.expert), sorted(cc.aliases))
     finally:
         tr.close()
 

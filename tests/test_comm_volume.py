@@ -63,13 +63,11 @@ def _raw_collectives():
 
 
 def _step(extra):
-    import torch.distributed as dist
     from megatron_ascend.comm_counter import CommCounter
     from megatron_ascend.optimizer.memory import model_state_bytes as measured_states
-    from megatron_ascend.planner.comm import CommOptions, rank_step_volume
-    from megatron_ascend.planner.layout import Layout
+    from megatron_ascend.planner.comm import rank_step_volume
+    from megatron_ascend.planner.live import live_inputs
     from megatron_ascend.planner.memory import Precision, model_state_bytes
-    from megatron_ascend.planner.params import rank_params, stage_split
     from megatron_ascend.training.entry import parse
     from megatron_ascend.training.trainer import Trainer
     tr = Trainer(parse((TINY + extra).split(), "pretrain"), print_fn=lambda s: None)
@@ -77,26 +75,13 @@ def _step(extra):
         tr.train_step()
         with CommCounter(tr.groups) as cc:
             tr.train_step()
-        par, g = tr.par, tr.groups
-        lay = Layout.from_parallel_config(par, micro_batch_size=tr.train_cfg.micro_batch_size)
-        split = stage_split(tr.model_cfg, par.pp, tr.vp, par.decoder_first_pipeline_num_layers,
-                            par.decoder_last_pipeline_num_layers)
-        count = rank_params(tr.model_cfg, split, g.pp_rank, par.tp, par.ep, par.etp)
-        live = [0, 0]
-        pad = {False: 0, True: 0}
-        for c in tr.model_chunks:
-            for p in c.module.parameters():
-                live[bool(getattr(p, "is_expert", False))] += p.numel()
-            if par.use_distributed_optimizer:
-                for b in c.grad_buffers:
-                    pad[bool(b.is_expert)] += b.numel - b.numel_unpadded
-        opts = CommOptions(seq_length=tr.train_cfg.seq_length, num_microbatches=tr.num_micro, act_bytes=4,
-                           grad_bytes=4, param_bytes=4,
-                           dp_padding_elems=pad[False], edp_padding_elems=pad[True])
-        analytic = rank_step_volume(tr.model_cfg, lay, split, g.pp_rank, count, opts)
-        states = model_state_bytes(count, Precision.named("fp32"), par.dp, par.edp, par.use_distributed_optimizer,
-                                   pad[False], pad[True])
-        return dict(bytes=dict(cc.bytes), analytic=analytic, live=tuple(live), planned=(count.dense, count.expert),
+        par, li = tr.par, live_inputs(tr)
+        analytic = rank_step_volume(tr.model_cfg, li.layout, li.split, tr.groups.pp_rank, li.count,
+                                    li.comm_options(tr.train_cfg.seq_length, tr.num_micro))
+        states = model_state_bytes(li.count, Precision.named("fp32"), par.dp, par.edp,
+                                   par.use_distributed_optimizer, li.padding[False], li.padding[True])
+        return dict(bytes=dict(cc.bytes), analytic=analytic, live=(li.live_dense, li.live_expert),
+                    planned=(li.count.dense, li.count.expert),
                     measured_states=measured_states(tr.model_chunks, tr.optimizer), states=states.as_dict())
     finally:
         tr.close()
