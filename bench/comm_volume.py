@@ -15,13 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TINY = ("--num-layers 3 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --q-lora-rank 16 "
-        "--kv-lora-rank 16 --qk-head-dim 8 --qk-pos-emb-head-dim 4 --v-head-dim 8 --num-experts 4 "
-        "--moe-ffn-hidden-size 16 --n-shared-experts 1 --moe-router-topk 2 --first-k-dense-replace 1 "
-        "--moe-router-score-function sigmoid --moe-router-topk-method noaux_tc "
-        "--mtp-num-layers 1 --vocab-size 128 --make-vocab-size-divisible-by 1 --max-position-embeddings 64 "
-        "--seq-length 16 --micro-batch-size 1 --global-batch-size 8 --lr 3e-3 --train-iters 2 "
-        "--log-interval 1 --mock-data --seed 7 ")
+# the tiny model and the modelled groups of the conformance test (tests/test_comm_volume.py), shared
+from tests.test_comm_volume import MODELLED, TINY  # noqa: E402
+
 LAYOUTS = {
     "TP2 SP EP2 ETP1 DP2 distopt": "--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 "
                                    "--expert-tensor-parallel-size 1 --use-distributed-optimizer",
@@ -31,7 +27,6 @@ LAYOUTS = {
                    "--expert-model-parallel-size 2",
     "DP4 EP4 distopt": "--expert-model-parallel-size 4 --use-distributed-optimizer",
 }
-MODELLED = ("tp", "ep", "pp", "dp_cp", "edp", "embedding")
 SMALL = 1024  # bytes: an unmodelled collective below this per step is a scalar / count (loss, tokens, loads)
 
 
