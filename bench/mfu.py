@@ -55,6 +55,17 @@ def gemm_shapes(cfg: ModelConfig, T: int):
     return out
 
 
+def _times(fn, reps):
+    """Wall times of ``reps`` calls of fn (after one untimed warm-up call)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
 def _gemm_ops(m, k, n, layouts):
     """The GEMMs of a linear layer y[m, n] = x[m, k] W[n, k]^T as the training step runs them: forward x W^T,
     input grad dY W, weight grad dY^T X (``layouts`` 'fwd' or 'train' = all three)."""
@@ -73,12 +84,7 @@ def gemm_flops_per_s(shapes, reps=5, layouts="train") -> float:
     for m, k, n in sorted(set(shapes)):
         cnt = shapes.count((m, k, n))
         for op in _gemm_ops(m, k, n, layouts):
-            op()
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                op()
-                ts.append(time.perf_counter() - t0)
+            ts = _times(op, reps)
             flops += 2 * m * k * n * cnt
             secs += statistics.median(ts) * cnt
     return flops / secs
@@ -109,12 +115,7 @@ def _step_times(par, groups, reps, profile=False, micro_batches=1):
                 loss.backward()
         opt.step()
 
-    step()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
+    ts = _times(step, reps)
     table = None
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof
