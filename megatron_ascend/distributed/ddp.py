@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..tensor_parallel.wgrad import accumulate_main_grad, zero_if_stale
+from ..tensor_parallel.wgrad import accumulate_main_grad
 from .grad_buffer import Bucket, GradBuffer
 
 GRADIENT_SCALINGS = ("sum", "average")
@@ -214,12 +214,6 @@ class DistributedDataParallel(nn.Module):
             self._next[k] = 0
         # lazily zeroed: the stale grads must still be zeroed (in the reduction) even if no backward runs
         self._synced = not self.gradient_accumulation_fusion
-
-    def zero_stale_grads(self) -> None:
-        """Zero the main_grad of every param that got no gradient since ``zero_grad_buffer`` (lazy zeroing);
-        the reduction does this per bucket, call it before reading grads outside the reduction."""
-        for p in self._buffer_of_params():
-            zero_if_stale(p)
 
     def _buffer_of_params(self):
         for b in self.grad_buffers:

@@ -189,8 +189,6 @@ class GradBuffer:
             for p in self.params:
                 p.main_grad_stale = True
         else:
-            self.grad_data.zero_()
-            for p in self.params:
-                p.main_grad_stale = False
+            self.grad_data.zero_()  # (a stale flag left by an earlier lazy zero only makes the next write copy_)
         for b in self.buckets:
             b.reset()

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..platform import get_platform
+from ..tensor_parallel.wgrad import zero_if_stale
 
 
 def mark_shared_embedding(param: torch.nn.Parameter, canonical: bool) -> torch.nn.Parameter:
@@ -48,7 +49,10 @@ def shared_embedding_params(model_chunks: Iterable[torch.nn.Module]) -> List[tor
 
 def _grad_of(p: torch.nn.Parameter) -> Optional[torch.Tensor]:
     g = getattr(p, "main_grad", None)
-    return g if g is not None else p.grad
+    if g is not None:
+        zero_if_stale(p)  # lazily zeroed grad buffer (gradient-accumulation fusion): no grad this step = zeros
+        return g
+    return p.grad
 
 
 def _group_agrees(params: List[torch.nn.Parameter], groups) -> bool:

@@ -32,6 +32,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..platform import kernels
+
 
 def mark_wgrad_fusable(p: torch.nn.Parameter) -> torch.nn.Parameter:
     p.wgrad_fusable = True
@@ -126,10 +128,8 @@ class _EmbeddingWgradFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         ids, weight = ctx.saved_tensors
+        zero_if_stale(weight)
         mg = weight.main_grad
-        if getattr(weight, "main_grad_stale", False):
-            mg.zero_()
-            weight.main_grad_stale = False
         mg.index_add_(0, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).to(mg.dtype))
         return None, _placeholder(weight)
 
@@ -149,17 +149,12 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: List[int], weight: 
     Where ``platform.kernels.per_group_weight_grad`` says so (CPU) it is one GEMM per group with ``out=``
     (into the warm main_grad under fusion: no fresh gradient to allocate, fault in and add); elsewhere one
     torch._grouped_mm 2-D x 2-D launch (``offs``: the int32 cumulative counts) computes it."""
-    from ..platform import kernels
     fused = fuses(weight)
     if offs is not None and not kernels.per_group_weight_grad(dy.device):
         dw = torch._grouped_mm(dy.t(), x, offs=offs)
         if not fused:
             return dw
-        if getattr(weight, "main_grad_stale", False):
-            weight.main_grad.copy_(dw)
-        else:
-            weight.main_grad.add_(dw)
-        weight.main_grad_stale = False
+        accumulate_main_grad(weight, dw)
         return _placeholder(weight)
     if fused:
         dst, overwrite = weight.main_grad, bool(getattr(weight, "main_grad_stale", False))

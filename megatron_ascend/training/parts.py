@@ -110,8 +110,6 @@ def finalize_grads(model_chunks, groups) -> None:
     (the sum is linear, so the order does not change the result). Without --overlap-grad-reduce no bucket has
     been reduced yet at this point."""
     from ..pipeline_parallel.embedding_sync import allreduce_embedding_grads
-    for c in model_chunks:
-        c.zero_stale_grads()  # a copy that got no grad this step must read as zeros
     allreduce_embedding_grads(model_chunks, groups)
     for c in model_chunks:
         c.finish_grad_sync()

@@ -77,15 +77,17 @@ def _sdpa_keeps_inputs(q: torch.Tensor, v: torch.Tensor, masked: bool) -> bool:
     return _SDPA_KEEPS_INPUTS[key]
 
 
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``allowed``, the dtype's minimum elsewhere (a finite bias: a row with no allowed key attends
+    uniformly instead of giving NaN; an add keeps nothing for backward)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _explicit_attention(qt, kt, vt, mask, scale):
-    """softmax(q k^T * scale, masked) v on [b, n, s, d]; autograd keeps q, k, v themselves (views) and the
-    probabilities -- the memory of torch's math fallback, with q/k/v droppable. The mask is an additive bias
-    (0 / the dtype's minimum; an add keeps nothing for backward), so a row with no allowed key attends
-    uniformly instead of giving NaN."""
-    w = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-    s = qt.shape[-2]
-    allowed = torch.ones(s, s, dtype=torch.bool, device=qt.device).tril() if mask is None else mask
-    w = w + torch.zeros(allowed.shape, dtype=w.dtype, device=w.device).masked_fill(~allowed, torch.finfo(w.dtype).min)
+    """softmax(q k^T * scale, masked) v on [b, n, s, d] with a bool ``mask`` (packed segments, DSA top-k;
+    the causal case takes ``_causal_block_attention``); autograd keeps q, k, v themselves (views) and the
+    probabilities -- the memory of torch's math fallback, with q/k/v droppable."""
+    w = torch.matmul(qt, kt.transpose(-1, -2)) * scale + _additive_mask(mask, qt.dtype)
     p = torch.softmax(w, dim=-1, dtype=_softmax_dtype(w.dtype)).to(vt.dtype)
     return torch.matmul(p, vt)
 
@@ -116,8 +118,7 @@ def _causal_bias(rows: int, cols: int, offset: int, dtype, device) -> torch.Tens
     key = (rows, cols, offset, dtype, device)
     t = _CAUSAL_BIAS.get(key)
     if t is None:
-        allowed = torch.ones(rows, cols, dtype=torch.bool, device=device).tril(offset)
-        t = torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        t = _additive_mask(torch.ones(rows, cols, dtype=torch.bool, device=device).tril(offset), dtype)
         if len(_CAUSAL_BIAS) > 256:
             _CAUSAL_BIAS.clear()
         _CAUSAL_BIAS[key] = t
