@@ -55,9 +55,9 @@ def _sync(dev):
 
 
 def _bf16(m):
-    for name, p in m.named_parameters():
-        if not name.endswith("gate.weight"):  # the router weight stays fp32 (DeepSeek's recipe; the trainer's rule)
-            p.data = p.data.to(torch.bfloat16)
+    """The trainer's --bf16 cast (the router weight and fp32-marked params stay fp32)."""
+    from megatron_ascend.training.parts import _cast_keep_fp32_buffers
+    _cast_keep_fp32_buffers(m, torch.bfloat16)
 
 
 def _loss(m, ids):
