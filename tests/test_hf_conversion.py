@@ -58,9 +58,10 @@ def save_hf(model, d, mtp=False):
     from safetensors.torch import save_file
     model.save_pretrained(d, max_shard_size="60KB")
     if mtp:
-        from megatron_ascend.checkpointing.hf import expected_tensors, model_config_from_hf
+        from megatron_ascend.checkpointing.hf import expected_tensors
+        from megatron_ascend.config import ModelConfig
         from megatron_ascend.models.deepseek.hf_names import hf_names_for
-        cfg = model_config_from_hf(json.load(open(os.path.join(d, "config.json"))))
+        cfg = ModelConfig.from_hf_dict(json.load(open(os.path.join(d, "config.json"))))
         g = torch.Generator().manual_seed(5)
         extra = {}
         for ma, shape in expected_tensors(cfg).items():

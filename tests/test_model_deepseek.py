@@ -363,3 +363,27 @@ def test_causal_block_attention_equals_full_softmax(s):
     assert (out - ref).abs().max().item() < 1e-12
     for a, r in ((q, qr), (k, kr), (v, vr)):
         assert (a.grad - r.grad).abs().max().item() < 1e-12
+
+
+def test_indexer_loss_gradient_follows_the_global_aux_loss_scale():
+    """The DSA indexer's KL gradient is scaled like every other aux loss by the trainer's one scale
+    (moe.set_aux_loss_scale = 1 / (micro-batches x dp)): the indexer weights get gradient only from that loss,
+    so at scale 1/4 their grads are a quarter of those at scale 1."""
+    from megatron_ascend.models.deepseek import DeepseekForCausalLM
+    from megatron_ascend.moe import set_aux_loss_scale
+    cfg = tiny_cfg(model_type="deepseek_v32", first_k_dense_replace=2, index_n_heads=4, index_head_dim=16,
+                   index_topk=3, dsa_indexer_loss_coeff=0.5, num_nextn_predict_layers=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    try:
+        for scale in (1.0, 0.25):
+            set_aux_loss_scale(scale)
+            m = DeepseekForCausalLM(cfg, init_seed=3)
+            out = m(ids, labels=ids, loss_mask=torch.ones(ids.shape))
+            out["lm_loss"].mean().backward()
+            grads[scale] = {n: p.grad.clone() for n, p in m.named_parameters() if ".indexer." in n}
+    finally:
+        set_aux_loss_scale(1.0)
+    assert grads[1.0] and all(float(g.abs().sum()) > 0 for g in grads[1.0].values())
+    for n, g in grads[1.0].items():
+        assert torch.allclose(grads[0.25][n], 0.25 * g, rtol=1e-5, atol=1e-9), n

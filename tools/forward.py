@@ -117,17 +117,16 @@ def run_forward(args):
     """Returns the output dict on the writing rank (None elsewhere); writes ``args.output`` there."""
     from megatron_ascend import platform
     from megatron_ascend.checkpointing import load_checkpoint, find_checkpoint, read_common
-    from megatron_ascend.checkpointing.hf import model_config_from_hf
     from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all
     from megatron_ascend.models.deepseek import DeepseekForCausalLM, load_hf_state_dict_into
     from megatron_ascend.parallel_state import initialize_model_parallel
     from megatron_ascend.pipeline_parallel import P2PCommunicator, model_chunk_specs
+    from megatron_ascend.tensor_parallel import gather_from_tensor_model_parallel_region
 
     plat = platform.init_distributed()
     device = plat.device()
     if args.hf_dir:
-        with open(os.path.join(args.hf_dir, "config.json")) as f:
-            cfg = model_config_from_hf(json.load(f))
+        cfg = ModelConfig.from_json_file(os.path.join(args.hf_dir, "config.json"))
     elif args.model_config:
         cfg = ModelConfig.from_json_file(args.model_config)
     else:
@@ -174,11 +173,7 @@ def run_forward(args):
             p2p.finish()
             return None
     # vocab-parallel logits [s, b, V_pad/tp] -> [b, s, V]
-    logits = out.float()
-    if groups.tp_size > 1:
-        parts = [torch.empty_like(logits) for _ in range(groups.tp_size)]
-        dist.all_gather(parts, logits.contiguous(), group=groups.tp)
-        logits = torch.cat(parts, dim=-1)
+    logits = gather_from_tensor_model_parallel_region(out.float(), groups.tp)
     logits = logits[..., : cfg.vocab_size].transpose(0, 1).contiguous().cpu()
     result = {"logits": logits, "input_ids": ids.cpu()}
     if labels is not None:

@@ -115,13 +115,6 @@ def read_hf_dir(path: str) -> HFDir:
     return HFDir(path, config, weight_map, headers)
 
 
-def model_config_from_hf(config: Dict[str, Any]) -> ModelConfig:
-    d = dict(config)
-    if d.get("q_lora_rank", 1) is None:
-        d["q_lora_rank"] = 0
-    return ModelConfig.from_hf_dict(d)
-
-
 @functools.lru_cache(maxsize=8)
 def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Global shapes of every tensor our single-process model holds (built on the meta device, without
@@ -301,7 +294,7 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
     """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS)."""
     dtype = _dtype(save_dtype)
     hf = read_hf_dir(hf_dir)
-    cfg = model_config_from_hf(hf.config)
+    cfg = ModelConfig.from_hf_dict(hf.config)
     # a layout for validation: etp 1 (DeepSeek recipes) and the smallest dp that lets ep fit in a stage
     dp = ep // math.gcd(ep, tp)
     par = ParallelConfig(world_size=tp * pp * dp, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

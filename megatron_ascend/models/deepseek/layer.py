@@ -3,8 +3,9 @@
     h = h + self_attn(input_layernorm(h));  h = h + mlp(post_attention_layernorm(h))
 
 ``hidden [s(/tp), b, h]`` in and out. The MoE block is ``megatron_ascend.moe.MoELayer`` (imported when a
-MoE layer is built). The DSA indexer's KL loss is attached to the graph (``attach_aux_loss``) so its gradient
-flows from any pipeline stage; the layer also returns the detached value for logging.
+MoE layer is built). The DSA indexer's KL loss is attached to the graph (``moe.load_balancing.attach_aux_loss``,
+scaled like the MoE aux losses by ``moe.set_aux_loss_scale``) so its gradient flows from any pipeline stage;
+the layer also returns the detached value for logging.
 """
 from __future__ import annotations
 
@@ -14,30 +15,11 @@ import torch
 import torch.nn as nn
 
 from ...config import ModelConfig, ParallelConfig
+from ...moe.load_balancing import attach_aux_loss
 from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
 from .attention import MLAttention
 from .mlp import DenseMLP
 from .norm import RMSNorm
-
-
-class _AttachAuxLoss(torch.autograd.Function):
-    """Identity on ``hidden``; in backward, feeds d(aux)/d(aux) = scale into the aux loss graph."""
-
-    @staticmethod
-    def forward(ctx, hidden, aux, scale):
-        ctx.scale = scale
-        ctx.aux_shape = aux.shape
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=g.device), None
-
-
-def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
-    if scale == 0.0 or not aux.requires_grad:
-        return hidden
-    return _AttachAuxLoss.apply(hidden, aux, scale)
 
 
 class DecoderLayer(nn.Module):
@@ -55,7 +37,6 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, groups, sp, config.swiglu_limit)
         self.indexer_loss_coeff = config.dsa_indexer_loss_coeff
-        self.aux_loss_scale = 1.0  # set by the trainer (e.g. 1 / num_microbatches), see DeepseekForCausalLM
         self.recompute_modules = frozenset()
 
     def _norm_then(self, norm, x, consumer):
@@ -77,7 +58,8 @@ class DecoderLayer(nn.Module):
         attn, idx_loss = self._norm_then(self.input_layernorm, hidden, lambda y: self.self_attn(y, cos, sin, mask))
         hidden = hidden + attn
         if idx_loss is not None:
-            hidden = attach_aux_loss(hidden, idx_loss, self.indexer_loss_coeff * self.aux_loss_scale)
+            if self.indexer_loss_coeff:  # gradient scaled by the one aux-loss scale (moe.set_aux_loss_scale)
+                hidden = attach_aux_loss(hidden, self.indexer_loss_coeff * idx_loss)
             idx_loss = idx_loss.detach()
         hidden = hidden + self._norm_then(self.post_attention_layernorm, hidden, lambda y: self._mlp(y, input_ids))
         return hidden, idx_loss

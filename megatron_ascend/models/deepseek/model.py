@@ -17,8 +17,9 @@ vocab; tied to the embedding when ``tie_word_embeddings``), ``mtp.layers.{k}``.
     already multiplied by that depth's mask], 'mtp_loss_masks': [[b, s] per depth], 'mtp_loss_scale':
     mtp_loss_scaling_factor / D, 'indexer_loss': detached sum over this chunk's DSA layers (coefficient not
     applied) or None}``. The trainer adds ``mtp_loss_scale * sum_k sum(mtp_losses[k])`` normalised like the LM
-    loss. The DSA indexer loss is NOT to be added again: its gradient (``dsa_indexer_loss_coeff * aux_loss_scale``)
-    is attached inside each layer, so it flows from every pipeline stage; set ``set_aux_loss_scale``.
+    loss. The DSA indexer loss is NOT to be added again: its gradient (``dsa_indexer_loss_coeff`` times the aux-loss
+    scale) is attached inside each layer, so it flows from every pipeline stage; the trainer sets the scale with
+    ``moe.set_aux_loss_scale`` (1 / (micro-batches x dp)), as for the MoE aux losses.
 
 Initialisation is layout independent: every parameter is drawn by its global name (``sharding.init_normal_``,
 std ``init_method_std``); norms are 1, biases 0; the padded vocab rows are 0.
@@ -114,12 +115,6 @@ class DeepseekForCausalLM(nn.Module):
         if isinstance(t, (list, tuple)):
             t = t[0] if t else None
         self.input_tensor = t
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        """Scale of the attached DSA-indexer loss gradient (e.g. 1 / num_microbatches)."""
-        for m in self.modules():
-            if isinstance(m, DecoderLayer):
-                m.aux_loss_scale = scale
 
     # -- init ---------------------------------------------------------------------------------------------
     @torch.no_grad()
