@@ -103,16 +103,17 @@ def get_forward_backward_func(pp: int, vp: int):
 
 
 def finalize_grads(model_chunks, groups) -> None:
-    """Sum the embedding copies' grads over the embedding group, then finish the dp / expert-dp reduction.
+    """Finish the dp / expert-dp reduction, then sum the embedding copies' grads over the embedding group.
 
-    The embedding sum comes first: under the distributed optimizer the first and last stages own different
-    flat ranges of their embedding copies after the reduce-scatter, so only the full local grads can be summed
-    (the sum is linear, so the order does not change the result). Without --overlap-grad-reduce no bucket has
-    been reduced yet at this point."""
+    In this order because with --overlap-grad-reduce an embedding copy's bucket may already be reducing
+    asynchronously when backward ends: the sum must not read or write that main_grad before the reduction is
+    waited for. It is correct after the reduce-scatter of the distributed optimizer too: every copy has a
+    bucket of its own (grad_buffer.py), so first and last stage (same dp index) own the same range of it, and
+    the sum is linear. tests/test_ddp_deepseek.py runs this order at PP2 with distopt and with overlap."""
     from ..pipeline_parallel.embedding_sync import allreduce_embedding_grads
-    allreduce_embedding_grads(model_chunks, groups)
     for c in model_chunks:
         c.finish_grad_sync()
+    allreduce_embedding_grads(model_chunks, groups)
 
 
 # -- optimizer -------------------------------------------------------------------------------------------------
