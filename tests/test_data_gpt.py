@@ -109,6 +109,18 @@ def test_split_and_builder(corpus, tmp_path):
         build_train_valid_test_datasets([corpus], "20,2,1", [40, 5, 5], 64, seed=3, cache_dir=str(tmp_path / "c"))
 
 
+def test_blend_component_without_documents_in_a_split_is_dropped_and_the_rest_resized(tmp_path):
+    """A blend component whose split got no document is left out; the others are sized with the weights
+    renormalised over what remains (else the remaining component is too small for the blend)."""
+    a = build_indexed(tmp_path / "a", _docs(100, seed=1, base=1), np.int32)
+    b = build_indexed(tmp_path / "b", [list(range(100000 + 40 * i, 100040 + 40 * i)) for i in range(3)],
+                      np.int32)  # 3 documents: its valid split is empty
+    _, valid, _ = build_train_valid_test_datasets(["0.5", a, "0.5", b], "90,10,0", [40, 40, 0], 8, seed=0,
+                                                  cache_dir=str(tmp_path / "c"))
+    assert len(valid) == 40
+    assert all((valid[i]["tokens"] < 100000).all() for i in range(len(valid)))
+
+
 def test_blended_weights(tmp_path):
     a = build_indexed(tmp_path / "a", _docs(30, seed=1, base=1), np.int32)
     b = build_indexed(tmp_path / "b", _docs(30, seed=2, base=100000), np.int32)

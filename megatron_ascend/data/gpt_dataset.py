@@ -234,6 +234,22 @@ def checked_token_ids(ds: IndexedDataset, vocab_size: int, cache_dir: Optional[s
         check_token_ids(ds, vocab_size)  # the full scan names the sequence
 
 
+def split_components(lengths: Sequence[int], weights: Sequence[float], fractions, s: int, n: Optional[int]):
+    """The blend components of split ``s``: ([(index, document range, weight, samples to build)], indices of
+    the components whose range is empty). The weights are renormalised over the components kept, and each is
+    built with ceil(weight x n x 1.005) samples as Megatron does (n itself for a single dataset), so the
+    blend can always draw its n samples."""
+    ranges = [split_ranges(length, fractions)[s] for length in lengths]
+    keep = [i for i, r in enumerate(ranges) if r[0] != r[1]]
+    total = sum(weights[i] for i in keep)
+    comps = []
+    for i in keep:
+        w = weights[i] / total
+        want = n if len(lengths) == 1 or n is None else int(math.ceil(w * n * 1.005))
+        comps.append((i, ranges[i], w, want))
+    return comps, [i for i in range(len(lengths)) if i not in keep]
+
+
 def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
                                     train_valid_test_num_samples: Sequence[Optional[int]], seq_length: int,
                                     seed: int, cache_dir: Optional[str] = None, *, vocab_size: Optional[int] = None,
@@ -242,7 +258,8 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
 
     A split with weight 0, 0 requested samples, or no document at all (a tiny corpus) is None (the last
     with a warning); a split with documents but fewer tokens than one sample is an error. With several
-    prefixes each split is a BlendedDataset whose components are sized ceil(weight x n x 1.005), as Megatron does. ``vocab_size``
+    prefixes each split is a BlendedDataset whose components are sized ceil(weight x n x 1.005), as Megatron does
+    (weights renormalised over the components that have documents in that split: ``split_components``). ``vocab_size``
     (the tokenizer's, unpadded) turns on the token-id range check of every .bin.
     """
     weights, prefixes = parse_data_path(data_path)
@@ -262,16 +279,13 @@ def build_train_valid_test_datasets(data_path: Sequence[str], split: str,
         if fractions[s] == 0 or n == 0:
             out.append(None)
             continue
-        parts, part_weights = [], []
-        for w, ds in zip(weights, indexed):
-            rng = split_ranges(len(ds), fractions)[s]
-            if rng[0] == rng[1]:  # the split got no document of this dataset (a tiny corpus): leave it out
-                logger.warning("%s: the %s split has no documents (split %s over %d documents); it is not used",
-                               ds.path_prefix, name, split, len(ds))
-                continue
-            want = n if len(indexed) == 1 or n is None else int(math.ceil(w * n * 1.005))
-            parts.append(GPTDataset(ds, rng, want, seq_length, seed, cache_dir, name=name, **dataset_kwargs))
-            part_weights.append(w)
+        comps, empty = split_components([len(ds) for ds in indexed], weights, fractions, s, n)
+        for i in empty:  # the split got no document of this dataset (a tiny corpus): leave it out
+            logger.warning("%s: the %s split has no documents (split %s over %d documents); it is not used",
+                           indexed[i].path_prefix, name, split, len(indexed[i]))
+        parts = [GPTDataset(indexed[i], rng, want, seq_length, seed, cache_dir, name=name, **dataset_kwargs)
+                 for i, rng, _, want in comps]
+        part_weights = [w for _, _, w, _ in comps]
         if not parts:
             out.append(None)
         elif len(indexed) == 1:

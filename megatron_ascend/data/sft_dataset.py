@@ -32,7 +32,7 @@ import torch
 from . import index_cache
 from .blended_dataset import BlendedDataset, parse_data_path
 from .errors import DataError
-from .gpt_dataset import parse_split, split_ranges
+from .gpt_dataset import parse_split, split_components
 from .indexed_dataset import IndexedDataset, dataset_exists
 from .sft_format import INPUT_IDS_SUFFIX, LOSS_MASK_SUFFIX
 
@@ -198,14 +198,14 @@ def build_sft_datasets(data_path: Sequence[str], split: str, train_valid_test_nu
         if fractions[s] == 0 or n == 0:
             out.append(None)
             continue
+        comps, empty = split_components([len(ids) for ids, _ in opened], weights, fractions, s, n)
+        for i in empty:
+            ids = opened[i][0]
+            logger.warning("%s: the %s split has no conversations (split %s over %d); it is not used",
+                           ids.path_prefix, name, split, len(ids))
         parts, part_weights = [], []
-        for w, (ids, mask) in zip(weights, opened):
-            rng = split_ranges(len(ids), fractions)[s]
-            if rng[0] == rng[1]:
-                logger.warning("%s: the %s split has no conversations (split %s over %d); it is not used",
-                               ids.path_prefix, name, split, len(ids))
-                continue
-            want = n if len(opened) == 1 or n is None else int(math.ceil(w * n * 1.005))
+        for i, rng, w, want in comps:
+            ids, mask = opened[i]
             cd = cache_dir if cache_dir is not None else os.path.join(
                 os.path.dirname(os.path.abspath(ids.path_prefix)), "cache", "SFTDataset_indices")
             parts.append(SFTDataset(ids, mask, seq_length, want, seed, pack, pad, rng, truncate, name, cd))
