@@ -16,7 +16,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")

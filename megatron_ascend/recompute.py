@@ -38,7 +38,6 @@ from . import platform
 from .config import RECOMPUTE_MODULES, ConfigError, TrainingConfig
 from .tensor_parallel import random as tp_random
 
-_DECODER_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe")
 _MOE_INTERNAL = ("moe_act", "shared_experts")
 
 

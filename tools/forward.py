@@ -19,7 +19,6 @@ runs the same batch. Virtual pipeline stages are not used here (the layout only 
 weights are split). The work is in ``run_forward(args)`` so tests can call it inside gloo workers.
 """
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ascend.arguments import exit_on_config_error  # noqa: E402
 from megatron_ascend.config import ConfigError, ModelConfig  # noqa: E402
 from megatron_ascend.planner.enumerate import MemoryOptions, evaluate, search  # noqa: E402
 from megatron_ascend.planner.layout import Cluster, Layout  # noqa: E402
@@ -52,6 +53,7 @@ def parse_layout(text: str, num_devices: int) -> Layout:
     return Layout(dp=num_devices // (tp * pp), **kw)
 
 
+@exit_on_config_error
 def main(argv=None):
     p = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=PRESETS)
@@ -73,12 +75,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--layout", help="evaluate one layout, e.g. tp=1,pp=16,ep=64,distopt=1,rc=full,first=4,last=1")
     p.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(p.parse_args(argv))
 
 
 def run(args):

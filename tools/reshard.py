@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from megatron_ascend.arguments import exit_on_config_error  # noqa: E402
 from megatron_ascend.checkpointing import CheckpointError, find_checkpoint, read_common  # noqa: E402
 from megatron_ascend.checkpointing.checkpoint import COMMON, TRACKER, _to_json, _write_text, checkpoint_dir  # noqa: E402
+from megatron_ascend.checkpointing.hf import DTYPES, KEEP_FP32  # noqa: E402
 from megatron_ascend.checkpointing.dcp_io import Chunk, read_chunks, read_metadata, write_chunks  # noqa: E402
 from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all  # noqa: E402
 
@@ -89,12 +90,12 @@ def main(argv=None):
         print(f"{path}: fits tp {tp} pp {pp} ep {ep} etp {etp} (world {world}); load it there with --load")
         if not a.save_dir:
             return
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(a.save_dtype)
+        dtype = DTYPES.get(a.save_dtype)
         chunks = []
         for fqn, m in md.state_dict_metadata.items():
             if (a.drop_optimizer and fqn.startswith("optimizer/")) or (a.drop_rng and fqn.startswith("rng/")):
                 continue
-            is_weight = "/" not in fqn and "e_score_correction_bias" not in fqn
+            is_weight = "/" not in fqn and not any(k in fqn for k in KEEP_FP32)
             out_dtype = dtype if (dtype is not None and is_weight) else m.properties.dtype
 
             def loader(fqn=fqn, m=m, out_dtype=out_dtype):

@@ -7,7 +7,6 @@
 Takes the same parallel flags as the training entry points (and optionally the model flags / --model-config,
 so the model-dependent rules — heads divisible by TP, experts by EP, layers by PP — are checked too).
 """
-import argparse
 import os
 import sys
 

@@ -360,8 +360,7 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
                 logger.warning("checkpoint layout %s differs from the current %s: RNG states are not restored "
                                "(each rank keeps its current seeded RNG)", common.get("layout"), layout_of(groups))
         else:
-            rng_targets = {k: v.clone() for k, v in st.rng_tensors().items()}
-            rchunks = st.rng_chunks(_rank(), rng_targets)
+            rchunks = st.rng_chunks(_rank())  # fresh tensors (rng_tensors copies every state): read into them
             ok = all(tuple(md.state_dict_metadata[c.fqn].size) == c.global_shape
                      for c in rchunks if c.fqn in md.state_dict_metadata)
             ok = ok and all(c.fqn in md.state_dict_metadata for c in rchunks if "/tracker_" not in c.fqn

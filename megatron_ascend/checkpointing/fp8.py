@@ -16,10 +16,6 @@ BLOCK = 128
 FP8_MAX = 448.0
 
 
-def is_fp8(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float8_e4m3fn
-
-
 def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, out_dtype=torch.bfloat16,
                       block: int = BLOCK) -> torch.Tensor:
     """``q`` [M, N] float8_e4m3fn, ``scale_inv`` [ceil(M/b), ceil(N/b)] fp32 -> [M, N] ``out_dtype``."""

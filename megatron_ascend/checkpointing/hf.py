@@ -49,7 +49,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
               "BOOL": torch.bool}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KEEP_FP32 = ("e_score_correction_bias",)
+KEEP_FP32 = ("e_score_correction_bias",)  # weights that keep their fp32 on every --save-dtype
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -181,7 +181,7 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
         kw = dict(hf=name, file=hf.weight_map[name], scale=scale,
                   scale_file=hf.weight_map.get(scale) if scale else None, expert=".mlp.experts." in ma)
         if e is not None:
-            if (1,) + shape != (1,) + want[1:] or e >= want[0]:
+            if shape != want[1:] or e >= want[0]:
                 wrong.append(f"{name} {shape} (expected {want[1:]} for expert {e} of {want[0]})")
                 continue
             pieces.append(Piece(ma, (e,) + (0,) * (len(want) - 1), (1,) + shape, **kw))
@@ -217,7 +217,7 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
         src.setdefault(p.ma, set()).add(hf.headers[p.hf][0])
     for p in pieces:
         kinds = src[p.ma]
-        if any(p.ma.endswith(k) for k in _KEEP_FP32):
+        if any(p.ma.endswith(k) for k in KEEP_FP32):
             p.dtype = torch.float32
         elif save_dtype is not None:
             p.dtype = save_dtype
@@ -237,7 +237,7 @@ def _load_piece(root: str, p: Piece) -> torch.Tensor:
     if p.scale is not None:
         with safe_open(os.path.join(root, p.scale_file), framework="pt") as f:
             s = f.get_tensor(p.scale)
-        t = dequantize_blocks(t, s, out_dtype=torch.float32 if p.dtype == torch.float32 else p.dtype)
+        t = dequantize_blocks(t, s, out_dtype=p.dtype)
     if p.rows is not None:
         t = t[:, p.rows[0]:p.rows[1]]
     if len(t.shape) + 1 == len(p.shape):
@@ -393,7 +393,7 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
     out_dtype = {}
     for hn, ma, *_ in items:
         src = stored[ma][1]
-        out_dtype[hn] = src if dtype is None or any(ma.endswith(k) for k in _KEEP_FP32) else dtype
+        out_dtype[hn] = src if dtype is None or any(ma.endswith(k) for k in KEEP_FP32) else dtype
     # shard plan (by bytes), then one shard in memory at a time
     shards, cur, cur_bytes = [], [], 0
     for it in items:
@@ -423,9 +423,9 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         largest = max(largest, nbytes)
         save_file(tensors, os.path.join(hf_dir, fname), metadata={"format": "pt"})
-        for hn, t in tensors.items():
+        for hn in tensors:
             weight_map[hn] = fname
-            total += t.numel() * t.element_size()
+        total += nbytes
         if bar is not None:
             bar.update(len(shard))
         del targets, chunks, tensors

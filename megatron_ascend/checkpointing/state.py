@@ -32,7 +32,6 @@ Owns the translation from live objects to ``dcp_io.Chunk`` lists (and back, in p
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -283,6 +282,3 @@ def restore_rng(tensors: Dict[str, torch.Tensor]) -> None:
     if tracker is not None and states and hasattr(tracker, "set_states"):
         tracker.set_states(states)
 
-
-def total_bytes(chunks: Sequence[Chunk]) -> int:
-    return sum(math.prod(c.shape) * torch.empty((), dtype=c.dtype).element_size() for c in chunks)

@@ -24,7 +24,7 @@ Does not own: token movement (dispatcher.py).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn

@@ -20,7 +20,7 @@ picks it from the model dtype, never from the local grads, so every rank sends t
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -71,7 +71,8 @@ def global_grad_norm(grads: List[torch.Tensor], groups, device: torch.device,
     sq = sq.reshape(1)
     if groups is not None and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sq)
-    return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float(sq.item())
+    v = sq.item()  # one device-to-host read
+    return math.sqrt(v) if math.isfinite(v) else float(v)
 
 
 def clip_grads_(grads: List[torch.Tensor], max_norm: float, total_norm: float) -> float:

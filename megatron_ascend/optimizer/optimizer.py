@@ -65,14 +65,13 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..distributed.ddp import DistributedDataParallel
 from ..distributed.grad_buffer import GradBuffer, _all_gather
 from ..tensor_parallel.sharding import shard_spec
 from .clip_grads import clip_grads_, count_zeros, counts_in_grad_norm, global_grad_norm
-from .grad_scaler import ConstantGradScaler, DynamicGradScaler
+from .grad_scaler import DynamicGradScaler
 
 _HALF = (torch.bfloat16, torch.float16)
 _FUSED_OK: Dict[str, bool] = {}  # device type -> False once torch._fused_adamw_ refused it

@@ -74,7 +74,6 @@ class P2PCommunicator:
         self.device = device if device is not None else get_platform().device()
         self.requires_grad = requires_grad
         self._pending: List[Tuple[object, torch.Tensor]] = []
-        self.num_messages = 0  # payload messages sent (for tests and accounting)
 
     # -- the one primitive -----------------------------------------------------------------
     def communicate(self, send_next: Optional[torch.Tensor] = None, send_prev: Optional[torch.Tensor] = None,
@@ -95,7 +94,6 @@ class P2PCommunicator:
         buf_next = torch.empty(shape_next[0], dtype=shape_next[1], device=self.device) if recv_next else None
         self._batch([(send_next, self.next_rank, TAG_FWD, True), (buf_prev, self.prev_rank, TAG_FWD, False),
                      (send_prev, self.prev_rank, TAG_BWD, True), (buf_next, self.next_rank, TAG_BWD, False)])
-        self.num_messages += (send_next is not None) + (send_prev is not None)
         if buf_prev is not None and self.requires_grad and buf_prev.is_floating_point():
             buf_prev.requires_grad_(True)
         return buf_prev, buf_next

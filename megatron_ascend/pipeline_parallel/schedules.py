@@ -256,10 +256,6 @@ def interleaved_chunk(k: int, p: int, v: int, forward: bool) -> int:
     return c if forward else v - 1 - c
 
 
-def interleaved_microbatch(k: int, p: int, v: int) -> int:
-    return (k // (p * v)) * p + k % p
-
-
 def forward_backward_interleaved(forward_step_func, data_iterator, model, num_microbatches, groups,
                                  forward_only=False, num_tokens=None, loss_scale=1.0, trace=None,
                                  tensor_shape=None, dtype=None) -> List[Dict[str, Any]]:

@@ -46,12 +46,3 @@ class ScheduleTrace:
 
     def order(self) -> List[Tuple[str, int, int]]:
         return [(e.kind, e.microbatch, e.chunk) for e in self.events]
-
-    def busy_time(self) -> float:
-        return sum(e.end - e.start for e in self.events)
-
-    def span(self) -> Tuple[float, float]:
-        return (min(e.start for e in self.events), max(e.end for e in self.events)) if self.events else (0.0, 0.0)
-
-    def clear(self) -> None:
-        self.events.clear()

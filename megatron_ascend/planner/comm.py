@@ -31,7 +31,6 @@ from typing import Dict, Optional, Tuple
 
 from ..config import ModelConfig
 from .layout import Cluster, Layout, group_size, group_stride, nodes_spanned
-from .memory import Precision
 from .params import ParamCount, StageSplit, padded_vocab
 
 Key = Tuple[str, str]  # (group, op)
@@ -163,13 +162,6 @@ def collective_seconds(group: str, op: str, nbytes: float, layout: Layout, clust
         frac_intra = (per_node - 1) / (n - 1)
         return max(wire * frac_intra / intra, wire * (1 - frac_intra) / inter)
     return wire / inter
-
-
-def volume_seconds(vol: Dict[Key, float], layout: Layout, cluster: Cluster) -> Dict[str, float]:
-    out: Dict[str, float] = defaultdict(float)
-    for (group, op), nbytes in vol.items():
-        out[group] += collective_seconds(group, op, nbytes, layout, cluster)
-    return dict(out)
 
 
 def ep_seconds(cfg: ModelConfig, layout: Layout, cluster: Cluster, tokens_local: float, moe_layers: int,

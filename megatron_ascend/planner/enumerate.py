@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, ModelConfig, validate_all
 from .layout import Cluster, Layout

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from ..config import ParallelConfig
+from ..config import ConfigError, ParallelConfig
 from ..platform.peak_flops import peak_tflops
 
 
@@ -27,7 +27,7 @@ class Cluster:
     def from_device(cls, device: str, num_devices: int, **kw) -> "Cluster":
         tf = kw.pop("tflops", None) or peak_tflops(device)
         if tf is None:
-            raise ValueError(f"device {device!r} is not in platform.peak_flops; pass --tflops explicitly")
+            raise ConfigError(f"device {device!r} is not in platform.peak_flops; pass --tflops explicitly")
         return cls(num_devices=num_devices, tflops=tf, name=device, **kw)
 
 

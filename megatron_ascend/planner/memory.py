@@ -17,8 +17,8 @@ Does not own: parameter counts (params.py), time (step_time.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 from ..config import ModelConfig
 from .params import ParamCount

@@ -6,7 +6,6 @@ interfaces are visible in one place (docs/ARCHITECTURE.md, "Interfaces between p
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Dict, List, Optional
 

@@ -11,7 +11,7 @@ batch at every PP / DP size.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
