@@ -20,7 +20,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..tensor_parallel.mappings import (copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
+from ..tensor_parallel.mappings import (_all_reduce, copy_to_tensor_model_parallel_region,
+                                        gather_from_sequence_parallel_region,
                                         reduce_from_tensor_model_parallel_region,
                                         reduce_scatter_to_sequence_parallel_region)
 
@@ -156,11 +157,7 @@ def reduce_scatter_to_sp(x, group):
 
 def all_reduce_no_grad(x: torch.Tensor, group) -> torch.Tensor:
     """Sum a statistics tensor over the group (no autograd)."""
-    if group_size(group) == 1:
-        return x
-    x = x.detach().contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
+    return x if group_size(group) == 1 else _all_reduce(x.detach(), group)
 
 
 def maybe_group(groups, name: str) -> Optional[object]:

@@ -35,10 +35,6 @@ from ..tensor_parallel import wgrad
 from ..tensor_parallel.sharding import init_normal_, mark_sharded
 
 
-class _Discarded:
-    """Placeholder packed instead of the discarded activation."""
-
-
 def swiglu_then(gate: torch.Tensor, up: torch.Tensor, limit: float, consumer, recompute: bool = False):
     """``consumer(swiglu(gate, up, limit))``; with ``recompute`` the activation and its internals are not kept for
     backward (recomputed from gate and up, bitwise: same kernel, same inputs). Leaves the autograd graph as
@@ -49,33 +45,8 @@ def swiglu_then(gate: torch.Tensor, up: torch.Tensor, limit: float, consumer, re
 
     if not recompute or not torch.is_grad_enabled():
         return consumer(act_fn(gate, up))
-    act = tp_random.checkpoint(act_fn, gate, up)  # keeps gate and up only (silu(gate) is recomputed)
-    cache = {}
-
-    act_storage = act.untyped_storage().data_ptr()
-
-    def pack(t):
-        # the activation itself or a view of it (F.linear on [s, b, W] saves a [s*b, W] view)
-        if t.dtype == act.dtype and t.untyped_storage().data_ptr() == act_storage:
-            return (_Discarded, t.shape, t.stride(), t.storage_offset() - act.storage_offset())
-        for m in tp_random.ACTIVE_METERS:  # these hooks shadow a meter's own; report what is really kept
-            m.record(t)
-        return t
-
-    def unpack(p):
-        if isinstance(p, tuple) and p and p[0] is _Discarded:
-            if "act" not in cache:
-                with torch.no_grad():
-                    a = act_fn(gate.detach(), up.detach())
-                if a.stride() != act.stride():  # same layout as the forward's, so the saved views map onto it
-                    a = torch.empty_strided(act.shape, act.stride(), dtype=a.dtype, device=a.device).copy_(a)
-                cache["act"] = a
-            a = cache["act"]
-            return a.as_strided(p[1], p[2], a.storage_offset() + p[3])
-        return p
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return consumer(act)
+    # Megatron's moe_act: the activation is not kept, only gate and up (silu(gate) is recomputed too)
+    return tp_random.checkpoint_discard_output(act_fn, (gate, up), consumer)
 
 
 def _grouped_mm_native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -11,9 +11,7 @@ import torch
 
 from ...config import ModelConfig
 from ...tensor_parallel.utils import shard_of
-from .hf_names import hf_tensor_for, pad_vocab
-
-_VOCAB = {"model.embed_tokens.weight", "lm_head.weight"}
+from .hf_names import VOCAB_PARAMS, hf_tensor_for, pad_vocab
 
 
 def model_config_for_hf(hf_config, **overrides) -> ModelConfig:
@@ -51,7 +49,7 @@ def load_hf_state_dict_into(model, hf_state_dict: Mapping[str, torch.Tensor]) ->
         except KeyError:
             missing.append(name)
             continue
-        if name in _VOCAB:
+        if name in VOCAB_PARAMS:
             full = pad_vocab(full, model.padded_vocab_size)
         p.copy_(shard_of(full.to(p.dtype), p))
     if getattr(model, "lm_head", None) is not None and cfg.tie_word_embeddings:

@@ -89,6 +89,9 @@ def ma_name_for(hf_name: str, cfg: ModelConfig) -> Optional[Tuple[str, Optional[
     return name, None, None
 
 
+VOCAB_PARAMS = frozenset({"model.embed_tokens.weight", "lm_head.weight"})  # [V_pad/tp, h], padded rows zero
+
+
 def pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
     if t.shape[0] == padded:
         return t

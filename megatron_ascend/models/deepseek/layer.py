@@ -33,7 +33,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         if self.is_moe:
             from ...moe import MoELayer  # moe imports nothing from models; imported here to keep start-up light
-            self.mlp = MoELayer(config, parallel, groups, layer_idx)
+            self.mlp = MoELayer(config, parallel, groups, layer_idx, init=False)  # the model draws every weight by name
         else:
             self.mlp = DenseMLP(config.hidden_size, config.intermediate_size, groups, sp, config.swiglu_limit)
         self.indexer_loss_coeff = config.dsa_indexer_loss_coeff

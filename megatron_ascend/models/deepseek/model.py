@@ -38,6 +38,7 @@ from ...tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbeddi
 from ...tensor_parallel.random import checkpoint
 from ...tensor_parallel.sharding import init_normal_
 from ...tensor_parallel.utils import shard_of
+from .hf_names import VOCAB_PARAMS, pad_vocab
 from .layer import DecoderLayer
 from .mtp import MTPLayer
 from .norm import RMSNorm
@@ -120,7 +121,6 @@ class DeepseekForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         std = self.config.init_method_std
-        vocab_params = {"model.embed_tokens.weight", "lm_head.weight"}
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
@@ -128,12 +128,10 @@ class DeepseekForCausalLM(nn.Module):
                 p.zero_()
             elif p.dim() == 1 and "norm" in owner:
                 p.fill_(1.0)
-            elif name in vocab_params:
+            elif name in VOCAB_PARAMS:
                 full = torch.empty(self.vocab_size, p.shape[1], dtype=torch.float32)
                 init_normal_(full, name, std, seed)
-                padded = torch.zeros(self.padded_vocab_size, p.shape[1], dtype=torch.float32)
-                padded[: self.vocab_size] = full
-                p.copy_(shard_of(padded, p))
+                p.copy_(shard_of(pad_vocab(full, self.padded_vocab_size), p))
             elif getattr(p, "is_expert", False):
                 init_normal_(p, name, std, seed, expert_dim=0)
             else:
