@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..tensor_parallel.utils import allreduce_sequence_parallel_grads
 from ..tensor_parallel.wgrad import accumulate_main_grad
 from .grad_buffer import Bucket, GradBuffer
 
@@ -184,25 +185,13 @@ class DistributedDataParallel(nn.Module):
         for q in self._queues.values():
             for b in q:
                 b.finish_grad_sync()
-        self._allreduce_sequence_parallel_grads()
+        allreduce_sequence_parallel_grads(self._sp_params, self.groups, grad_attr="main_grad")
         for q in self._queues.values():
             for b in q:
                 b.reset()
         for k in self._next:
             self._next[k] = 0
         self._synced = True
-
-    def _allreduce_sequence_parallel_grads(self) -> None:
-        g = self.groups
-        if not self._sp_params or g is None or g.tp_size == 1:
-            return
-        grads = [p.main_grad for p in self._sp_params]
-        flat = torch.cat([x.reshape(-1) for x in grads])
-        dist.all_reduce(flat, group=g.tp)
-        off = 0
-        for x in grads:
-            x.copy_(flat[off:off + x.numel()].view_as(x))
-            off += x.numel()
 
     def zero_grad_buffer(self) -> None:
         """Zero every grad buffer and reset the bucket state (call before each step's first backward)."""

@@ -117,6 +117,10 @@ def allreduce_embedding_grads(model_chunks: Iterable[torch.nn.Module], groups) -
         return False
     if not _group_agrees(params, groups):
         return False
+    g = _grad_of(params[0]) if len(params) == 1 else None
+    if g is not None:  # the usual case, one copy per rank: sum its grad in place (no [V/tp, h] temporary)
+        dist.all_reduce(g, group=groups.embedding)
+        return True
     total = _local_sum(params)
     dist.all_reduce(total, group=groups.embedding)
     _write_all(params, total)

@@ -35,11 +35,19 @@ def gather_full(t: torch.Tensor, param: torch.Tensor, groups) -> torch.Tensor:
     return out
 
 
-def allreduce_sequence_parallel_grads(params: Iterable[torch.Tensor], groups) -> None:
-    """Sum over TP the grads of params marked ``sequence_parallel`` (norm weights and row-parallel biases
-    under SP see only their rank's tokens). The DDP wrapper does this in training; tests call it directly."""
+def allreduce_sequence_parallel_grads(params: Iterable[torch.Tensor], groups, grad_attr: str = "grad") -> None:
+    """Sum over TP the grads (``p.<grad_attr>``: ``grad``, or the DDP wrapper's ``main_grad``) of params marked
+    ``sequence_parallel`` (norm weights and row-parallel biases under SP see only their rank's tokens), as one
+    flat all-reduce. The DDP wrapper does this in training; tests call it directly."""
     if groups is None or groups.tp_size == 1:
         return
-    for p in params:
-        if getattr(p, "sequence_parallel", False) and p.grad is not None:
-            dist.all_reduce(p.grad, group=groups.tp)
+    grads = [getattr(p, grad_attr) for p in params
+             if getattr(p, "sequence_parallel", False) and getattr(p, grad_attr, None) is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=groups.tp)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off:off + g.numel()].view_as(g))
+        off += g.numel()
