@@ -13,11 +13,10 @@ Does not own: bytes per parameter (memory.py), FLOPs (monitoring/flops.py).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..config import ModelConfig, pipeline_layer_split
+from ..config import ModelConfig, padded_vocab_size, pipeline_layer_split
 
 
 @dataclass
@@ -55,8 +54,7 @@ def _div(n: int, d: int, what: str) -> int:
 
 def padded_vocab(cfg: ModelConfig, tp: int, divisible_by: int = 1) -> int:
     """Vocabulary rounded up to a multiple of divisible_by x tp (Megatron's --make-vocab-size-divisible-by)."""
-    m = divisible_by * tp
-    return int(math.ceil(cfg.vocab_size / m) * m)
+    return padded_vocab_size(cfg.vocab_size, divisible_by, tp)
 
 
 # -- attention ---------------------------------------------------------------------------------------------
