@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterator, List, Sequence
 import torch
 import torch.distributed as dist
 
+from ..platform import get_platform
+
 MODEL_INPUT_KEYS = {"tokens": "input_ids", "position_ids": "position_ids", "labels": "labels",
                     "loss_mask": "loss_mask", "segment_ids": "segment_ids"}
 
@@ -30,10 +32,12 @@ def prefetch(data_iterator: Iterator[dict], n: int, device: torch.device) -> Lis
 
 
 def global_token_count(batches: Sequence[dict], dp_group) -> torch.Tensor:
-    """Loss-mask tokens of the global batch (this rank's micro-batches all-reduced over data parallel)."""
-    n = torch.zeros((), dtype=torch.float64)
+    """Loss-mask tokens of the global batch (this rank's micro-batches all-reduced over data parallel), on the
+    batches' device (NCCL / HCCL reduce device tensors only)."""
+    dev = batches[0]["loss_mask"].device if batches else get_platform().device()
+    n = torch.zeros((), dtype=torch.float64, device=dev)
     for b in batches:
-        n += b["loss_mask"].detach().double().sum().cpu()
+        n += b["loss_mask"].detach().double().sum()
     if dp_group is not None and dist.is_initialized():
         dist.all_reduce(n, group=dp_group)
     return n
@@ -103,6 +107,7 @@ def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_grou
         names = obj[0]
     vec = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in names]) if names else \
         torch.zeros(0, dtype=torch.float64)
+    vec = vec.to(get_platform().device())  # NCCL / HCCL reduce device tensors only
     if dist.is_initialized() and names:
         if last_stage and dp_group is not None:
             dist.all_reduce(vec, group=dp_group)

@@ -185,10 +185,10 @@ class Trainer:
             c.eval()
         it = valid_iterator(dataset, self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp, self.gbs)
         results = []
-        total_tokens = torch.zeros((), dtype=torch.float64)
+        total_tokens = 0.0
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
-            total_tokens += global_token_count(batches, self.groups.dp)
+            total_tokens += float(global_token_count(batches, self.groups.dp))
             fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
             results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                              forward_only=True) or []
