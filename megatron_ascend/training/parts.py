@@ -15,8 +15,6 @@ import torch.distributed as dist
 
 from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, virtual_stages  # noqa: F401
 
-MTP_IN_GRAPH = False  # the model returns MTP per-token losses; the loss function weights them by lambda / D
-
 
 # -- seeds ------------------------------------------------------------------------------------------------
 def seed_everything(seed: int, groups) -> None:

@@ -18,8 +18,6 @@ import torch.distributed as dist
 
 from ..platform import get_platform
 
-MODEL_INPUT_KEYS = {"tokens": "input_ids", "position_ids": "position_ids", "labels": "labels",
-                    "loss_mask": "loss_mask", "segment_ids": "segment_ids"}
 
 
 def prefetch(data_iterator: Iterator[dict], n: int, device: torch.device) -> List[dict]:
@@ -46,7 +44,7 @@ def global_token_count(batches: Sequence[dict], dp_group) -> torch.Tensor:
 COUNT_SUFFIX = "/__count"  # a logged "<name>/__count" entry is the token count that divides "<name>"
 
 
-def make_loss_func(loss_mask: torch.Tensor, mtp_scale: float, mtp_in_graph: bool) -> Callable:
+def make_loss_func(loss_mask: torch.Tensor, mtp_scale: float) -> Callable:
     """loss_func(output) -> (masked loss sum to back-propagate, num_tokens, {name: detached sums}).
 
     ``output`` is the model's last-stage dict (``lm_loss [b, s]`` unmasked per-token, ``mtp_losses`` per depth
@@ -67,8 +65,7 @@ def make_loss_func(loss_mask: torch.Tensor, mtp_scale: float, mtp_in_graph: bool
             masks = output.get("mtp_loss_masks") or []
             for k, per_token in enumerate(output.get("mtp_losses") or []):
                 s = per_token.float().sum()
-                if not mtp_in_graph:
-                    total = total + scale * s
+                total = total + scale * s
                 log[f"mtp_{k + 1} loss"] = s.detach()
                 if k < len(masks):
                     log[f"mtp_{k + 1} loss" + COUNT_SUFFIX] = masks[k].float().sum().detach()
@@ -80,13 +77,13 @@ def make_loss_func(loss_mask: torch.Tensor, mtp_scale: float, mtp_in_graph: bool
 class ForwardStep:
     """forward_step_func(data_iterator, model_chunk) -> (output_tensor, loss_func)."""
 
-    def __init__(self, mtp_scale: float, mtp_in_graph: bool, call_model: Callable):
-        self.mtp_scale, self.mtp_in_graph, self.call_model = mtp_scale, mtp_in_graph, call_model
+    def __init__(self, mtp_scale: float, call_model: Callable):
+        self.mtp_scale, self.call_model = mtp_scale, call_model
 
     def __call__(self, data_iterator, model_chunk):
         batch = next(data_iterator)
         output = self.call_model(model_chunk, batch)
-        return output, make_loss_func(batch["loss_mask"], self.mtp_scale, self.mtp_in_graph)
+        return output, make_loss_func(batch["loss_mask"], self.mtp_scale)
 
 
 def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_group, last_stage: bool,

@@ -156,7 +156,7 @@ class Trainer:
     def train_step(self):
         batches = prefetch(self.train_iter, self.num_micro, self.device)
         tokens = global_token_count(batches, self.groups.dp)
-        fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
+        fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
         for c in self.model_chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -189,7 +189,7 @@ class Trainer:
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
             total_tokens += float(global_token_count(batches, self.groups.dp))
-            fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.MTP_IN_GRAPH, parts.call_model)
+            fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
             results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                              forward_only=True) or []
         out = reduce_logged_losses(results, total_tokens, self.groups.dp, self.groups.pp,
