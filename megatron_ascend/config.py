@@ -17,7 +17,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -460,20 +460,27 @@ class TrainingConfig:
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
-        _require(self.recompute_granularity in RECOMPUTE_GRANULARITIES,
-                 f"--recompute-granularity {self.recompute_granularity!r} is unknown; use full or selective")
-        _require(self.recompute_method in RECOMPUTE_METHODS,
-                 f"--recompute-method {self.recompute_method!r} is unknown; use uniform or block")
-        if self.recompute_granularity == "full":
-            _require(self.recompute_method is not None,
-                     "--recompute-granularity full needs --recompute-method uniform or block")
-            _require(self.recompute_num_layers is not None and self.recompute_num_layers >= 1,
-                     f"--recompute-granularity full needs --recompute-num-layers >= 1 "
-                     f"(got {self.recompute_num_layers})")
-        bad = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
-        _require(not bad, f"--recompute-modules {' '.join(bad)} unknown; use any of {' '.join(RECOMPUTE_MODULES)}")
-        if self.recompute_granularity == "selective" and not self.recompute_modules:
-            object.__setattr__(self, "recompute_modules", ("core_attn",))
+        object.__setattr__(self, "recompute_modules", check_recompute(
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers, self.recompute_modules))
+
+
+def check_recompute(granularity: Optional[str], method: Optional[str], num_layers: Optional[int],
+                    modules: Sequence[str]) -> Tuple[str, ...]:
+    """The recompute rules (one ConfigError each); returns the modules, ``("core_attn",)`` for selective
+    without any. Used by TrainingConfig and by recompute.apply_recompute's keyword form."""
+    modules = tuple(modules)
+    _require(granularity in RECOMPUTE_GRANULARITIES,
+             f"--recompute-granularity {granularity!r} is unknown; use full or selective")
+    _require(method in RECOMPUTE_METHODS, f"--recompute-method {method!r} is unknown; use uniform or block")
+    if granularity == "full":
+        _require(method is not None, "--recompute-granularity full needs --recompute-method uniform or block")
+        _require(num_layers is not None and num_layers >= 1,
+                 f"--recompute-granularity full needs --recompute-num-layers >= 1 (got {num_layers})")
+    bad = [m for m in modules if m not in RECOMPUTE_MODULES]
+    _require(not bad, f"--recompute-modules {' '.join(bad)} unknown; use any of {' '.join(RECOMPUTE_MODULES)}")
+    if granularity == "selective" and not modules:
+        modules = ("core_attn",)
+    return modules
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import platform
-from .config import RECOMPUTE_MODULES, ConfigError, TrainingConfig
+from .config import ConfigError, TrainingConfig, check_recompute
 from .tensor_parallel import random as tp_random
 
 _MOE_INTERNAL = ("moe_act", "shared_experts")
@@ -57,22 +57,11 @@ def apply_recompute(chunks: Union[nn.Module, Sequence[nn.Module]], train: Option
                     num_layers: Optional[int] = None, modules: Iterable[str] = ()) -> None:
     """Configure recompute on every model chunk (a DeepseekForCausalLM or a list of them, e.g. virtual stages).
     Calling it again replaces the previous setting; ``granularity=None`` turns recompute off."""
-    if train is not None:
+    if train is not None:  # validated (and defaulted) when the TrainingConfig was built
         granularity, method = train.recompute_granularity, train.recompute_method
         num_layers, modules = train.recompute_num_layers, train.recompute_modules
-    modules = tuple(modules)
-    if granularity not in (None, "full", "selective"):
-        raise ConfigError(f"--recompute-granularity {granularity!r} is unknown; use full or selective")
-    bad = [m for m in modules if m not in RECOMPUTE_MODULES]
-    if bad:
-        raise ConfigError(f"--recompute-modules {' '.join(bad)} unknown; use any of {' '.join(RECOMPUTE_MODULES)}")
-    if granularity == "full":
-        if method not in ("uniform", "block"):
-            raise ConfigError(f"--recompute-granularity full needs --recompute-method uniform or block (got {method!r})")
-        if not num_layers or num_layers < 1:
-            raise ConfigError(f"--recompute-granularity full needs --recompute-num-layers >= 1 (got {num_layers})")
-    if granularity == "selective" and not modules:
-        modules = ("core_attn",)
+    else:
+        modules = check_recompute(granularity, method, num_layers, modules)
     for chunk in _chunks(chunks):
         ids = list(chunk.layer_ids)
         plan: List[List[int]] = []
