@@ -19,7 +19,6 @@ single box (fewer, larger reads for the new layout), optionally ``--save-dtype``
 import argparse
 import math
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 
 from megatron_ascend.arguments import exit_on_config_error  # noqa: E402
 from megatron_ascend.checkpointing import CheckpointError, find_checkpoint, read_common  # noqa: E402
-from megatron_ascend.checkpointing.checkpoint import COMMON, TRACKER, _to_json, _write_text, checkpoint_dir  # noqa: E402
+from megatron_ascend.checkpointing.checkpoint import _to_json, commit_checkpoint, prepare_tmp  # noqa: E402
 from megatron_ascend.checkpointing.hf import DTYPES, KEEP_FP32  # noqa: E402
 from megatron_ascend.checkpointing.dcp_io import Chunk, read_chunks, read_metadata, write_chunks  # noqa: E402
 from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all  # noqa: E402
@@ -104,20 +103,14 @@ def main(argv=None):
                 return t.to(out_dtype)
             chunks.append(Chunk(fqn, tuple(m.size), (0,) * len(m.size), loader=loader, shape=tuple(m.size),
                                 dtype=out_dtype))
-        final = checkpoint_dir(a.save_dir, it)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        tmp = prepare_tmp(a.save_dir, it)
         write_chunks(tmp, chunks, streaming=True)
         common = dict(common, resharded_for={"tp": tp, "pp": pp, "ep": ep, "etp": etp, "world_size": world})
         if a.drop_optimizer:
             common.update(has_optimizer=False, optimizer=None)
         if a.drop_rng:
             common["has_rng"] = False
-        _write_text(os.path.join(tmp, COMMON), _to_json(common))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        _write_text(os.path.join(a.save_dir, TRACKER), str(it))
+        final = commit_checkpoint(a.save_dir, it, tmp, _to_json(common))
         print(f"wrote {len(chunks)} tensors to {final}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -208,28 +208,46 @@ def _retain(root: str, keep: Optional[int], newest: int) -> None:
             shutil.rmtree(checkpoint_dir(root, it), ignore_errors=True)
 
 
+def prepare_tmp(root: str, iteration) -> str:
+    """An empty ``<iteration dir>.tmp`` under ``root`` to write a checkpoint into (one process)."""
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
+    os.makedirs(root, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_checkpoint(root: str, iteration, tmp: str, common_text: str, retain: Optional[int] = None) -> str:
+    """One process: write common.json into the fully written ``tmp``, then swap it into place atomically --
+    fsync, rename over the iteration directory (a re-saved iteration is kept as ``.old`` until the swap),
+    fsync, then the tracker -- and apply ``retain``. An interruption at any point leaves the tracker at the
+    previous complete checkpoint. Returns the committed directory."""
+    final = checkpoint_dir(root, iteration)
+    _write_text(os.path.join(tmp, COMMON), common_text)
+    _fsync_dir(tmp)
+    _fault("before_rename")
+    old = final + ".old"
+    if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): keep it until the swap
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _fault("before_tracker")
+    _write_text(os.path.join(root, TRACKER), str(iteration))
+    shutil.rmtree(old, ignore_errors=True)
+    if iteration != "release":
+        _retain(root, retain, int(iteration))
+    return final
+
+
 def _write_and_commit(root: str, iteration, chunks: List[Chunk], common_text: str, pg,
                       retain: Optional[int]) -> None:
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
     write_chunks(tmp, chunks, process_group=pg)
     _fault("after_write")
     _barrier(pg)
     if _rank() == 0:
-        _write_text(os.path.join(tmp, COMMON), common_text)
-        _fsync_dir(tmp)
-        _fault("before_rename")
-        old = final + ".old"
-        if os.path.exists(final):  # re-saving an iteration (e.g. after a resume): keep it until the swap
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _fault("before_tracker")
-        _write_text(os.path.join(root, TRACKER), str(iteration))
-        shutil.rmtree(old, ignore_errors=True)
-        if iteration != "release":
-            _retain(root, retain, int(iteration))
+        commit_checkpoint(root, iteration, tmp, common_text, retain)
     _barrier(pg)
 
 
@@ -273,9 +291,7 @@ def save_checkpoint(save_dir: str, iteration, model_chunks: Sequence[torch.nn.Mo
     common_text = _to_json(common)  # fails on every rank alike, before any collective
     final = checkpoint_dir(save_dir, iteration)
     if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        shutil.rmtree(final + ".tmp", ignore_errors=True)
-        os.makedirs(final + ".tmp")
+        prepare_tmp(save_dir, iteration)
     _barrier()
     if not async_save:
         _write_and_commit(save_dir, iteration, chunks, common_text, None, save_retain)

@@ -30,7 +30,6 @@ import math
 import os
 import re
 import resource
-import shutil
 from dataclasses import dataclass
 from unittest import mock
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -38,7 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import ConfigError, ModelConfig, ParallelConfig, validate_all
-from .checkpoint import COMMON, FORMAT, FORMAT_VERSION, TRACKER, _to_json, _write_text, find_checkpoint, read_common
+from .checkpoint import (FORMAT, FORMAT_VERSION, _to_json, _write_text, commit_checkpoint, find_checkpoint,
+                         prepare_tmp, read_common)
 from .dcp_io import Chunk, CheckpointError, read_chunks, tensor_index, write_chunks
 from .fp8 import dequantize_blocks
 
@@ -305,11 +305,7 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
     for n in notes:
         logger.warning(n)
     shapes = expected_tensors(cfg)
-    final = os.path.join(save_dir, "release")
-    tmp = final + ".tmp"
-    os.makedirs(save_dir, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = prepare_tmp(save_dir, "release")
     if workers <= 1:
         bar = _bar(len(pieces), "hf2ma") if progress else None
         write_chunks(tmp, _chunks_for(hf.path, pieces, shapes, bar), streaming=True)
@@ -325,10 +321,7 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
               "layout": None, "has_optimizer": False, "has_rng": False, "optimizer": None, "scheduler": None,
               "extra_state": {}, "model_config": dataclasses.asdict(cfg), "converted_from": os.path.abspath(hf_dir),
               "converted_for_layout": {"tp": tp, "pp": pp, "ep": ep, "vp": vp}}
-    _write_text(os.path.join(tmp, COMMON), _to_json(common))
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(tmp, final)
-    _write_text(os.path.join(save_dir, TRACKER), "release")
+    final = commit_checkpoint(save_dir, "release", tmp, _to_json(common))
     file_sizes = {fn: os.path.getsize(os.path.join(hf.path, fn)) for fn in set(hf.weight_map.values())}
     return {"tensors": len(pieces), "bytes": sum(p.nbytes for p in pieces),
             "largest_tensor_bytes": max(p.nbytes for p in pieces), "largest_file_bytes": max(file_sizes.values()),
