@@ -40,16 +40,17 @@ from ..config import ConfigError, ModelConfig, ParallelConfig, validate_all
 from .checkpoint import (FORMAT, FORMAT_VERSION, _to_json, _write_text, commit_checkpoint, find_checkpoint,
                          prepare_tmp, read_common)
 from .dcp_io import Chunk, CheckpointError, read_chunks, tensor_index, write_chunks
-from .fp8 import dequantize_blocks
+from . import v4_names
+from .hf_dir import (HFDir, Source, keep_fp32, load_tensor, read_hf_dir,  # noqa: F401 (re-exported)
+                     write_hf_shards, written_dtype)
 
 logger = logging.getLogger(__name__)
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
               "BOOL": torch.bool}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
-KEEP_FP32 = ("e_score_correction_bias",)  # weights that keep their fp32 on every --save-dtype
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -64,55 +65,6 @@ def _dtype(name: Optional[str]):
 def peak_rss_bytes(children: bool = False) -> int:
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss * 1024
-
-
-# ---------------------------------------------------------------------------------------------- reading HF
-@dataclass
-class HFDir:
-    path: str
-    config: Dict[str, Any]
-    weight_map: Dict[str, str]  # tensor -> file name
-    headers: Dict[str, Tuple[str, Tuple[int, ...]]]  # tensor -> (safetensors dtype, shape)
-
-    def file_of(self, name: str) -> str:
-        return os.path.join(self.path, self.weight_map[name])
-
-
-def read_hf_dir(path: str) -> HFDir:
-    from safetensors import safe_open
-
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path} has no config.json; --load-dir must be a HuggingFace model directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = dict(json.load(f)["weight_map"])
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map = None
-    else:
-        raise CheckpointError(f"{path} has neither model.safetensors.index.json nor model.safetensors")
-    files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise CheckpointError(f"{path}: shard file(s) {', '.join(missing[:3])} listed in the index are missing; "
-                              f"download the complete checkpoint")
-    headers, found = {}, {}
-    for fn in files:
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                headers[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-                found[k] = fn
-    if weight_map is None:
-        weight_map = found
-    absent = sorted(k for k, fn in weight_map.items() if found.get(k) != fn)
-    if absent:
-        raise CheckpointError(f"{path}: {len(absent)} tensor(s) listed in the index are not in their shard file, "
-                              f"e.g. {absent[0]} (in {weight_map[absent[0]]}); the shard is truncated or wrong")
-    return HFDir(path, config, weight_map, headers)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,8 +89,7 @@ class Piece:
     hf: str
     file: str
     rows: Optional[Tuple[int, int]] = None  # dim-1 rows of a fused [E, 2I, h] gate_up_proj
-    scale: Optional[str] = None
-    scale_file: Optional[str] = None
+    src: Optional[Source] = None  # what to read (hf_dir.Source: file, on-disk name, scale / quantisation)
     expert: bool = False
     dtype: torch.dtype = torch.float32  # written dtype
     nbytes: int = 0
@@ -150,7 +101,7 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
 
     notes = []
     L = cfg.num_hidden_layers
-    has_mtp = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.headers) if m)
+    has_mtp = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m)
     if cfg.num_nextn_predict_layers and not has_mtp:
         notes.append(f"{hf.path} has no MTP layer (model.layers.{L}.*; transformers drops it on save): converted "
                      f"without MTP (num_nextn_predict_layers 0)")
@@ -159,13 +110,9 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
     pieces: List[Piece] = []
     unknown, wrong = [], []
     I = cfg.moe_intermediate_size
-    for name in sorted(hf.headers):
-        if name.endswith("_scale_inv"):
-            base = name[: -len("_scale_inv")]
-            if base not in hf.headers:
-                unknown.append(name)
-            continue
-        st_dtype, shape = hf.headers[name]
+    for name in sorted(hf.tensors):
+        source = hf.tensors[name]
+        shape = source.shape
         r = ma_name_for(name, cfg)
         if r is None:
             continue  # MTP duplicates of the embedding / head
@@ -174,12 +121,7 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
             unknown.append(name)
             continue
         want = expected[ma]
-        scale = name + "_scale_inv" if name + "_scale_inv" in hf.headers else None
-        if st_dtype == "F8_E4M3" and scale is None:
-            raise CheckpointError(f"{name} is float8_e4m3fn but {name}_scale_inv is missing; FP8 weights need "
-                                  f"their block scales")
-        kw = dict(hf=name, file=hf.weight_map[name], scale=scale,
-                  scale_file=hf.weight_map.get(scale) if scale else None, expert=".mlp.experts." in ma)
+        kw = dict(hf=name, file=source.file, src=source, expert=".mlp.experts." in ma)
         if e is not None:
             if shape != want[1:] or e >= want[0]:
                 wrong.append(f"{name} {shape} (expected {want[1:]} for expert {e} of {want[0]})")
@@ -212,32 +154,17 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
         raise CheckpointError(f"{len(missing)} of our tensors are not (fully) present in {hf.path}: "
                               f"{', '.join(detail)}; a shard may be missing or config.json may not match")
     # one written dtype per tensor
-    src = {}
+    srcs: Dict[str, List[Source]] = {}
     for p in pieces:
-        src.setdefault(p.ma, set()).add(hf.headers[p.hf][0])
+        srcs.setdefault(p.ma, []).append(p.src)
     for p in pieces:
-        kinds = src[p.ma]
-        if any(p.ma.endswith(k) for k in KEEP_FP32):
-            p.dtype = torch.float32
-        elif save_dtype is not None:
-            p.dtype = save_dtype
-        elif "F8_E4M3" in kinds:
-            p.dtype = torch.bfloat16
-        else:
-            p.dtype = _ST_DTYPES[sorted(kinds)[0]]
+        p.dtype = written_dtype(p.hf, srcs[p.ma], save_dtype)
         p.nbytes = math.prod(p.shape) * torch.empty((), dtype=p.dtype).element_size()
     return pieces, cfg, notes
 
 
 def _load_piece(root: str, p: Piece) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(root, p.file), framework="pt") as f:
-        t = f.get_tensor(p.hf)
-    if p.scale is not None:
-        with safe_open(os.path.join(root, p.scale_file), framework="pt") as f:
-            s = f.get_tensor(p.scale)
-        t = dequantize_blocks(t, s, out_dtype=p.dtype)
+    t = load_tensor(p.src, out_dtype=p.dtype)
     if p.rows is not None:
         t = t[:, p.rows[0]:p.rows[1]]
     if len(t.shape) + 1 == len(p.shape):
@@ -365,11 +292,21 @@ def hf_layout(cfg: ModelConfig, stored: Dict[str, Tuple[Tuple[int, ...], torch.d
     return sorted(out, key=order)
 
 
+def _disk_namer(model_type: str, naming: str):
+    """canonical HF name -> written name for ``--save-naming`` (DeepSeek's original naming exists for V4 only)."""
+    if naming not in v4_names.NAMINGS:
+        raise ConfigError(f"--save-naming {naming!r} is unknown; use one of {', '.join(v4_names.NAMINGS)}")
+    if model_type == "deepseek_v4":
+        return lambda n: v4_names.disk_name(n, naming)
+    if naming != "hf":
+        raise ConfigError(f"--save-naming {naming} is for DeepSeek-V4 checkpoints; {model_type} has one naming "
+                          f"(the hub's): drop the flag")
+    return lambda n: n
+
+
 def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = None,
                      max_shard_bytes: int = 5 * 2 ** 30, progress: bool = True,
-                     model_config: Optional[ModelConfig] = None) -> Dict[str, Any]:
-    from safetensors.torch import save_file
-
+                     model_config: Optional[ModelConfig] = None, naming: str = "hf") -> Dict[str, Any]:
     dtype = _dtype(save_dtype)
     path, _ = find_checkpoint(ckpt_dir)
     if path is None:
@@ -381,55 +318,34 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
             raise CheckpointError(f"{path}/common.json records no model config; pass --model-config config.json")
         model_config = ModelConfig(**common["model_config"])
     cfg = model_config
+    rename = _disk_namer(cfg.model_type, naming)
     stored = tensor_index(path)
-    items = hf_layout(cfg, stored)
-    out_dtype = {}
-    for hn, ma, *_ in items:
+    layout = hf_layout(cfg, stored)
+    out_dtype, where = {}, {}
+    for hn, ma, off, box, hshape in layout:
         src = stored[ma][1]
-        out_dtype[hn] = src if dtype is None or any(ma.endswith(k) for k in KEEP_FP32) else dtype
-    # shard plan (by bytes), then one shard in memory at a time
-    shards, cur, cur_bytes = [], [], 0
-    for it in items:
-        nb = math.prod(it[4]) * torch.empty((), dtype=out_dtype[it[0]]).element_size()
-        if cur and cur_bytes + nb > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(it)
-        cur_bytes += nb
-    if cur:
-        shards.append(cur)
-    os.makedirs(hf_dir, exist_ok=True)
-    n = len(shards)
-    weight_map, total = {}, 0
-    bar = _bar(len(items), "ma2hf") if progress else None
-    largest = 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        keep = dtype is None or keep_fp32(hn) or not src.is_floating_point
+        out_dtype[hn] = src if keep else dtype
+        where[hn] = (ma, off, box)
+
+    def materialize(shard):
         targets, chunks = {}, []
-        for hn, ma, off, box, hshape in shard:
+        for hn, _, _ in shard:
+            ma, off, box = where[hn]
             t = torch.empty(box, dtype=stored[ma][1])
             chunks.append(Chunk(ma, stored[ma][0], off, t))
             targets[hn] = t
         read_chunks(path, chunks)
-        tensors = {hn: t.reshape(next(h for x, _, _, _, h in shard if x == hn)).to(out_dtype[hn]).contiguous()
-                   for hn, t in targets.items()}
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        largest = max(largest, nbytes)
-        save_file(tensors, os.path.join(hf_dir, fname), metadata={"format": "pt"})
-        for hn in tensors:
-            weight_map[hn] = fname
-        total += nbytes
-        if bar is not None:
-            bar.update(len(shard))
-        del targets, chunks, tensors
+        return {hn: targets[hn].reshape(shape) for hn, shape, _ in shard}
+
+    bar = _bar(len(layout), "ma2hf") if progress else None
+    rep = write_hf_shards(hf_dir, [(hn, hshape, out_dtype[hn]) for hn, _, _, _, hshape in layout], materialize,
+                          max_shard_bytes, rename=rename, bar=bar)
     if bar is not None:
         bar.close()
-    if n > 1:
-        _write_text(os.path.join(hf_dir, "model.safetensors.index.json"),
-                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_cfg = cfg.to_hf_dict()
-    dtypes = {str(d).replace("torch.", "") for d in out_dtype.values()}
+    dtypes = {str(d).replace("torch.", "") for d in out_dtype.values() if d.is_floating_point}
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
     _write_text(os.path.join(hf_dir, "config.json"), json.dumps(hf_cfg, indent=2))
-    return {"tensors": len(items), "shards": n, "bytes": total, "largest_shard_bytes": largest,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {"tensors": len(layout), "shards": rep["shards"], "bytes": rep["bytes"],
+            "largest_shard_bytes": rep["largest_shard_bytes"], "peak_rss_bytes": peak_rss_bytes()}
