@@ -1,4 +1,7 @@
-"""HuggingFace DeepSeek (V2 / V2-Lite / V3 / V3.2) safetensors <-> our sharded checkpoint, streaming.
+"""HuggingFace DeepSeek (V2 / V2-Lite / V3 / V3.2 / V4) safetensors <-> our sharded checkpoint, streaming.
+
+Directories are read and written through hf_dir.py (canonical names, FP8 / FP4 dequantisation, the sharded
+writer); V4's namings are v4_names.py's. This module maps canonical names to our model's.
 
 ``convert_hf_to_ma(hf_dir, save_dir, tp, pp, ep, vp=None, save_dtype=None, workers=1)``
   reads config.json and the (sharded) safetensors, checks every name / shape against our model (built on the
@@ -12,11 +15,12 @@
   against the model (config.validate_all: heads, experts, layers must divide) and recorded in common.json
   as ``converted_for_layout``; ``--load`` / ``--finetune`` at that or any other valid layout reads it.
 
-``convert_ma_to_hf(ckpt_dir, hf_dir, save_dtype=None, max_shard_bytes=...)``
+``convert_ma_to_hf(ckpt_dir, hf_dir, save_dtype=None, max_shard_bytes=..., naming='hf')``
   writes config.json (ModelConfig.to_hf_dict), ``model-XXXXX-of-YYYYY.safetensors`` and
   ``model.safetensors.index.json``, with the hub's names: per-expert 2-D expert weights, the MTP layers as
   ``model.layers.{num_hidden_layers + k}`` including their ``embed_tokens`` / ``shared_head.head`` duplicates,
-  and the router bias. One output shard is in memory at a time.
+  and the router bias. One output shard is in memory at a time. V4: ``naming`` 'hf' (transformers'
+  save_pretrained names) or 'original' (DeepSeek's).
 
 Name mapping: megatron_ascend/models/deepseek/hf_names.py (the model package's), used in both directions.
 """
