@@ -50,9 +50,6 @@ from .hf_dir import (HFDir, Source, keep_fp32, load_tensor, read_hf_dir,  # noqa
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-              "BOOL": torch.bool}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
