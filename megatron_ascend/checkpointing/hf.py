@@ -298,7 +298,12 @@ def _disk_namer(model_type: str, naming: str):
     if naming not in v4_names.NAMINGS:
         raise ConfigError(f"--save-naming {naming!r} is unknown; use one of {', '.join(v4_names.NAMINGS)}")
     if model_type == "deepseek_v4":
-        return lambda n: v4_names.disk_name(n, naming)
+        def rename(n):
+            try:
+                return v4_names.disk_name(n, naming)
+            except v4_names.UnknownName as e:
+                raise CheckpointError(f"cannot write {n} in the {naming!r} naming: {e}")
+        return rename
     if naming != "hf":
         raise ConfigError(f"--save-naming {naming} is for DeepSeek-V4 checkpoints; {model_type} has one naming "
                           f"(the hub's): drop the flag")
