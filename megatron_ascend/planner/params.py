@@ -234,8 +234,9 @@ def stage_split(cfg: ModelConfig, pp: int, vp: int = 1, first: Optional[int] = N
     if layer_counts is not None:
         counts = [int(c) for c in layer_counts]
         if len(counts) != stages or min(counts) < 0 or sum(counts) != L:
-            raise ConfigError(f"layer counts {counts} must give {stages} stages ({'2 x pp' if v_shape else 'pp x vp'})"
-                              f" of >= 0 layers summing to num_hidden_layers {L}")
+            raise ConfigError(f"layer counts give {len(counts)} stages summing to {sum(counts)} layers (min "
+                              f"{min(counts, default=0)}); this layout needs {stages} stages "
+                              f"({'2 x pp' if v_shape else 'pp x vp'}) of >= 0 layers summing to num_hidden_layers {L}")
     elif v_shape:
         counts = pipeline_layer_split(L, stages, 1, first, last)[0]
     else:
