@@ -57,7 +57,8 @@ def test_mfu_peak_reads_the_table(monkeypatch):
     import types
     from megatron_ascend import platform
     from megatron_ascend.monitoring.throughput import resolve_peak_tflops
-    for runtime_name, entry in (("Ascend910_9391", "Ascend910C"), ("NVIDIA H800", "H800"), ("Ascend910B4", "Ascend910B4")):
+    names = (("Ascend910_9391", "Ascend910C"), ("NVIDIA H800", "H800"), ("Ascend910B4", "Ascend910B4"))
+    for runtime_name, entry in names:
         monkeypatch.setattr(platform, "get_platform", lambda n=runtime_name: types.SimpleNamespace(kind="npu",
                                                                                                   device_name=n))
         assert resolve_peak_tflops(None) == DEVICES[entry].tflops.value
@@ -115,6 +116,9 @@ def test_plan_exit_status_no_fit_is_one_line_and_nonzero(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plan.main(common[:4] + ["--device", "TPUv9"])
     assert e.value.code == 2 and "known devices: Ascend910B1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # --validate runs its own layouts: a planning flag would be ignored
+        plan.main(["--validate", "--device", "H100"])
+    assert e.value.code == 2 and "ignore --device" in capsys.readouterr().err
 
 
 def test_layer_counts_text_round_trip():

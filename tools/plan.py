@@ -105,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("bf16", "bf16-bf16moments", "fp32"))
     p.add_argument("--efficiency", type=float, help="achieved fraction of peak in compute kernels (default 0.5)")
     p.add_argument("--overlap-ep", type=float, help="fraction of the expert all-to-all hidden behind compute")
-    p.add_argument("--reserve-gib", type=float, default=4.0)
-    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--reserve-gib", type=float, help="GiB per device kept for the runtime and buffers (default 4)")
+    p.add_argument("--top", type=int, help="how many ranked layouts to print (default 15)")
     p.add_argument("--layout", help="evaluate one layout, e.g. tp=1,pp=16,ep=64,distopt=1,rc=full,first=4,last=1 "
                                     "(schedule=dualpipe|dualpipev, layers=1:2*30:0 for per-stage layer counts)")
-    p.add_argument("--recompute", nargs="*", default=["none", "selective", "full"])
+    p.add_argument("--recompute", nargs="*", help="recompute modes to search (default: none selective full)")
     p.add_argument("--validate", action="store_true",
                    help="print the planner's predictions for published DeepSeek-V3 runs and the ratios")
     p.add_argument("--list-devices", action="store_true", help="print the device table with sources and grades")
@@ -135,7 +135,18 @@ def list_devices() -> str:
     return "\n".join(out)
 
 
+PLANNING_FLAGS = ("preset", "model_config", "device", *FIGURE_FLAGS, "num_devices", "seq_length", "global_batch_size",
+                  "precision", "overlap_ep", "layout", "reserve_gib", "top", "recompute")
+
+
 def run(args) -> int:
+    if args.list_devices or args.validate:
+        mode = "--list-devices" if args.list_devices else "--validate"
+        unused = ["--" + k.replace("_", "-") for k in PLANNING_FLAGS + (("efficiency",) if args.list_devices else ())
+                  if getattr(args, k) is not None] + (["--validate"] if args.list_devices and args.validate else [])
+        if unused:
+            raise ConfigError(f"{mode} takes no planning flags (it would ignore {', '.join(unused)}); "
+                              f"{'only --efficiency changes --validate' if mode == '--validate' else 'drop them'}")
     if args.list_devices:
         print(list_devices())
         return 0
@@ -160,7 +171,7 @@ def run(args) -> int:
         topts = TimeOptions(**{**topts.__dict__, "efficiency": args.efficiency})
     if args.overlap_ep is not None:
         topts = TimeOptions(**{**topts.__dict__, "overlap_ep": args.overlap_ep})
-    mopts = MemoryOptions(reserve_gib=args.reserve_gib)
+    mopts = MemoryOptions(reserve_gib=4.0 if args.reserve_gib is None else args.reserve_gib)
     lines = assumptions(cfg, cluster, seq, gbs, prec, topts, mopts)
     if args.layout:
         lay = parse_layout(args.layout, cluster.num_devices)
@@ -176,19 +187,23 @@ def run(args) -> int:
             print("error: " + no_fit_line([plan], cluster, mopts), file=sys.stderr)
             return 1
         return 0
-    everything, n, bad = search(cfg, cluster, seq, gbs, prec, topts, mopts, recompute=tuple(args.recompute),
-                                keep_infeasible=True)
+    rc_modes = tuple(args.recompute or ("none", "selective", "full"))
+    everything, n, bad = search(cfg, cluster, seq, gbs, prec, topts, mopts, recompute=rc_modes, keep_infeasible=True)
     plans = [q for q in everything if q.feasible]
-    refs = {}
+    refs, skipped = {}, 0
     if ps:
         for name, lay in ps.reference_layouts.items():
             if lay.world != cluster.num_devices:
-                continue  # the preset's layouts are for its own device count
+                skipped += 1  # the preset's layouts are for its own device count
+                continue
             t = ps.dualpipe_time if lay.schedule == "dualpipe" else topts
             t = TimeOptions(**{**t.__dict__, "efficiency": topts.efficiency})
             refs[name] = evaluate(cfg, lay, cluster, seq, gbs, prec, t, mopts)
     title = ps.question if ps else f"{cfg.model_type} on {cluster.num_devices} x {cluster.name}"
-    print(format_report(title, lines, plans, n, bad, args.top, refs, ps.reference_tokens_per_s if ps else None))
+    top = 15 if args.top is None else args.top
+    print(format_report(title, lines, plans, n, bad, top, refs, ps.reference_tokens_per_s if ps else None))
+    if skipped:
+        print(f"({skipped} reference layouts of the preset skipped: they are for {ps.cluster.num_devices} devices)")
     if not plans:
         print("error: " + (no_fit_line(everything, cluster, mopts) if everything else
                            f"all {n} layouts break a config rule (see the assumptions above)"), file=sys.stderr)

@@ -87,6 +87,7 @@ class Layout:
             raise ValueError(f"dualpipev needs pipeline size >= 2 and no virtual stages (pp {self.pp}, vp {self.vp}); "
                              f"it makes 2 x pp stages itself")
         if self.layer_counts is not None:
+            object.__setattr__(self, "layer_counts", tuple(int(c) for c in self.layer_counts))  # hashable
             stages = 2 * self.pp if self.schedule == "dualpipev" else self.pp * self.vp
             if len(self.layer_counts) != stages:
                 raise ValueError(f"layer_counts has {len(self.layer_counts)} entries; this layout has {stages} stages")

@@ -65,7 +65,8 @@ def published_runs() -> Tuple[PublishedRun, ...]:
     return (
         PublishedRun(
             "deepseek-v3-h800", "DeepSeek-V3 pre-training, 2,048 H800",
-            "DeepSeek-V3 technical report (arXiv 2412.19437) §1 Table 1 and §3.2 (performance_reliability_anchors.md §A1)",
+            "DeepSeek-V3 technical report (arXiv 2412.19437) §1 Table 1 and §3.2 "
+            "(performance_reliability_anchors.md §A1)",
             v3, "H800", 2048, 4096, 15360, "bf16-bf16moments",
             (("per GPU", V3_IMPLIED),),
             f"14.8e12 tokens / (2.664e6 GPU-h x 3600 s) = {V3_IMPLIED:,.1f} tok/s/GPU (same as 1e12 / (180e3 x 3600))",
@@ -85,7 +86,8 @@ def published_runs() -> Tuple[PublishedRun, ...]:
         PublishedRun(
             "megatron-bridge-h100", "Megatron-Core DeepSeek-V3 pre-training, 1,024 H100 (NeMo 25.09)",
             "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary.md, '25.09 NeMo Container', DGX-H100 table; layout "
-            "from scripts/performance/configs/deepseek/deepseek_workload_base_configs.py DEEPSEEK_V3_PRETRAIN_CONFIG_H100_V1",
+            "from scripts/performance/configs/deepseek/deepseek_workload_base_configs.py "
+            "DEEPSEEK_V3_PRETRAIN_CONFIG_H100_V1",
             v3, "H100", 1024, 4096, 8192, "bf16",
             (("per GPU", 1297.0),), "1,297 tok/s/GPU and 338 model TFLOP/s/GPU as published (FP8 recipe; "
                                     "330 with DeepSeek's blockwise FP8 scaling)",
@@ -102,7 +104,8 @@ def published_runs() -> Tuple[PublishedRun, ...]:
         PublishedRun(
             "mindspeed-a3", "MindSpeed-LLM DeepSeek-V3 pre-training, 512 Atlas 900 A3 SuperPoD devices",
             "Ascend/MindSpeed-LLM docs/zh/pytorch/features/README.md '分布式预训练' table (914.97, column "
-            "'吞吐（tokens/s）', cluster 32x16); layout from examples/mcore/deepseek3/pretrain_deepseek3_671b_4k_A3_ptd.sh",
+            "'吞吐（tokens/s）', cluster 32x16); layout from "
+            "examples/mcore/deepseek3/pretrain_deepseek3_671b_4k_A3_ptd.sh",
             v3, "Ascend910C", 512, 4096, 3840, "bf16",
             (("if per die", MINDSPEED_A3), ("if per 910C package (2 dies)", MINDSPEED_A3 / 2)),
             "914.97 'tokens/s' for 32 nodes x 16 devices; the table does not say per what. Read per die, the "
@@ -171,8 +174,8 @@ def format_validation(rows: List[Row]) -> str:
                 out.append(f"  note: {n}")
         t = r.plan.time
         out.append(f"  - {r.candidate.label}: {r.plan.layout.short()}; step {t.step_s:.2f} s, bubble "
-                   f"{t.bubble_fraction:.1%}, exposed tp {t.exposed.get('tp', 0):.2f} s / ep {t.exposed.get('ep', 0):.2f}"
-                   f" s / dp {t.exposed.get('dp', 0):.2f} s")
+                   f"{t.bubble_fraction:.1%}, exposed tp {t.exposed.get('tp', 0):.2f} s / ep "
+                   f"{t.exposed.get('ep', 0):.2f} s / dp {t.exposed.get('dp', 0):.2f} s")
         if r.candidate.note:
             out.append(f"    assumes: {r.candidate.note}")
     return "\n".join(out)

@@ -71,7 +71,8 @@ _H100_DS = ("NVIDIA H100 Tensor Core GPU datasheet, 'Technical Specifications', 
             "(https://www.nvidia.com/en-us/data-center/h100/); table read verbatim in "
             "https://archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html")
 _H200_DS = ("NVIDIA H200 Tensor Core GPU product page, 'Specifications', H200 SXM (https://www.nvidia.com/en-us/"
-            "data-center/h200/); same figures in MLCommons inference v4.1 NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json")
+            "data-center/h200/); same figures in MLCommons inference v4.1 "
+            "NVIDIA/systems/H200-SXM-141GBx8_TRT_MaxQ.json")
 _A100_DS = ("NVIDIA A100 Tensor Core GPU datasheet, 'Specifications', A100 80GB SXM column "
             "(https://www.nvidia.com/en-us/data-center/a100/)")
 _B200_DS = ("NVIDIA DGX B200 / HGX B200 specifications (https://www.nvidia.com/en-us/data-center/dgx-b200/); "
@@ -251,8 +252,8 @@ def device_spec(device_name: str) -> DeviceSpec:
     spec = find_device(device_name)
     if spec is None:
         raise ConfigError(f"device {device_name!r} is not in the device table (megatron_ascend/platform/"
-                          f"devices.py); known devices: {', '.join(known_devices())}. For another device leave --device "
-                          f"out and pass every figure: --tflops --hbm-gib --hbm-tbps --devices-per-node "
+                          f"devices.py); known devices: {', '.join(known_devices())}. For another device leave "
+                          f"--device out and pass every figure: --tflops --hbm-gib --hbm-tbps --devices-per-node "
                           f"--intra-node-gbps --inter-node-gbps")
     return spec
 
