@@ -102,7 +102,8 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
 
     notes = []
     L = cfg.num_hidden_layers
-    has_mtp = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m)
+    has_mtp = (any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m)
+               or any(n.startswith("mtp.") for n in hf.tensors))  # V4's canonical MTP names (hf_dir)
     if cfg.num_nextn_predict_layers and not has_mtp:
         notes.append(f"{hf.path} has no MTP layer (model.layers.{L}.*; transformers drops it on save): converted "
                      f"without MTP (num_nextn_predict_layers 0)")
@@ -279,7 +280,7 @@ def hf_layout(cfg: ModelConfig, stored: Dict[str, Tuple[Tuple[int, ...], torch.d
                 out.append((hn, ma, (e,) + (0,) * (len(shape) - 1), (1,) + shape[1:], shape[1:]))
         else:
             out.append((hf_names[0], ma, (0,) * len(shape), shape, shape))
-    for k in range(cfg.num_nextn_predict_layers):
+    for k in range(cfg.num_nextn_predict_layers if cfg.model_type != "deepseek_v4" else 0):  # V3 hub copies
         for dup, src in (("embed_tokens.weight", "model.embed_tokens.weight"),
                          ("shared_head.head.weight", "lm_head.weight")):
             if src in stored:
