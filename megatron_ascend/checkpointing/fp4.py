@@ -24,16 +24,17 @@ FP4_MAX = 6.0
 _MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = torch.tensor(list(_MAGNITUDES) + [-v for v in _MAGNITUDES], dtype=torch.float32)
 
+_BYTES = torch.arange(256)
+_PAIRS = torch.stack((E2M1_VALUES[_BYTES & 0x0F], E2M1_VALUES[_BYTES >> 4]), dim=-1)  # byte -> (low, high) values
 PACKED_DTYPES = (torch.int8, torch.uint8, torch.float4_e2m1fn_x2)
 
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
-    """``[..., n]`` packed bytes -> ``[..., 2n]`` fp32 (low nibble first)."""
+    """``[..., n]`` packed bytes -> ``[..., 2n]`` fp32 (low nibble first). One byte-indexed lookup: the only
+    temporary is an int32 copy of the bytes."""
     if packed.dtype not in PACKED_DTYPES:
         raise ValueError(f"packed FP4 must be int8 / uint8 / float4_e2m1fn_x2, got {packed.dtype}")
-    b = packed.view(torch.uint8).to(torch.int64)
-    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
-    return E2M1_VALUES[codes]
+    return _PAIRS[packed.view(torch.uint8).to(torch.int32)].flatten(-2)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,8 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, out_dtype=torch.bf
         raise ValueError(f"FP4 weight of shape {(out, n)} (stored {(out, half)}) needs a scale of shape {want} "
                          f"(1x{block} blocks), got {tuple(scale.shape)}")
     v = unpack_e2m1(packed).view(out, n // block, block)
-    return (v * scale_values(scale)[:, :, None]).view(out, n).to(out_dtype)
+    v.mul_(scale_values(scale)[:, :, None])
+    return v.view(out, n).to(out_dtype)
 
 
 def quantize_fp4(w: torch.Tensor, block: int = BLOCK) -> Tuple[torch.Tensor, torch.Tensor]:

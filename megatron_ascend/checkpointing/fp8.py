@@ -82,8 +82,12 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, out_dtype=torch.
     if tuple(scale_inv.shape) != want:
         raise ValueError(f"FP8 weight of shape {(m, n)} needs a scale of shape {want} "
                          f"({bm}x{bn} blocks), got {tuple(scale_inv.shape)}")
-    s = scale_values(scale_inv).repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
-    return (q.to(torch.float32) * s).to(out_dtype)
+    s = scale_values(scale_inv).repeat_interleave(bn, 1)[:, :n]  # [row blocks, n]
+    out = torch.empty((m, n), dtype=out_dtype)
+    for i in range(s.shape[0]):  # one row block at a time: temporaries of bm rows, not of the whole weight
+        rows = slice(i * bm, min((i + 1) * bm, m))
+        out[rows] = q[rows].to(torch.float32) * s[i]
+    return out
 
 
 def quantize_blocks(w: torch.Tensor, block: Block = BLOCK, ue8m0: bool = False,
