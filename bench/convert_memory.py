@@ -12,8 +12,9 @@ scales, FP4 e2m1 experts + e8m0 1x32 scales, sliding / CSA / HCA layers, a hash 
 says so).
 Each run prints its peak RSS, the RSS of a process that only imports torch + megatron_ascend (baseline), the
 total model bytes, the largest tensor / output shard and the largest HF file, and the ratios. Streaming means
-the RSS increase during a conversion tracks the largest tensor / output shard, not the model. A benchmark:
-prints numbers, asserts nothing.
+the RSS increase during a conversion tracks the largest tensor / output shard, not the model. Each child pins
+glibc's mmap threshold as tools/convert_ckpt.py does (CONVERT_MEMORY_NO_PIN=1: not, to see the difference).
+A benchmark: prints numbers, asserts nothing.
 """
 import argparse
 import json
@@ -149,6 +150,8 @@ sys.path.insert(0, {repo!r})
 import torch
 from megatron_ascend.checkpointing import hf
 import os, threading
+if os.environ.get("CONVERT_MEMORY_NO_PIN") != "1":
+    hf.fix_malloc_threshold()  # as tools/convert_ckpt.py does
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

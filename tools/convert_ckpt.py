@@ -108,4 +108,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from megatron_ascend.checkpointing.hf_dir import fix_malloc_threshold
+    fix_malloc_threshold()  # this process only converts: bounded memory (see hf_dir.fix_malloc_threshold)
     main()

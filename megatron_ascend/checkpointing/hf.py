@@ -203,7 +203,7 @@ def _assign(pieces: Sequence[Piece], workers: int) -> List[List[Piece]]:
 def _worker(rank, workers, store, root, tmp, assigned, shapes, progress):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    fix_malloc_threshold()
+    fix_malloc_threshold()  # a process of our own (hf_dir.fix_malloc_threshold)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=workers)
     try:
         bar = _bar(len(assigned[rank]), f"hf2ma worker {rank}", rank) if progress else None
@@ -223,7 +223,6 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
                      save_dtype: Optional[str] = None, workers: int = 1, progress: bool = True) -> Dict[str, Any]:
     """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS)."""
     dtype = _dtype(save_dtype)
-    fix_malloc_threshold()
     hf = read_hf_dir(hf_dir)
     cfg = ModelConfig.from_hf_dict(hf.config)
     # a layout for validation: etp 1 (DeepSeek recipes) and the smallest dp that lets ep fit in a stage
@@ -317,7 +316,6 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
                      max_shard_bytes: int = 5 * 2 ** 30, progress: bool = True,
                      model_config: Optional[ModelConfig] = None, naming: str = "hf") -> Dict[str, Any]:
     dtype = _dtype(save_dtype)
-    fix_malloc_threshold()
     path, _ = find_checkpoint(ckpt_dir)
     if path is None:
         raise CheckpointError(f"{ckpt_dir} holds no checkpoint; pass the --save directory of a run (or one "

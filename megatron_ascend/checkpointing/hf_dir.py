@@ -17,8 +17,9 @@ dequantisation: the layer below the model-name mapping of hf.py.
 ``load_tensor(src, out_dtype=None)`` reads one Source (dequantised; default dtype bf16 for quantised sources,
 the stored dtype otherwise). ``written_dtype(name, sources, save_dtype)`` is the one rule for the dtype a
 converter writes. ``write_hf_shards(...)`` writes ``model-XXXXX-of-YYYYY.safetensors`` + index holding one
-output shard in memory at a time, under the names a ``rename`` callable gives. ``fix_malloc_threshold()`` is
-called by every converter so that memory stays bounded by one tensor / shard (glibc heap growth otherwise).
+output shard in memory at a time, under the names a ``rename`` callable gives. ``fix_malloc_threshold()``: a
+converting process's entry point calls it (tools/convert_ckpt.py, hf2ma's worker processes) so that memory
+stays bounded by one tensor / shard; a process-wide setting, so the library functions leave it to the caller.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def fix_malloc_threshold(threshold: int = 128 * 1024) -> bool:
     (up to 32 MiB), after which a conversion's many short-lived tensors (dequantisation temporaries above
     all) come from the heap, which fragments and is not given back: hf2ma of a random V4 release grew by
     +195 / +409 MiB for 1.5 / 2.7 GiB models, and by +68 MiB for both with the threshold pinned
-    (bench/convert_memory.py). A pinned threshold keeps large buffers mmapped and returned on free. Returns
-    False (and changes nothing) off glibc."""
+    (bench/convert_memory.py). A pinned threshold keeps large buffers mmapped and returned on free. It holds
+    for the rest of the process (call it from an entry point). Returns False (and changes nothing) off glibc."""
     import ctypes
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3 = M_MMAP_THRESHOLD

@@ -25,7 +25,7 @@ from ..config import ConfigError, ModelConfig
 from . import v4_names
 from .checkpoint import _write_text
 from .dcp_io import CheckpointError
-from .hf_dir import HFDir, Source, fix_malloc_threshold, load_tensor, read_hf_dir, write_hf_shards, written_dtype
+from .hf_dir import HFDir, Source, load_tensor, read_hf_dir, write_hf_shards, written_dtype
 
 SIDECARS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
             "generation_config.json")
@@ -104,7 +104,6 @@ def convert_hf_to_hf(src_dir: str, out_dir: str, naming: str = "hf", save_dtype:
         raise ConfigError("--save-dir must differ from --load-dir (the source is read while writing)")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConfigError(f"--save-dir {out_dir} is not empty; pick a new directory (nothing is overwritten)")
-    fix_malloc_threshold()
     hf = read_hf_dir(src_dir)
     rename = _disk_namer(hf.model_type, naming)
     items = _items(hf)
