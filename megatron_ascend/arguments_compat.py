@@ -539,11 +539,15 @@ def moe_pattern_to_ours(pattern: Sequence[int], num_layers: Optional[int]) -> Tu
 # ------------------------------------------------------------------------------------------------------
 # parser plumbing and resolution
 # ------------------------------------------------------------------------------------------------------
-def add_flags(p: argparse.ArgumentParser, flags: Sequence[Flag], title: str) -> None:
+def add_flags(p: argparse.ArgumentParser, flags: Sequence[Flag], title: str,
+              kinds: Sequence[str] = (ALIAS, NO_EFFECT, REFUSED)) -> None:
+    """Add ``flags`` (those of ``kinds`` that the parser does not define itself) to ``p``."""
     existing = set(p._option_string_actions)
     g = p.add_argument_group(title, "Foreign flags: aliases are listed; flags accepted without effect and "
                                     "refused flags are in docs/MIGRATING.md.")
     for f in flags:
+        if f.kind not in kinds:
+            continue
         names = [n for n in f.names if n not in existing]
         if not names:  # another helper made it ours: the parser's definition wins
             continue
@@ -558,6 +562,27 @@ def add_flags(p: argparse.ArgumentParser, flags: Sequence[Flag], title: str) -> 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     add_flags(p, TRAIN_FLAGS, "Megatron-LM / MindSpeed-LLM compatibility")
+
+
+def add_tool_flags(p: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """A tool's accepted-without-effect and refused flags (its aliases are its own options)."""
+    add_flags(p, flags, "MindSpeed-LLM compatibility", kinds=(NO_EFFECT, REFUSED))
+
+
+def resolve_tool(ns: argparse.Namespace, flags: Sequence[Flag]) -> List[str]:
+    """ConfigError for a refused flag given; returns the lines to print for flags accepted without effect."""
+    seen = []
+    for f in flags:
+        if f.kind == ALIAS:
+            continue
+        value = getattr(ns, f.dest, None)
+        if value is None:
+            continue
+        if f.kind == REFUSED:
+            raise ConfigError(f"{f.name} is not supported ({f.means}); nearest: {f.instead}")
+        _check_value(f, value)
+        seen.append(f.name)
+    return [f"accepted, no effect here: {' '.join(seen)} (docs/MIGRATING.md)"] if seen else []
 
 
 def _check_value(f: Flag, value) -> None:
@@ -684,8 +709,8 @@ CONVERT_FLAGS: List[Flag] = [
     _n("--moe-grouped-gemm", ALWAYS, "experts are stored per expert in HF and grouped in ours, always",
        origin=MINDSPEED),
     _n("--mla-mm-split", ALWAYS, "the MLA up-projections are stored whole", origin=MINDSPEED),
-    _n(("--noop-layers", "--num-layer-list", "--num-layers-per-virtual-pipeline-stage"), ALWAYS,
-       "layer placement is chosen at training time (our checkpoints load at any placement)", "value",
+    _n(("--noop-layers", "--num-layer-list"), ALWAYS, "layer placement is chosen at training time (our "
+       "checkpoints load at any placement); with them the pipeline split is not checked here", "value",
        MINDSPEED),
     _n("--expert-tensor-parallel-size", ALWAYS, "chosen at training time", "value", MINDSPEED),
     _r("--moe-tp-extend-ep", "experts split over TP ranks as extra EP is not built",

@@ -55,7 +55,7 @@ def parse_layout(text: str, num_devices: int) -> Layout:
 
 @exit_on_config_error
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--preset", choices=PRESETS)
     p.add_argument("--model-config", help="HuggingFace config.json of the model")
     p.add_argument("--device", help="device name from platform.peak_flops (H800, Ascend910C, ...)")
