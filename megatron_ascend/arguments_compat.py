@@ -179,10 +179,6 @@ def _load_balancing(ns, value, ctx, flag):
     ns.compat_balance_type = v
 
 
-def _moe_layer_freq_note(ns, value, ctx, flag):  # pragma: no cover - value spelling, see parse_moe_layer_freq
-    pass
-
-
 def _yarn_type(ns, value, ctx, flag):
     if value != "yarn":
         raise ConfigError(f"--rope-scaling-type {value!r} is not supported; YaRN ('yarn', with "
@@ -200,16 +196,12 @@ def _dsa_indexer(ns, value, ctx, flag):
         ns.model_type = "deepseek_v32"
 
 
-def _untie(ns, value, ctx, flag):
-    pass
-
-
 def _hf2mg(ns, value, ctx, flag):
     ns.convert_hf_at_load = True
 
 
-def _is_true(ns, value, ctx, flag):
-    pass
+def _recorded(ns, value, ctx, flag):
+    """Nothing to write now: the flag's presence (Resolved.given) is read by arguments.model_config_from_args."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -256,7 +248,7 @@ TRAIN_FLAGS: List[Flag] = [
     _a("--multi-latent-attention", "MLA (always on); it also says the model is described Megatron-style: "
        "what the flags leave out takes Megatron-LM's defaults (no query LoRA without --q-lora-rank, softmax "
        "routing without expert bias, 1.0 top-k scaling, tied embeddings without "
-       "--untie-embeddings-and-output-weights, norm epsilon 1e-5, init std 0.02)", _is_true, origin=MEGATRON),
+       "--untie-embeddings-and-output-weights, norm epsilon 1e-5, init std 0.02)", _recorded),
     # training length and LR schedule in samples
     _a("--train-samples", "--train-iters = train-samples // global batch (Megatron's rule); the LR schedule is "
        "then counted in samples", _store("train_samples", _positive_int("--train-samples")), "value", MEGATRON),
@@ -265,8 +257,8 @@ TRAIN_FLAGS: List[Flag] = [
     _a("--lr-decay-samples", "--lr-decay-iters in samples (needs --train-samples)",
        _store("lr_decay_samples", _number("--lr-decay-samples")), "value", MEGATRON),
     _a("--lr-warmup-fraction", "--lr-warmup-iters = fraction x the decay length (instead of "
-       "--lr-warmup-iters / --lr-warmup-samples)", _store("lr_warmup_fraction", _number("--lr-warmup-fraction", 0,
-                                                                                          1)), "value", MEGATRON),
+       "--lr-warmup-iters / --lr-warmup-samples)",
+       _store("lr_warmup_fraction", _number("--lr-warmup-fraction", 0, 1)), "value", MEGATRON),
     _a("--lr-warmup-init", "the learning rate at the start of warm-up (default 0): lr = init + (lr - init) x "
        "step / warm-up", _store("lr_warmup_init", _number("--lr-warmup-init")), "value", MEGATRON),
     # checkpoints and data
@@ -295,18 +287,18 @@ TRAIN_FLAGS: List[Flag] = [
     _a("--moe-router-load-balancing-type", "the balance loss: seq_aux_loss, aux_loss, none; MindSpeed's "
        "'none' with --seq-aux is seq_aux_loss, its 'pai_megatron_aux_loss' is aux_loss with V2's softmax "
        "greedy routing (pre-softmax, no normalisation)", _load_balancing, "values"),
-    _a("--seq-aux", "the balance loss is computed per sequence (seq_aux_loss)", _is_true, origin=MINDSPEED),
+    _a("--seq-aux", "the balance loss is computed per sequence (seq_aux_loss)", _recorded, origin=MINDSPEED),
     _a("--moe-router-enable-expert-bias", "--moe-router-topk-method noaux_tc (the aux-loss-free expert bias, "
-       "updated at --moe-router-bias-update-rate)", _is_true),
+       "updated at --moe-router-bias-update-rate)", _recorded),
     _a("--moe-router-pre-softmax", "--no-norm-topk-prob with softmax scoring (softmax over all experts, then "
-       "top-k, not renormalised)", _is_true, origin=MEGATRON),
+       "top-k, not renormalised)", _recorded, origin=MEGATRON),
     _a("--enable-dsa-indexer", "the DeepSeek-V3.2 lightning indexer (--index-topk; MindSpeed's defaults "
        "--index-n-heads 64 --index-head-dim 128 --index-topk 2048; model type deepseek_v32)", _dsa_indexer,
        origin=MINDSPEED),
     _a("--indexer-loss-coeff", "the DSA indexer's KL loss coefficient (dsa_indexer_loss_coeff)",
        _store("compat_indexer_loss_coeff", _number("--indexer-loss-coeff")), "value", MINDSPEED),
     _a("--position-embedding-type", "'rope' (what we do); MindSpeed's 'deepseek4' selects DeepSeek-V4; other "
-       "values (learned_absolute, none, mrope, ...) are errors", _is_true, "value"),
+       "values (learned_absolute, none, mrope, ...) are errors", _recorded, "value"),
 
     # ---- accepted, no effect: what we always do ----------------------------------------------------------
     _n("--use-mcore-models", ALWAYS, "Megatron-Core model classes: ours are the only models"),
@@ -747,7 +739,8 @@ def migrating_markdown() -> str:
         "",
         "| was | becomes |",
         "|---|---|",
-        "| `torchrun $DISTRIBUTED_ARGS pretrain_gpt.py ...` | `torchrun $DISTRIBUTED_ARGS -m megatron_ascend.pretrain ...` |",
+        "| `torchrun $DISTRIBUTED_ARGS pretrain_gpt.py ...` | "
+        "`torchrun $DISTRIBUTED_ARGS -m megatron_ascend.pretrain ...` |",
         "| `python -m torch.distributed.launch $DISTRIBUTED_ARGS pretrain_gpt.py ...` | "
         "`python -m torch.distributed.launch $DISTRIBUTED_ARGS -m megatron_ascend.pretrain ...` |",
         "| `... posttrain_gpt.py ... --stage sft` | `... -m megatron_ascend.posttrain ... --stage sft` |",
@@ -758,8 +751,19 @@ def migrating_markdown() -> str:
         "Every flag of the public DeepSeek scripts (MindSpeed-LLM examples/mcore/deepseek2_lite, deepseek3, "
         "deepseek32, deepseek4_flash; Megatron-LM's DeepSeek-V2-Lite and the DeepSeek-V3 recipes) is ours, an "
         "alias of ours, accepted without effect, or refused; the tables below list the last three. A flag in "
-        "none of them is rejected by argparse: nothing is dropped silently. Shrunk copies of four of these "
-        "scripts run in tests/public_scripts/.",
+        "none of them is rejected by argparse: nothing is dropped silently. Shrunk copies of MindSpeed-LLM's "
+        "DeepSeek-V3 pretrain, SFT and data_convert scripts and of Megatron-LM's DeepSeek-V2-Lite configuration "
+        "run in tests/public_scripts/ with only the entry point changed.",
+        "",
+        "Steps:",
+        "",
+        "1. Data: run the script's `preprocess_data.py` line against `tools/preprocess_data.py` (JSON, JSONL or "
+        "parquet input; MindSpeed's handler names, `--map-keys` and `--prompt-type deepseek2|deepseek3` work).",
+        "2. Weights: `tools/convert_ckpt.py` with the script's conversion flags, or keep MindSpeed's "
+        "`--enable-hf2mg-convert` with `--load` on the HuggingFace directory (converted once at start-up).",
+        "3. Training: change the entry point as above, keep every flag, and read the start-up line "
+        "(`accepted, no effect here: ...`) and any `note:` lines. A refused flag stops the run with one line naming "
+        "the nearest supported option.",
         "",
         "Flags accepted without effect are named in one start-up line (`accepted, no effect here: ...`), "
         "grouped as: what we always do; kernel choices (same results); choices not built yet (the line says "

@@ -1,7 +1,8 @@
 """Chat templates: turn role/content messages into token ids plus a loss mask on assistant tokens.
 
 Owns: the named templates (``deepseek`` = ``deepseek3``, DeepSeek-V3's format; ``deepseek2`` =
-``deepseek2-lite``, DeepSeek-V2's, as MindSpeed-LLM's --prompt-type names them), rendering a tokenizer's own jinja ``chat_template`` (as
+``deepseek2-lite``, DeepSeek-V2's, as MindSpeed-LLM's --prompt-type names them), rendering a tokenizer's
+own jinja ``chat_template`` (as
 ``transformers`` does: sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``) and
 :func:`encode_chat`. Does not own: reading JSONL records (sft_format.py) or tokenizers (tokenizer.py).
 
