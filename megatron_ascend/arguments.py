@@ -67,7 +67,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm-topk-prob", dest="norm_topk_prob", action="store_true", default=None)
     g.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
     g.add_argument("--first-k-dense-replace", type=int, default=None, help="leading dense-FFN layers")
-    g.add_argument("--moe-layer-freq", type=compat.parse_moe_layer_freq, default=None,
+    g.add_argument("--moe-layer-freq", default=None,
                    help="MoE every N-th layer after --first-k-dense-replace, or Megatron's per-layer list "
                         "'([0]*3+[1]*58)' (read without eval)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="sequence-wise balance loss alpha")
@@ -288,6 +288,11 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         v = getattr(args, flag, None)
         if v is not None:
             over[fld] = v
+    if "moe_layer_freq" in over:
+        try:
+            over["moe_layer_freq"] = compat.parse_moe_layer_freq(over["moe_layer_freq"])
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(str(e))
     if isinstance(over.get("moe_layer_freq"), list):
         first, freq = compat.moe_pattern_to_ours(over["moe_layer_freq"], over.get("num_hidden_layers",
                                                                                   base.get("num_hidden_layers")))
@@ -304,6 +309,11 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if getattr(args, "compat_indexer_loss_coeff", None) is not None:
         over["dsa_indexer_loss_coeff"] = args.compat_indexer_loss_coeff
     _megatron_routing(args, base, over, res)
+    if compat.megatron_style(args) and not args.model_type and not args.model_config:
+        # Megatron-LM has no model type: the routing says the family (HF export names its architecture)
+        m = {**base, **over}
+        over["model_type"] = ("deepseek_v32" if m.get("index_topk") else
+                              "deepseek_v3" if m.get("topk_method") == "noaux_tc" else "deepseek_v2")
     if args.n_shared_experts is not None:
         over["n_shared_experts"] = args.n_shared_experts
     elif args.moe_shared_expert_intermediate_size is not None:
@@ -321,6 +331,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if args.rope_scaling_factor is not None or (base.get("rope_scaling") is not None and any(
             getattr(args, k, None) is not None for k in yarn_keys)):
         rs = base.get("rope_scaling") or RopeScaling()
+        rs = RopeScaling(**rs) if isinstance(rs, dict) else rs
         kw = dict(rs.__dict__)
         if args.rope_scaling_factor is not None:
             kw["factor"] = args.rope_scaling_factor

@@ -315,7 +315,7 @@ class ModelConfig:
 # The defaults of a model family when the architecture comes from flags (no --model-config): ModelConfig's own
 # defaults are DeepSeek-V3's; DeepSeek-V2's are its smallest release, V2-Lite (config.json on the hub):
 # no query LoRA, softmax scores, greedy top-6 of 64 experts without expert bias or top-k normalisation,
-# 2 shared experts, one dense layer, the sequence-wise balance loss with alpha 0.001, no MTP.
+# 2 shared experts, one dense layer, the sequence-wise balance loss with alpha 0.001, no MTP, YaRN x40.
 FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "deepseek_v3": {},
     "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
@@ -323,7 +323,9 @@ FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
                         n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
                         topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
                         routed_scaling_factor=1.0, first_k_dense_replace=1, aux_loss_alpha=0.001,
-                        max_position_embeddings=163840, num_nextn_predict_layers=0),
+                        max_position_embeddings=163840, num_nextn_predict_layers=0,
+                        rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)),
     "deepseek_v32": dict(model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048,
                          max_position_embeddings=163840),
     "deepseek_v4": dict(model_type="deepseek_v4"),
