@@ -83,6 +83,8 @@ HF2MA_SUBDIR = "megatron_ascend_hf2ma"
 def convert_hf_at_load(args) -> None:
     """--enable-hf2mg-convert: --load holds a HuggingFace checkpoint; rank 0 converts it (once) into
     LOAD/megatron_ascend_hf2ma while the others wait, then every rank loads from there (weights only)."""
+    import subprocess
+    import torch
     import torch.distributed as dist
     from .. import platform
     from ..checkpointing import find_checkpoint
@@ -95,11 +97,21 @@ def convert_hf_at_load(args) -> None:
                           f"and *.safetensors); give the HF directory, or drop the flag to load our checkpoint")
     platform.init_distributed(getattr(args, "distributed_timeout_minutes", None) or 30.0)
     out = os.path.join(load, HF2MA_SUBDIR)
+    failed = torch.zeros(1)
     if dist.get_rank() == 0 and find_checkpoint(out)[0] is None:
-        from ..checkpointing import hf
+        # in a process of its own: the conversion writes with torch.distributed.checkpoint, which would
+        # otherwise be collective over this job's ranks
         print(f"converting the HuggingFace checkpoint {load} to {out} (--enable-hf2mg-convert)", flush=True)
-        hf.convert_hf_to_ma(load, out, progress=False)
-    dist.barrier()
+        code = ("import sys; from megatron_ascend.checkpointing import hf; "
+                "hf.convert_hf_to_ma(sys.argv[1], sys.argv[2], progress=False)")
+        r = subprocess.run([sys.executable, "-c", code, load, out], stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            failed += 1
+    dist.all_reduce(failed)
+    if failed.item():
+        raise ConfigError(f"--enable-hf2mg-convert: converting {load} failed (the reason is printed above); "
+                          f"tools/convert_ckpt.py --load-dir {load} --save-dir DIR shows it alone")
     args.load = out
 
 
