@@ -331,8 +331,8 @@ TRAIN_FLAGS: List[Flag] = [
     _n("--ckpt-format", ALWAYS, "checkpoints are torch.distributed.checkpoint directories that load at any "
        "layout (like torch_dist)", "value", allowed=("torch", "torch_dist")),
     _n("--auto-detect-ckpt-format", ALWAYS, "one checkpoint format", origin=MEGATRON),
-    _n("--dist-ckpt-strictness", ALWAYS, "a missing or unexpected tensor on load is always an error", "value",
-       MEGATRON),
+    _n("--dist-ckpt-strictness", ALWAYS, "how a load treats missing / unexpected tensors is fixed "
+       "(docs/CHECKPOINTS.md)", "value", MEGATRON),
     _n("--no-create-attention-mask-in-dataloader", ALWAYS, "the loader never builds a mask tensor (causal "
        "masks are made in the model)", origin=MEGATRON),
     _n("--no-mmap-bin-files", ALWAYS, ".bin files are memory-mapped (host memory: page cache only)",

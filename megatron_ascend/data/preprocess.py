@@ -379,16 +379,12 @@ def run(args) -> dict:
                               file=sys.stderr)
                     continue
                 _write(builders, payload, where, stats)
+                _log_progress(args, stats, t0)
             if bar is not None:
                 bar.update(sum(c[3] for c in chunk))
                 dt = max(time.time() - t0, 1e-9)
                 bar.set_postfix(docs_per_s=f"{stats['documents'] / dt:.0f}", refresh=False)
-            every = getattr(args, "log_interval", None)
-            if every and stats["documents"] // every > stats.get("logged", 0):
-                stats["logged"] = stats["documents"] // every
-                dt = max(time.time() - t0, 1e-9)
-                print(f"processed {stats['documents']} documents ({stats['documents'] / dt:.1f} docs/s, "
-                      f"{stats['bytes'] / (1 << 20) / dt:.2f} MiB/s)", file=sys.stderr, flush=True)
+
         if pool is not None:
             pool.close()
             pool.join()
@@ -407,6 +403,16 @@ def run(args) -> dict:
     stats["seconds"] = time.time() - t0
     stats["outputs"] = [p for p, _ in outputs.values()]
     return stats
+
+
+def _log_progress(args, stats, t0) -> None:
+    """--log-interval N: one line every N documents (MindSpeed-LLM's progress output)."""
+    every = getattr(args, "log_interval", None)
+    if every and stats["documents"] and stats["documents"] % every == 0 and stats.get("logged") != stats["documents"]:
+        stats["logged"] = stats["documents"]
+        dt = max(time.time() - t0, 1e-9)
+        print(f"processed {stats['documents']} documents ({stats['documents'] / dt:.1f} docs/s, "
+              f"{stats['bytes'] / (1 << 20) / dt:.2f} MiB/s)", file=sys.stderr, flush=True)
 
 
 def _write(builders, payload, where, stats) -> None:
