@@ -244,6 +244,10 @@ def _megatron_routing(args, merged: dict, over: dict, res: compat.Resolved) -> N
                               f"{over['topk_method']}; drop one")
         over["topk_method"] = "noaux_tc"
     pre_softmax = "--moe-router-pre-softmax" in given
+    if args.model_config:  # the config file holds the routing; only what the flags say explicitly changes it
+        if pre_softmax:
+            over.setdefault("norm_topk_prob", False)
+        return
     if not compat.megatron_style(args) and not bias and not pre_softmax:
         return
     m = {**merged, **over}

@@ -313,6 +313,22 @@ def test_mindspeed_v3_router_and_megatron_routing_rules():
             m.max_position_embeddings, m.kv_lora_rank) == (None, True, 1e-5, 0, 128, 16, 32)
 
 
+def test_model_config_file_wins_over_megatron_defaults(tmp_path):
+    """With --model-config the file's architecture stands; Megatron-style flags only change what they say."""
+    import json
+    cfg = ModelConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                      num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                      v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                      first_k_dense_replace=1, vocab_size=64, max_position_embeddings=64)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_hf_dict()))
+    m = build_configs(parse_args(f"--model-config {path} --multi-latent-attention --swiglu --mock-data "
+                                 f"--train-iters 1 --seq-length 16".split()), 1)[0]
+    for k in ("q_lora_rank", "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+              "tie_word_embeddings", "rms_norm_eps", "n_shared_experts", "model_type"):
+        assert getattr(m, k) == getattr(cfg, k), k
+
+
 def _convert(argv, capsys):
     sys.path.insert(0, os.path.join(REPO, "tools"))
     try:
