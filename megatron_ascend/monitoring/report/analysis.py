@@ -458,7 +458,8 @@ def verdict(baseline: Run, runs: Sequence[Run], diffs: Dict[str, dict], noise: O
                    f"{baseline.label}")
             if tr.get("device_seconds") and tb.get("device_seconds"):
                 ratio = tb["device_seconds"] / tr["device_seconds"]
-                msg += (f"; {fmt_num(ratio)}x {'faster' if ratio >= 1 else 'slower'} per device "
+                msg += (f"; {fmt_num(ratio if ratio >= 1 else 1 / ratio)}x {'faster' if ratio >= 1 else 'slower'} "
+                        f"per device "
                         f"({fmt_num(tr['device_seconds'])} vs {fmt_num(tb['device_seconds'])} device-seconds)")
             out.append(msg + ".")
         elif target is not None and (tr or tb):
