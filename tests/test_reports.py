@@ -84,7 +84,6 @@ def _write_run(root, run, seed, extra_args="", model_over=None, metadata=True):
                                     peak_tflops=1.0, peak_source="unit")
     finally:
         del os.environ["MEGATRON_ASCEND_RECIPE"]
-    meta["data"]["checksum"] = "mock-data"
     run_metadata.write_json(os.path.join(d, run_metadata.METADATA_FILE), meta)
     with open(os.path.join(d, run_metadata.RANK_STATS_FILE), "w") as f:
         for first in range(1, STEPS + 1, 5):

@@ -186,12 +186,31 @@ def resolve_peak(run: Run, overrides: Dict[str, float]) -> Tuple[Optional[float]
     return (p, f"device table ({name})") if p else (None, "unknown (pass --peak-tflops)")
 
 
-def throughput_stats(run: Run, overrides: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+def shared_peaks(runs: Sequence[Run], overrides: Dict[str, float]) -> Dict[str, Tuple[Optional[float], str]]:
+    """label -> (peak, source), one peak per device name: runs on the same device get the first such run's
+    peak (a CPU peak is a GEMM ceiling measured at each start, which moves with the machine's load; one peak
+    keeps their MFU ratio equal to their TFLOP/s ratio). An override for a label wins."""
+    first: Dict[str, Tuple[Optional[float], str, str]] = {}
+    out: Dict[str, Tuple[Optional[float], str]] = {}
+    for r in runs:
+        peak, src = resolve_peak(r, overrides)
+        name = device_name(r)
+        if r.label in overrides or "*" in overrides or name not in first:
+            first.setdefault(name, (peak, src, r.label))
+            out[r.label] = (peak, src)
+        else:
+            p0, s0, lab0 = first[name]
+            out[r.label] = (p0, f"{s0}, as {lab0} (same device)")
+    return out
+
+
+def throughput_stats(run: Run, overrides: Optional[Dict[str, float]] = None,
+                     peak: Optional[Tuple[Optional[float], str]] = None) -> Dict[str, object]:
     tf = run.series("throughput").values
     tok = run.series("tokens-per-sec").values
     mfu_logged = run.series("mfu").values
     n = devices(run)
-    peak, src = resolve_peak(run, overrides or {})
+    peak, src = peak if peak is not None else resolve_peak(run, overrides or {})
     med_tf = _median(tf)
     med_tok = _median(tok)
     return {"tflops_per_device_median": med_tf, "tokens_per_sec_median": med_tok,
@@ -408,7 +427,7 @@ def fmt_num(v, digits: int = 3) -> str:
             return str(v)
         if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
             return f"{v:.{digits}e}"
-        return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
+        return f"{v:.{digits}g}"
     return str(v)
 
 

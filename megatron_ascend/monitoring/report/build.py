@@ -54,7 +54,9 @@ def refusal(comp: Dict[str, List[str]], allowed: Sequence[str]) -> Optional[str]
     bad = [c for c, lines in comp.items() if lines and c not in allowed]
     if not bad:
         return None
-    lines = [f"refusing to compare: the runs' {' and '.join(bad)} differ:"]
+    say = {"recipe": "their recipes differ", "data": "their data differ", "model": "their models differ",
+           "metadata": "a run has no run_metadata.json"}
+    lines = [f"refusing to compare: {'; '.join(say[c] for c in bad)}:"]
     for c in bad:
         lines += ["  " + x for x in comp[c]]
     lines.append(f"pass --allow-different {','.join(bad)} to compare them anyway (the report will say so)")
@@ -135,7 +137,8 @@ def build(run_dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]]
         if d is not None:
             diffs[r.label] = d
     targets = {r.label: A.time_to_target(r, target, window) for r in runs} if target is not None else {}
-    thr = {r.label: A.throughput_stats(r, peaks) for r in runs}
+    shared = A.shared_peaks(runs, peaks)
+    thr = {r.label: A.throughput_stats(r, peaks, shared[r.label]) for r in runs}
     steps = {r.label: A.step_time_stats(r) for r in runs}
     strag = {r.label: A.straggler_stats(r) for r in runs}
     mem = {r.label: A.memory_stats(r) for r in runs}
@@ -165,7 +168,8 @@ def build(run_dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]]
                     if band else None)
         fig(F.loss_difference(path("loss_diff.png"), base.label,
                               [{"label": lab, "ci": ci[lab], "steps": d["steps"], "diff": d["diff"],
-                                "raw_diff": d["raw_diff"]} for lab, d in diffs.items()], band_fig),
+                                "raw_diff": d["raw_diff"]} for lab, d in diffs.items()], band_fig,
+                              zoom=[lab for lab in diffs if not noise_pair or lab not in noise_pair]),
             "loss_diff.png", f"smoothed lm loss minus {base.label}'s; grey: the seed-noise band" if band else
             f"smoothed lm loss minus {base.label}'s", "loss")
     cost_runs = []

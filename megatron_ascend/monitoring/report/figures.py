@@ -78,25 +78,40 @@ def loss_curves(path: str, runs: Sequence[dict], window: int) -> bool:
     return _finish(fig, [ax], path)
 
 
-def loss_difference(path: str, baseline: str, diffs: Sequence[dict], band: Optional[dict]) -> bool:
-    """diffs: {label, ci, steps, diff, raw_diff}; band: {steps, band, label}."""
+def loss_difference(path: str, baseline: str, diffs: Sequence[dict], band: Optional[dict],
+                    zoom: Sequence[str] = ()) -> bool:
+    """diffs: {label, ci, steps, diff, raw_diff}; band: {steps, band, label}. With ``zoom`` labels (the runs that
+    are not the seed pair) a second panel shows just them, scaled to their own differences."""
     diffs = [d for d in diffs if d["steps"]]
     if not diffs:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=SIZE)
-    if band:
-        ax.fill_between(band["steps"], [-b for b in band["band"]], band["band"], color="#999999", alpha=0.3,
-                        label=f"seed-noise band ({band['label']})")
-    for d in diffs:
-        c = color(d["ci"])
-        ax.plot(d["steps"], d["raw_diff"], color=c, alpha=0.2, linewidth=0.7)
-        ax.plot(d["steps"], d["diff"], color=c, linewidth=1.5, label=f"{d['label']} - {baseline}")
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_title(f"lm loss difference to {baseline} (smoothed; faint: per iteration)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("difference")
-    return _finish(fig, [ax], path)
+    zoomed = [d for d in diffs if d["label"] in zoom]
+    if zoomed and len(zoomed) < len(diffs):
+        fig, axes = plt.subplots(1, 2, figsize=WIDE)
+    else:
+        fig, ax0 = plt.subplots(figsize=SIZE)
+        axes = [ax0]
+    for k, ax in enumerate(axes):
+        mine = diffs if k == 0 else zoomed
+        if band:
+            ax.fill_between(band["steps"], [-b for b in band["band"]], band["band"], color="#999999", alpha=0.3,
+                            label=f"seed-noise band ({band['label']})")
+        for d in mine:
+            c = color(d["ci"])
+            ax.plot(d["steps"], d["raw_diff"], color=c, alpha=0.2, linewidth=0.7)
+            ax.plot(d["steps"], d["diff"], color=c, linewidth=1.5, label=f"{d['label']} - {baseline}")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("difference")
+        if k == 1:
+            vals = [abs(v) for d in mine for v in d["raw_diff"] + d["diff"] if math.isfinite(v)]
+            lim = 1.3 * max(vals) if vals and max(vals) > 0 else 1.0
+            ax.set_ylim(-lim, lim)
+            ax.set_title("zoom: " + ", ".join(d["label"] for d in mine))
+        else:
+            ax.set_title(f"lm loss minus {baseline}'s (smoothed; faint: per iteration)")
+    return _finish(fig, list(axes), path)
 
 
 def loss_vs_cost(path: str, runs: Sequence[dict], target: Optional[float]) -> bool:
