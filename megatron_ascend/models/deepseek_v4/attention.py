@@ -25,8 +25,9 @@ the MoE router). The indexer takes detached inputs (indexer.py).
 
 Selective recompute (``self.recompute_modules``, set by megatron_ascend.recompute): ``core_attn`` checkpoints
 the core attention (core_attention.py); ``mla_up_proj`` (Megatron's name for the up-projection) runs q_b_proj
-+ per-head norm + RoPE as a checkpoint without output: q ([H, D] per token, the largest tensor) is dropped
-once core attention has saved it and rebuilt from c_q when its backward needs it.
++ per-head norm + RoPE as a checkpoint without output, itself checkpointed: q and q_b_proj's output ([H, D]
+per token each, the largest tensors) are not kept; they are rebuilt from c_q in backward (q_b_proj runs twice
+more: once for core attention's backward, once for its own).
 
 Where transformers and DeepSeek's inference code differ we follow transformers (docs/V4.md, "Attention").
 """
@@ -85,6 +86,26 @@ def check_config(config: ModelConfig, tp: int) -> None:
             raise ConfigError(f"index_n_heads {c.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
         if c.index_head_dim < c.qk_rope_head_dim:
             raise ConfigError(f"index_head_dim {c.index_head_dim} must be >= qk_rope_head_dim {c.qk_rope_head_dim}")
+
+
+class _HeadRMSNorm(torch.autograd.Function):
+    """Unweighted RMSNorm over the last dim (the per-head query norm): y = x * rsqrt(mean(x^2) + eps), computed
+    in fp32. Keeps x (in its own dtype) and the fp32 rstd only -- the autograd form would also keep an fp32
+    copy of x for half inputs ([H, D] per token)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd = ctx.saved_tensors
+        y = x.float() * rstd
+        gf = g.float()
+        return (rstd * (gf - y * (gf * y).mean(-1, keepdim=True))).to(x.dtype), None
 
 
 class GroupedLinear(nn.Module):
@@ -168,7 +189,7 @@ class DeepseekV4Attention(nn.Module):
         """c_q [b, s, q_lora] -> q [b, s, H/tp, D]: q_b_proj, unweighted per-head RMSNorm, RoPE."""
         b, s = c_q.shape[0], c_q.shape[1]
         q = self.q_b_proj(c_q).view(b, s, self.n_local, self.head_dim)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = _HeadRMSNorm.apply(q, self.eps)
         return apply_partial_rope(q, cos, sin)
 
     def _core(self, q, kv, comp, allowed, sinks, want_mass):
@@ -219,7 +240,9 @@ class DeepseekV4Attention(nn.Module):
             return o
 
         if "mla_up_proj" in self.recompute_modules and torch.is_grad_enabled():
-            o = checkpoint_discard_output(self._up_proj, (c_q_b, cos_b, sin_b), attend, checkpoint_fn=False)
+            # the per-head norm inside keeps q_b_proj's output: checkpointing _up_proj too drops it as well (it
+            # is recomputed once more in _up_proj's own backward), so only c_q stays
+            o = checkpoint_discard_output(self._up_proj, (c_q_b, cos_b, sin_b), attend, checkpoint_fn=True)
         else:
             o = attend(self._up_proj(c_q_b, cos_b, sin_b))
         indexer_loss = None
