@@ -14,17 +14,19 @@ from tests.tolerance import assert_close, assert_equal
 
 B, S = 2, 72           # 72 % 16 = 8: the HCA layer's last window is incomplete; 72 / 4 = 18 CSA entries
 WINDOW, TOPK, HCA = 8, 5, 16
+DENSE_TOPK = 12        # >= half the 18 CSA entries: core attention scores every entry under a mask (else gathers)
 QBLOCK = 16            # query block of the core attention: 5 blocks, the last one partial
 LAYERS = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+CASES = [(0, TOPK), (1, TOPK), (2, TOPK), (1, DENSE_TOPK)]  # (layer, index_topk)
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1}
 
 
-def hf_config():
+def hf_config(topk=TOPK):
     import transformers
     return transformers.DeepseekV4Config(
         attn_implementation="eager", vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
         head_dim=32, qk_rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=12, sliding_window=WINDOW,
-        index_n_heads=4, index_head_dim=16, index_topk=TOPK, layer_types=list(LAYERS),
+        index_n_heads=4, index_head_dim=16, index_topk=topk, layer_types=list(LAYERS),
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": HCA},
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, rope_scaling=dict(YARN),
         rope_theta=10000.0, compress_rope_theta=160000.0, max_position_embeddings=128, num_hash_layers=1)
@@ -66,14 +68,15 @@ def _attn_weights_hook(store):
     return mod, orig, wrapped
 
 
-def reference(layer_idx, coeff=0.7, seed=0):
+def reference(case, coeff=0.7, seed=0):
     """transformers' DeepseekV4Attention on random weights: output, input and parameter grads of <out, g>; for
     the CSA layer also the indexer KL loss (hand-written from the paper's recipe on transformers' attention
     probabilities, indexer scores and selection) and its gradient wrt the indexer weights."""
     from transformers.masking_utils import create_sliding_window_causal_mask
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import (DeepseekV4Attention,
                                                                       DeepseekV4RotaryEmbedding)
-    cfg = hf_config()
+    layer_idx, topk = CASES[case]
+    cfg = hf_config(topk)
     torch.manual_seed(seed)
     hf = DeepseekV4Attention(cfg, layer_idx).float()
     _randomise(hf, seed + 1 + layer_idx)
@@ -98,14 +101,15 @@ def reference(layer_idx, coeff=0.7, seed=0):
         if hook is not None:
             hook.remove()
     (out * g).sum().backward()
-    ref = dict(sd={k: v.detach().clone() for k, v in hf.state_dict().items()}, x=x.detach(), g=g,
+    ref = dict(layer=layer_idx, topk=topk, sd={k: v.detach().clone() for k, v in hf.state_dict().items()},
+               x=x.detach(), g=g,
                out=out.detach(), dx=x.grad.detach(),
                grads={n: p.grad.detach().clone() for n, p in hf.named_parameters() if p.grad is not None})
     if hook is not None:
         index = scores[0]                                     # [B, S, n] with grad to the indexer weights
         n = index.shape[-1]
         visible = torch.arange(n).view(1, 1, -1) < ((pos + 1) // 4).unsqueeze(-1)
-        top = index.detach().masked_fill(~visible, float("-inf")).topk(min(TOPK, n), -1).indices
+        top = index.detach().masked_fill(~visible, float("-inf")).topk(min(topk, n), -1).indices
         selected = torch.zeros_like(visible).scatter_(-1, top, True) & visible
         p = probs[0].detach()[..., S:].sum(1)                 # attention mass on the entries, all heads
         rows = selected.any(-1)
@@ -123,7 +127,7 @@ def reference(layer_idx, coeff=0.7, seed=0):
 
 @pytest.fixture(scope="module")
 def refs():
-    return [reference(i) for i in range(len(LAYERS))]
+    return [reference(i) for i in range(len(CASES))]
 
 
 def _pack(refs_):
@@ -195,14 +199,18 @@ def compare(m, ref, out, dx, pg, what):
 # ------------------------------------------------------------------------------------------------------------
 # single process
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layer_idx", range(len(LAYERS)))
-def test_matches_transformers_single_process(refs, layer_idx):
-    ref = refs[layer_idx]
-    m = build(our_config(), layer_idx, ref["sd"])
-    assert m.kind == LAYERS[layer_idx]
+def _what(ref):
+    return f"{LAYERS[ref['layer']]} (index_topk {ref['topk']})"
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_transformers_single_process(refs, case):
+    ref = refs[case]
+    m = build(our_config(index_topk=ref["topk"]), ref["layer"], ref["sd"])
+    assert m.kind == LAYERS[ref["layer"]]
     out, dx, il = run(m, ref)
     assert il is None  # dsa_indexer_loss_coeff 0: no indexer loss, no indexer graph
-    errs = compare(m, ref, out, dx, None, LAYERS[layer_idx])
+    errs = compare(m, ref, out, dx, None, _what(ref))
     assert len(errs) >= 10
 
 
@@ -223,9 +231,10 @@ def test_the_window_entries_and_topk_all_matter(refs):
         assert (out - refs[idx]["out"]).abs().max() > 1e-3, f"layer {idx} is insensitive to {change}"
 
 
-def test_indexer_loss_matches_reference(refs):
-    ref = refs[1]
-    m = build(our_config(dsa_indexer_loss_coeff=ref["coeff"]), 1, ref["sd"])
+@pytest.mark.parametrize("case", [1, 3])
+def test_indexer_loss_matches_reference(refs, case):
+    ref = refs[case]
+    m = build(our_config(dsa_indexer_loss_coeff=ref["coeff"], index_topk=ref["topk"]), 1, ref["sd"])
     from megatron_ascend.models.deepseek_v4.rope import V4Rope
     x = ref["x"].transpose(0, 1).contiguous().requires_grad_(True)
     pos = torch.arange(S)[None].expand(B, S)
@@ -286,12 +295,12 @@ def recompute_runs(m, ref, pg=None, sp=False):
     return len(runs)
 
 
-@pytest.mark.parametrize("layer_idx", range(len(LAYERS)))
-def test_recompute_replays_bitwise(refs, layer_idx):
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_recompute_replays_bitwise(refs, case):
     """Selective (core_attn, mla_up_proj, both) and full recompute give bitwise the output, input grad,
     parameter grads and indexer loss of no recompute."""
-    ref = refs[layer_idx]
-    m = build(our_config(dsa_indexer_loss_coeff=0.3), layer_idx, ref["sd"])
+    ref = refs[case]
+    m = build(our_config(dsa_indexer_loss_coeff=0.3, index_topk=ref["topk"]), ref["layer"], ref["sd"])
     assert recompute_runs(m, ref) == len(RECOMPUTE) + 1
 
 
@@ -352,9 +361,9 @@ def _tp_body(blob):
     for sp in (False, True):
         par = ParallelConfig(world_size=n, tensor_model_parallel_size=n, sequence_parallel=sp)
         pg = initialize_model_parallel(par)
-        for i, ref in enumerate(refs_):
-            what = f"{LAYERS[i]} tp={n} sp={sp}"
-            m = build(our_config(), i, ref["sd"], pg, par)
+        for ref in refs_:
+            what = f"{_what(ref)} tp={n} sp={sp}"
+            m = build(our_config(index_topk=ref["topk"]), ref["layer"], ref["sd"], pg, par)
             out, dx, _ = run(m, ref, pg, sp)
             done.append((what, len(compare(m, ref, out, dx, pg, what))))
         # the indexer loss and its gradient at this layout
@@ -379,5 +388,5 @@ def _tp_body(blob):
 
 def test_matches_transformers_tp2_with_and_without_sp(refs):
     done = run_distributed(2, _tp_body, _pack(refs), timeout=300)[0]
-    assert len(done) == 2 * (len(LAYERS) + 2), done
+    assert len(done) == 2 * (len(CASES) + 2), done
     assert all(k >= 1 for _, k in done), done

@@ -192,8 +192,8 @@ class DeepseekV4Attention(nn.Module):
         q = _HeadRMSNorm.apply(q, self.eps)
         return apply_partial_rope(q, cos, sin)
 
-    def _core(self, q, kv, comp, allowed, sinks, want_mass):
-        return sink_window_attention(q, kv, comp, allowed, sinks, self.scale, self.window, self.query_block,
+    def _core(self, q, kv, comp, sel, sinks, want_mass):
+        return sink_window_attention(q, kv, comp, sel, sinks, self.scale, self.window, self.query_block,
                                      want_mass)
 
     def forward(self, x: torch.Tensor, rope, position_ids: torch.Tensor
@@ -221,20 +221,23 @@ class DeepseekV4Attention(nn.Module):
         s, b = latent.shape[0], latent.shape[1]
 
         kv_b = apply_partial_rope(kv_f.transpose(0, 1).unsqueeze(2), cos_b, sin_b).squeeze(2)  # [b, s, D]
-        comp, allowed, index, selected = None, None, None, None
+        comp, allowed, index, sel = None, None, None, None
         want_mass = False
         if comp_mod is not None:
             comp = comp_mod.pool(full[2], full[3], lambda pos: self._rope.at("compress", pos))  # [b, n, D]
             allowed = visible_entries(position_ids, comp.shape[1], self.ratio)
             if self.kind == "compressed_sparse_attention":
-                index, allowed = self._select(x, c_q_f, cos, sin, allowed)
+                index, picked, allowed = self._select(x, c_q_f, cos, sin, allowed)
                 want_mass = index is not None and torch.is_grad_enabled()
+                if 2 * picked.shape[-1] <= comp.shape[1]:  # score only the picked entries (see core_attention)
+                    sel = picked
+        sel = allowed if sel is None else sel
 
         c_q_b = c_q_f.transpose(0, 1).contiguous()  # [b, s, q_lora]: q_b_proj's input, kept for its backward
         mass = []
 
         def attend(q):
-            o, m = self._run_core(q, kv_b, comp, allowed, want_mass)
+            o, m = self._run_core(q, kv_b, comp, sel, want_mass)
             if m is not None:
                 mass.append(M._all_reduce(m, self.group))  # over all heads (no grad)
             return o
@@ -255,19 +258,19 @@ class DeepseekV4Attention(nn.Module):
         y = y.view(G, b, s, -1).permute(2, 1, 0, 3).reshape(s, b, -1)       # [s, b, G*R]
         return self.o_b_proj(y), indexer_loss
 
-    def _run_core(self, q, kv, comp, allowed, want_mass):
+    def _run_core(self, q, kv, comp, sel, want_mass):
         if "core_attn" in self.recompute_modules and torch.is_grad_enabled():
-            return checkpoint(self._core, q, kv, comp, allowed, self.sinks, want_mass)
-        return self._core(q, kv, comp, allowed, self.sinks, want_mass)
+            return checkpoint(self._core, q, kv, comp, sel, self.sinks, want_mass)
+        return self._core(q, kv, comp, sel, self.sinks, want_mass)
 
     def _select(self, x, c_q_f, cos, sin, visible):
-        """CSA: the indexer's selection (bool [b, s, n]) and, when its loss is on and grad enabled, its scores
-        (with grad to the indexer's weights)."""
+        """CSA: the indexer's scores when its loss is on and grad enabled (with grad to the indexer's weights, else
+        None), its picks (long [b, s, k], -1 for none) and the same as a mask (bool [b, s, n])."""
         indexer = self.compressor.indexer
         train = self.indexer_loss_coeff > 0 and torch.is_grad_enabled()
         with torch.no_grad():
             x_full = M._gather_dim(x.detach(), 0, self.group) if self.sp else x.detach()
         with torch.set_grad_enabled(train):
             index = indexer.scores(x_full, c_q_f.detach(), cos, sin, lambda pos: self._rope.at("compress", pos))
-        selected = indexer.select(index, visible)
-        return (index if train else None), selected
+        picked, selected = indexer.select(index, visible)
+        return (index if train else None), picked, selected
