@@ -567,6 +567,10 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
     _require(model.num_attention_heads % tp == 0,
              f"num-attention-heads {model.num_attention_heads} is not divisible by tensor-model-parallel-size {tp}; "
              f"pick a TP size that divides {model.num_attention_heads}")
+    if model.model_type == "deepseek_v4":
+        _require(model.o_groups % tp == 0,
+                 f"o_groups {model.o_groups} is not divisible by tensor-model-parallel-size {tp}: each rank must hold "
+                 f"whole output-projection groups; pick a TP size that divides {model.o_groups}")
     if model.is_moe:
         _require(model.n_routed_experts % ep == 0,
                  f"expert-model-parallel-size {ep} does not divide num-experts {model.n_routed_experts}; "

@@ -340,12 +340,19 @@ def test_bad_tp_sizes_are_refused():
     with pytest.raises(ConfigError, match="num_attention_heads 6 is not divisible"):
         check_config(cfg, 4)
     with pytest.raises(ConfigError, match="o_groups 3 is not divisible"):
-        check_config(cfg, 3 * 2 // 2 * 2)  # tp 6 divides the heads but not the groups
+        check_config(cfg, 6)  # tp 6 divides the heads but not the groups
     with pytest.raises(ConfigError, match="index_n_heads 4 is not divisible"):
         check_config(our_config(num_attention_heads=6, o_groups=6), 3)
     with pytest.raises(ConfigError, match="o_groups 3 does not divide"):
         check_config(our_config(o_groups=3), 1)
     check_config(our_config(), 2)
+    # and before any model is built, from the configs a user passes
+    from megatron_ascend.config import ParallelConfig, validate_all
+    with pytest.raises(ConfigError, match="o_groups 2 is not divisible by tensor-model-parallel-size 4"):
+        validate_all(our_config(), ParallelConfig(world_size=4, tensor_model_parallel_size=4))
+    with pytest.raises(ConfigError, match="num-attention-heads 4 is not divisible"):
+        validate_all(our_config(), ParallelConfig(world_size=8, tensor_model_parallel_size=8))
+    validate_all(our_config(), ParallelConfig(world_size=2, tensor_model_parallel_size=2))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class _SinkWindowAttention(torch.autograd.Function):
                     mass[:, a:e] = pc
             out[:, a:e] = o.view(b, r, H, D)
         ctx.save_for_backward(q, kv, comp, sel if gathered else None, *probs)
-        ctx.meta = (scale, blocks, gathered, nc)
+        ctx.meta = (scale, blocks, gathered, nc, sinks.dtype)
         if mass is None:
             return out, None
         ctx.mark_non_differentiable(mass)
@@ -109,7 +109,7 @@ class _SinkWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dmass):
         q, kv, comp, sel, *probs = ctx.saved_tensors
-        scale, blocks, gathered, nc = ctx.meta
+        scale, blocks, gathered, nc, sink_dtype = ctx.meta
         b, s, H, D = q.shape
         n = comp.shape[1]
         dq = torch.empty_like(q)
@@ -152,7 +152,7 @@ class _SinkWindowAttention(torch.autograd.Function):
                 dcomp += torch.bmm(dsc.transpose(1, 2), q2).mul_(scale) + torch.bmm(
                     pc.to(q.dtype).transpose(1, 2), do2)
             dq[:, a:e] = dq2.mul_(scale).view(b, r, H, D)
-        return dq, dkv, (dcomp if n else None), None, dsink, None, None, None, None
+        return dq, dkv, (dcomp if n else None), None, dsink.to(sink_dtype), None, None, None, None
 
 
 def sink_window_attention(q: torch.Tensor, kv: torch.Tensor, comp: Optional[torch.Tensor],
