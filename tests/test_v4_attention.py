@@ -158,7 +158,7 @@ def build(cfg, layer_idx, sd, pg=None, par=None):
     return m
 
 
-def run(m, ref, pg=None, sp=False, cfg=None):
+def run(m, ref, pg=None, sp=False):
     """Forward <out, g> + backward with ours (sequence-first); returns (out, dx) full [B, S, h] and the indexer
     loss (or None)."""
     from megatron_ascend.models.deepseek_v4.rope import V4Rope
@@ -178,7 +178,9 @@ def run(m, ref, pg=None, sp=False, cfg=None):
 
 
 def compare(m, ref, out, dx, pg, what):
-    """Output, input gradient and every parameter gradient (gathered) against transformers'."""
+    """Output, input gradient and every parameter gradient (gathered) against transformers'. ``terms``: an output
+    element is a chain of sums over < S keys and a few hundred projection inputs; a gradient also sums over the
+    B * S tokens."""
     from megatron_ascend.tensor_parallel import allreduce_sequence_parallel_grads, gather_full
     errs = {"out": assert_close(out, ref["out"], f"{what} output", terms=S * 4),
             "dx": assert_close(dx, ref["dx"], f"{what} input grad", terms=B * S * 4)}
