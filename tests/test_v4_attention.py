@@ -3,8 +3,8 @@ weights, module by module: output, input gradient and every parameter gradient, 
 layers, over sequences where the window, several compressed entries (incl. an incomplete last window) and the
 indexer's top-k all matter -- single process and TP 2 with and without sequence parallel (one spawned world).
 Also: the indexer's KL loss and its gradient against a reference built from transformers' pieces; selective and
-full recompute replay bitwise; saved activations of a sliding layer grow linearly with the sequence; bad TP
-sizes are refused."""
+full recompute replay bitwise (also at TP 2 + SP); init_weights is layout independent; saved activations of a
+sliding layer grow linearly with the sequence; bad TP sizes are refused."""
 import pytest
 import torch
 
@@ -392,10 +392,27 @@ def _tp_body(blob):
         done.append((f"indexer loss sp={sp}", 1))
         m = build(our_config(dsa_indexer_loss_coeff=0.3), 1, ref["sd"], pg, par)
         done.append((f"recompute CSA sp={sp}", recompute_runs(m, ref, pg, sp)))
+    # init_weights draws by global name: the TP2 shards gathered equal the single-process init bitwise
+    from megatron_ascend.models.deepseek_v4.attention import DeepseekV4Attention
+    from megatron_ascend.tensor_parallel import gather_full
+    for i in range(len(LAYERS)):
+        one, two = DeepseekV4Attention(our_config(), None, None, i), DeepseekV4Attention(our_config(), par, pg, i)
+        for m in (one, two):
+            m.init_weights(f"model.layers.{i}.self_attn.", 0.02, 1234)
+        p2 = dict(two.named_parameters())
+        for name, p in one.named_parameters():
+            assert_equal(gather_full(p2[name].data, p2[name], pg), p.data, f"init of {name}")
+            if name.endswith(("sinks", "position_bias")):
+                assert p.abs().max() == 0, name
+            elif name.endswith("norm.weight"):
+                assert (p == 1).all(), name
+            else:
+                assert 0.01 < p.std() < 0.03, name
+        done.append((f"init {LAYERS[i]}", 1))
     return done
 
 
 def test_matches_transformers_tp2_with_and_without_sp(refs):
     done = run_distributed(2, _tp_body, _pack(refs), timeout=300)[0]
-    assert len(done) == 2 * (len(CASES) + 2), done
+    assert len(done) == 2 * (len(CASES) + 2) + len(LAYERS), done
     assert all(k >= 1 for _, k in done), done
