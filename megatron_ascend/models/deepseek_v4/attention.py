@@ -135,6 +135,8 @@ class CSACompressor(Compressor):
 
 
 class DeepseekV4Attention(nn.Module):
+    supports_recompute = ("core_attn", "mla_up_proj")  # selective modules it acts on (megatron_ascend.recompute)
+
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelConfig] = None, groups=None,
                  layer_idx: int = 0):
         super().__init__()
