@@ -54,8 +54,13 @@ LAYER_TYPES = {0: "sliding_attention", CSA_RATIO: "compressed_sparse_attention"}
 
 
 def layer_type(config: ModelConfig, layer_idx: int) -> str:
-    r = compress_ratio(config, layer_idx)
-    return LAYER_TYPES.get(r, "heavily_compressed_attention")
+    """sliding_attention / compressed_sparse_attention / heavily_compressed_attention (transformers' names). The
+    config's own rule (``ModelConfig.attention_type``, CSA iff ratio == ``csa_compress_ratio``) where it has
+    one, else DeepSeek's (CSA iff ratio == 4)."""
+    rule = getattr(config, "attention_type", None)
+    if rule is not None:
+        return rule(layer_idx)
+    return LAYER_TYPES.get(compress_ratio(config, layer_idx), "heavily_compressed_attention")
 
 
 def check_config(config: ModelConfig, tp: int) -> None:
@@ -79,7 +84,7 @@ def check_config(config: ModelConfig, tp: int) -> None:
     bad = [r for r in c.compress_ratios if r < 0 or r == 1]
     if bad:
         raise ConfigError(f"compress_ratios has {bad}; use 0 (sliding only), 4 (CSA) or a ratio > 1 (HCA)")
-    if CSA_RATIO in c.compress_ratios:
+    if any(layer_type(c, i) == "compressed_sparse_attention" for i in range(len(c.compress_ratios))):
         if c.index_topk <= 0 or c.index_n_heads <= 0 or c.index_head_dim <= 0:
             raise ConfigError("CSA layers (compress ratio 4) need index_topk, index_n_heads and index_head_dim > 0")
         if c.index_n_heads % tp:
@@ -128,10 +133,10 @@ class GroupedLinear(nn.Module):
 class CSACompressor(Compressor):
     """The CSA compressor (overlapping windows) with the lightning indexer inside, as transformers nests it."""
 
-    def __init__(self, config: ModelConfig, groups, sequence_parallel: bool, partial_grads: bool):
-        super().__init__(config.hidden_size, config.head_dim, CSA_RATIO, True, config.rms_norm_eps,
+    def __init__(self, config: ModelConfig, groups, ratio: int, sequence_parallel: bool, partial_grads: bool):
+        super().__init__(config.hidden_size, config.head_dim, ratio, True, config.rms_norm_eps,
                          sequence_parallel, partial_grads)
-        self.indexer = V4Indexer(config, groups, CSA_RATIO)
+        self.indexer = V4Indexer(config, groups, ratio)
 
 
 class DeepseekV4Attention(nn.Module):
@@ -165,7 +170,7 @@ class DeepseekV4Attention(nn.Module):
         mark_sharded(self.sinks, {0: ("tp", tp_rank, tp)})
         self.compressor = None
         if self.kind == "compressed_sparse_attention":
-            self.compressor = CSACompressor(c, groups, self.sp, tp > 1)
+            self.compressor = CSACompressor(c, groups, self.ratio, self.sp, tp > 1)
         elif self.kind == "heavily_compressed_attention":
             self.compressor = Compressor(c.hidden_size, D, self.ratio, False, c.rms_norm_eps, self.sp, tp > 1)
         self._rope = V4Rope(c)  # tables of the compressed entries' positions (not parameters)
