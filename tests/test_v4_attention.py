@@ -38,7 +38,7 @@ def our_config(**kw):
              index_n_heads=4, index_head_dim=16, index_topk=TOPK, compress_ratios=(0, 4, HCA),
              compress_rope_theta=160000.0, rope_theta=10000.0, max_position_embeddings=128,
              rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32), n_routed_experts=4,
-             num_experts_per_tok=2, moe_intermediate_size=16)
+             num_experts_per_tok=2, moe_intermediate_size=16, hc_mult=4, first_k_dense_replace=0, num_hash_layers=1)
     d.update(kw)
     return ModelConfig(**d)
 
