@@ -5,7 +5,7 @@
     RoPE (interleaved, last qk_rope_head_dim channels) on q and kv: "main" table on sliding layers, "compress"
         (compress_rope_theta + YaRN) on CSA / HCA layers
     keys: the causal sliding window of ``sliding_window`` tokens (incl. itself) + compressed entries
-        HCA (ratio m != 4): every entry visible to the query; CSA (m = 4): the indexer's top-k of them
+        CSA (the CSA ratio, 4): the indexer's top-k of the entries visible to the query; HCA (any other): all of them
     o = softmax(q k^T / sqrt(D) with a per-head sink logit) @ kv;  o[..., rope] rotated back (inverse RoPE)
     out = o_b_proj(o_a_proj(o grouped in o_groups))     (o_a_proj: one [o_lora_rank, H*D/G] block per group)
 
