@@ -83,10 +83,11 @@ def check_config(config: ModelConfig, tp: int) -> None:
         raise ConfigError(f"qk_rope_head_dim {c.qk_rope_head_dim} must be even and at most head_dim {c.head_dim}")
     bad = [r for r in c.compress_ratios if r < 0 or r == 1]
     if bad:
-        raise ConfigError(f"compress_ratios has {bad}; use 0 (sliding only), 4 (CSA) or a ratio > 1 (HCA)")
+        raise ConfigError(f"compress_ratios has {bad}; use 0 (sliding only) or a ratio >= 2 (4: CSA, others: HCA)")
     if any(layer_type(c, i) == "compressed_sparse_attention" for i in range(len(c.compress_ratios))):
         if c.index_topk <= 0 or c.index_n_heads <= 0 or c.index_head_dim <= 0:
-            raise ConfigError("CSA layers (compress ratio 4) need index_topk, index_n_heads and index_head_dim > 0")
+            raise ConfigError("compressed sparse attention (CSA) layers need index_topk, index_n_heads and "
+                              "index_head_dim > 0")
         if c.index_n_heads % tp:
             raise ConfigError(f"index_n_heads {c.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
         if c.index_head_dim < c.qk_rope_head_dim:

@@ -43,8 +43,9 @@ def _window_bias(a: int, e: int, k0: int, window: int, dtype, device) -> torch.T
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf")).unsqueeze(1)
 
 
-def _gather(comp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """comp [b, n, D], idx [b, r, k] (-1 = none) -> the picked entries [b * r, k, D] (entry 0 for -1)."""
+def _gather(comp: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """comp [b, n, D], idx [b, r, k] (-1 = none) -> (the picked entries [b * r, k, D] (entry 0 for -1), their
+    row indices in comp viewed [b * n, D])."""
     b, n, D = comp.shape
     flat = (idx.clamp_min(0) + torch.arange(b, device=idx.device).view(b, 1, 1) * n).reshape(-1)
     return comp.reshape(b * n, D).index_select(0, flat).view(-1, idx.shape[-1], D), flat
