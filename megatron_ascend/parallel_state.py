@@ -19,7 +19,7 @@ model code). ``get_process_groups()`` returns the default instance for scripts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ParallelConfig
 
@@ -60,9 +60,12 @@ def _orthogonal_groups(world: int, sizes: Sequence[int], mask: Sequence[bool]) -
 
 @dataclass(frozen=True)
 class RankLayout:
-    """All group memberships for one ParallelConfig, computed without processes."""
+    """All group memberships for one ParallelConfig, computed without processes. ``embedding_pp_ranks``: the
+    pipeline ranks holding a copy of the word embedding (``placement.Placement.embedding_pp_ranks``; default the
+    first and the last)."""
 
     config: ParallelConfig
+    embedding_pp_ranks: Optional[Tuple[int, ...]] = None
 
     def _dense(self, *axes: str) -> List[List[int]]:
         c = self.config
@@ -120,7 +123,9 @@ class RankLayout:
 
     @property
     def embedding(self):
-        return [sorted({g[0], g[-1]}) for g in self.pp]
+        if self.embedding_pp_ranks is None:
+            return [sorted({g[0], g[-1]}) for g in self.pp]
+        return [sorted({g[i] for i in self.embedding_pp_ranks}) for g in self.pp]
 
     def all_groups(self) -> Dict[str, List[List[int]]]:
         if self._expert("pp") != self.pp:  # both generators must agree on pipeline groups
@@ -203,8 +208,10 @@ class ProcessGroups:
 _DEFAULT: Optional[ProcessGroups] = None
 
 
-def initialize_model_parallel(config: ParallelConfig, backend_group_options=None) -> ProcessGroups:
-    """Create every group (all ranks take part in every new_group call, as torch requires)."""
+def initialize_model_parallel(config: ParallelConfig, backend_group_options=None,
+                              embedding_pp_ranks: Optional[Sequence[int]] = None) -> ProcessGroups:
+    """Create every group (all ranks take part in every new_group call, as torch requires). The embedding group
+    joins the pipeline ranks ``embedding_pp_ranks`` (the placement's; default the first and the last)."""
     import torch.distributed as dist
 
     global _DEFAULT
@@ -213,7 +220,7 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != config.world_size:
         raise ValueError(f"ParallelConfig.world_size {config.world_size} != torch.distributed world size {world}")
-    layout = RankLayout(config)
+    layout = RankLayout(config, None if embedding_pp_ranks is None else tuple(embedding_pp_ranks))
     pg = ProcessGroups(config=config, rank=rank)
     for name, groups in layout.all_groups().items():
         pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group

@@ -44,6 +44,8 @@ def _recompute_rows(prefix: str = ""):
     return [(name, f"{prefix} {flags}".strip()) for name, flags in rows]
 
 
+PP2 = "--pipeline-model-parallel-size 2"
+GBS3 = "--global-batch-size 3"
 AUX0 = "--moe-aux-loss-coeff 0 --train-iters 1"  # the LM part of the router gradient at iteration 1
 # fp16 at a loss scale the LM gradients do not overflow (the default 2**32 skips the first steps); the aux-loss
 # gradient is divided by whatever scale it is unless the scale is folded into it
@@ -56,13 +58,24 @@ ROWS = {
     1: [("ref", "")] + _recompute_rows() + [("no fusion", NO_FUSION),
                                             ("no fusion + full uniform", f"{NO_FUSION} {FULL_UNIFORM}")]
        + [("all selective", "--recompute-granularity selective --recompute-modules " + " ".join(SELECTIVE))]
-       + PRECISION_ROWS,
+       + PRECISION_ROWS + [("ref gbs3", GBS3)],
     2: [("dp2 distopt overlap + full uniform", f"--use-distributed-optimizer --overlap-grad-reduce {FULL_UNIFORM}"),
         ("dp2 distopt overlap + selective moe layernorm mla_up_proj",
          "--use-distributed-optimizer --overlap-grad-reduce --recompute-granularity selective "
          "--recompute-modules moe layernorm mla_up_proj"),
-        ("dp2 ep2 + full block", f"--expert-model-parallel-size 2 {FULL_BLOCK}")],
+        ("dp2 ep2 + full block", f"--expert-model-parallel-size 2 {FULL_BLOCK}"),
+        # 3 layers (odd) placed by layout strings, MindSpeed's noop layers, interleaving with 3 micro-batches
+        ("pp2 layout Et|ttmL", f"{PP2} --pipeline-model-parallel-layout Et|ttmL"),
+        ("pp2 noop layer 1", f"{PP2} --num-layers 4 --noop-layers 1"),
+        ("pp2 vp2 layout, 3 micro-batches", f"{PP2} --pipeline-model-parallel-layout Et|t|t|mL {GBS3} "
+                                            f"--microbatch-group-size-per-virtual-pipeline-stage 3")],
+    4: [("pp2 vp2 layout Et|t|t|mL, dp2 distopt overlap",
+         f"{PP2} --pipeline-model-parallel-layout Et|t|t|mL --use-distributed-optimizer --overlap-grad-reduce"),
+        ("pp2 vp2 standalone MTP + an empty stage Et|ttm||L, dp2", f"{PP2} --pipeline-model-parallel-layout Et|ttm||L"),
+        ("pp4 standalone MTP Et|t|tm|L", "--pipeline-model-parallel-size 4 --pipeline-model-parallel-layout Et|t|tm|L")],
 }
+# rows whose reference is not "ref" (another global batch)
+REFERENCE = {"pp2 vp2 layout, 3 micro-batches": "ref gbs3"}
 
 
 def _probe_router_grads(tr):
@@ -89,6 +102,7 @@ def _probe_router_grads(tr):
 def _run_rows(rows):
     """Every row in turn on this world; returns {name: {'lm': [lm loss per iteration], 'skipped': [...],
     'router': {layer: grad at iteration 1}}}: losses are the same on every rank, router grads the local ones."""
+    from megatron_ascend.training import parts
     from megatron_ascend.training.entry import parse
     from megatron_ascend.training.trainer import Trainer
     out = {}
@@ -100,8 +114,10 @@ def _run_rows(rows):
         finally:
             tr.close()
         its = sorted(res.losses)
-        out[name] = {"lm": [res.losses[i]["lm loss"] for i in its],
-                     "skipped": [res.grad_norms[i] is None for i in its], "router": router}
+        names = sorted(n for c in tr.model_chunks for n, _ in parts.unwrap(c).named_parameters())
+        out[name] = {"lm": [res.losses[i]["lm loss"] for i in its], "mtp": [res.losses[i]["mtp_1 loss"] for i in its],
+                     "skipped": [res.grad_norms[i] is None for i in its], "router": router, "names": names,
+                     "logging": tr.is_logging_rank, "holds_loss": tr.holds_loss}
     return out
 
 
@@ -116,12 +132,16 @@ def matrix():
             routers = {}
             for r in per_rank:
                 routers.update(r[name]["router"])
-            results[name] = dict(per_rank[0][name], router=routers)
+            logging = [i for i, r in enumerate(per_rank) if r[name]["logging"]]
+            assert len(logging) == 1 and per_rank[logging[0]][name]["holds_loss"], \
+                f"row {name!r}: one logging rank, on the stage that holds the loss (got ranks {logging})"
+            results[name] = dict(per_rank[0][name], router=routers,
+                                 names=sorted(set().union(*(r[name]["names"] for r in per_rank))))
     return results
 
 
 def _fp32_rows():
-    skip = {"ref"} | {name for name, _ in PRECISION_ROWS}
+    skip = {"ref", "ref gbs3"} | {name for name, _ in PRECISION_ROWS}
     return [name for rows in ROWS.values() for name, _ in rows if name not in skip]
 
 
@@ -131,10 +151,15 @@ def test_fp32_row_equals_single_process_reference(matrix, row):
     the single-process run without recompute, for 3 iterations (fails before the fix of recompute x
     gradient-accumulation fusion with AttributeError main_grad in tensor_parallel/wgrad.py)."""
     import torch
-    ref = torch.tensor(matrix["ref"]["lm"], dtype=torch.float64)
+    ref_row = matrix[REFERENCE.get(row, "ref")]
+    ref = torch.tensor(ref_row["lm"], dtype=torch.float64)
     got = torch.tensor(matrix[row]["lm"], dtype=torch.float64)
     assert_rel(got, ref, 1e-5, f"{row}: lm loss per iteration {got.tolist()} vs {ref.tolist()}")
-    assert matrix["ref"]["lm"][0] != matrix["ref"]["lm"][2]  # the model trains: iterations differ
+    assert_rel(torch.tensor(matrix[row]["mtp"], dtype=torch.float64), torch.tensor(ref_row["mtp"], dtype=torch.float64),
+               1e-5, f"{row}: MTP loss per iteration")
+    assert ref_row["lm"][0] != ref_row["lm"][2]  # the model trains: iterations differ
+    # every parameter lives somewhere, under its single-process name (noop layers add none, layouts rename none)
+    assert matrix[row]["names"] == ref_row["names"], row
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "bf16"])

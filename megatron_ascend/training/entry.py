@@ -14,6 +14,7 @@ from typing import Callable, List, Optional
 from ..arguments import build_configs, parse_args
 from ..config import ConfigError
 from ..parallel_state import RankLayout
+from ..placement import placement_of
 
 DESCRIPTIONS = {
     "pretrain": "Pretrain a DeepSeek-family MoE model (MLA, DeepSeekMoE, MTP) with TP/SP, PP (1F1B, interleaved), "
@@ -78,8 +79,10 @@ def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None
     args = parse(argv, stage)
     if args.show_layout:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        _, par, _, _, _ = build_configs(args, world)
-        print(RankLayout(par).format())
+        model, par, _, _, _ = build_configs(args, world)
+        placement = placement_of(model, par)
+        print(RankLayout(par, placement.embedding_pp_ranks).format())
+        print(placement.format())
         return None
     trainer = Trainer(args, stage="pretrain" if stage == "pretrain" else args.stage, print_fn=print_fn)
     try:
