@@ -113,7 +113,8 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    type=int, default=None,
                    help="interleaved schedule: micro-batches per group (default PP); lets a micro-batch count that "
                         "is not a multiple of PP interleave (e.g. the count itself)")
-    g.add_argument("--context-parallel-size", type=int, default=1, help="(reserved; context parallel comes later)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="only 1 for training: context parallelism is not built yet (a larger value is refused)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="default: same as TP")
     g.add_argument("--sequence-parallel", action="store_true")

@@ -618,6 +618,10 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
                  f"index_n_heads {model.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
     vp = virtual_stages(model, par)  # places every layer (placement.py): one ConfigError per placement rule
     if train is not None:
+        _require(par.cp == 1,
+                 f"--context-parallel-size {par.cp}: context parallelism is not built yet (nothing would split the "
+                 f"sequence, and the loss would be normalised over the wrong ranks); use --context-parallel-size 1 "
+                 f"and give those ranks to data or tensor parallelism")
         gbs = train.global_batch_size
         if gbs is not None:
             unit = train.micro_batch_size * par.dp

@@ -24,6 +24,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .config import ParallelConfig
 
 DENSE_AXES = ("tp", "cp", "dp", "pp")
+# The group one loss is averaged over: the ranks that hold different tokens of the same model replica (data x
+# context parallel). The global token count, the DDP reduction of dense gradients and the aux-loss scale all use
+# it (``groups.loss``), so context parallelism changes nothing but this group's meaning.
+LOSS_GROUP = "dp_cp"
 EXPERT_AXES = ("etp", "ep", "edp", "pp")
 
 
@@ -183,6 +187,8 @@ class ProcessGroups:
     edp = property(lambda self: self.groups["edp"])
     tp_dp_cp = property(lambda self: self.groups["tp_dp_cp"])
     embedding = property(lambda self: self.groups["embedding"])
+    loss = property(lambda self: self.groups[LOSS_GROUP])  # the ranks one loss averages over (LOSS_GROUP)
+    loss_size = property(lambda self: self.size(LOSS_GROUP))
     tp_rank = property(lambda self: self.index("tp"))
     tp_size = property(lambda self: self.size("tp"))
     pp_rank = property(lambda self: self.index("pp"))

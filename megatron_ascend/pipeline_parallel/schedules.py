@@ -176,18 +176,16 @@ def _check_common(model, num_microbatches, expected_chunks: Optional[int], sched
 
 
 def count_global_tokens(loss_masks: Iterable[torch.Tensor], groups=None) -> torch.Tensor:
-    """Sum of the loss masks of this rank's microbatches, all-reduced over data-parallel (and context-parallel)
-    ranks: the ``num_tokens`` the schedules divide by. Call it on every rank of the dp group."""
+    """Sum of the loss masks of this rank's microbatches, all-reduced over the loss group (``groups.loss``: data x
+    context parallel ranks): the ``num_tokens`` the schedules divide by. Call it on every rank of that group."""
     total = None
     for mask in loss_masks:
         s = mask.detach().to(torch.float64).sum()
         total = s if total is None else total + s
     if total is None:
         raise PipelineScheduleError("count_global_tokens got no loss masks; pass the masks of every microbatch")
-    if groups is not None:
-        name = "dp_cp" if "dp_cp" in groups.groups else "dp"
-        if groups.size(name) > 1:
-            dist.all_reduce(total, group=groups.groups[name])
+    if groups is not None and groups.loss_size > 1:
+        dist.all_reduce(total, group=groups.loss)
     return total
 
 

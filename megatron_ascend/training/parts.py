@@ -159,7 +159,7 @@ def set_aux_loss_scale(num_microbatches: int, groups, loss_scale: Optional[float
     injected gradients also carry this step's fp16 loss scale, as the LM loss does (the schedule multiplies it
     in; the optimizer divides every gradient by it). Call before every step: the loss scale changes."""
     from ..moe.load_balancing import set_aux_loss_scale as set_scale
-    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")), loss_scale or 1.0)
+    set_scale(1.0 / (num_microbatches * groups.loss_size), loss_scale or 1.0)  # the token count's group
 
 
 def moe_stats(model_chunks, groups) -> Dict[str, float]:

@@ -161,7 +161,7 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------
     def train_step(self):
         batches = prefetch(self.train_iter, self.num_micro, self.device)
-        tokens = global_token_count(batches, self.groups.dp)
+        tokens = global_token_count(batches, self.groups.loss)
         fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
         for c in self.model_chunks:
             c.zero_grad_buffer()
@@ -175,7 +175,7 @@ class Trainer:
         if ok:
             self.scheduler.step(1)
             parts.update_expert_bias(self.model_chunks, self.groups, self.opt_cfg.moe_router_bias_update_rate)
-        losses = reduce_logged_losses(results, tokens, self.groups.dp, self.groups.pp, self.holds_loss,
+        losses = reduce_logged_losses(results, tokens, self.groups.loss, self.groups.pp, self.holds_loss,
                                       self.loss_src)
         moe = parts.moe_log_values(parts.moe_stats(self.model_chunks, self.groups), self.model_cfg.num_moe_layers)
         losses.update(moe["losses"])
@@ -195,11 +195,11 @@ class Trainer:
         total_tokens = 0.0
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
-            total_tokens += float(global_token_count(batches, self.groups.dp))
+            total_tokens += float(global_token_count(batches, self.groups.loss))
             fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
             results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                              forward_only=True) or []
-        out = reduce_logged_losses(results, total_tokens, self.groups.dp, self.groups.pp, self.holds_loss,
+        out = reduce_logged_losses(results, total_tokens, self.groups.loss, self.groups.pp, self.holds_loss,
                                    self.loss_src)
         for c in self.model_chunks:
             c.train()
