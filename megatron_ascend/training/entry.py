@@ -84,11 +84,19 @@ def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None
         print(RankLayout(par, placement.embedding_pp_ranks).format())
         print(placement.format())
         return None
+    import torch.distributed as dist
+    owns_group = not dist.is_initialized()  # the trainer initialises torch.distributed: tear it down here too
     trainer = Trainer(args, stage="pretrain" if stage == "pretrain" else args.stage, print_fn=print_fn)
     try:
-        return trainer.train()
+        result = trainer.train()
     finally:
         trainer.close()
+    if owns_group and dist.is_initialized():
+        # every rank is done (checkpoint committed) before any rank tears its communicators down: a rank that
+        # exits with live gloo / HCCL threads while a peer still talks to it can abort the job at exit
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def cli(argv: Optional[List[str]] = None, stage: str = "pretrain") -> int:
