@@ -211,10 +211,11 @@ def checkpoint_exists(load_dir: str) -> bool:
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                    save_retain=None):
+                    save_retain=None, save_optim=True, save_rng=True, async_save=False):
+    """--save-retain, --no-save-optim, --no-save-rng, --async-save as checkpointing.save_checkpoint takes them."""
     from ..checkpointing import save_checkpoint as save
     return save(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                save_retain=save_retain)
+                save_retain=save_retain, save_optim=save_optim, save_rng=save_rng, async_save=async_save)
 
 
 def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng):

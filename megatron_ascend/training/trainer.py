@@ -216,7 +216,8 @@ class Trainer:
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
-                              save_retain=t.save_retain)
+                              save_retain=t.save_retain, save_optim=t.save_optim, save_rng=t.save_rng,
+                              async_save=t.async_save)
         self.result.saved.append(self.iteration)
         _print_rank0(f"saved checkpoint at iteration {self.iteration:8d} to {t.save}")
 
@@ -278,6 +279,8 @@ class Trainer:
         finally:
             self.signal.release()
             self.writer.flush()
+            if t.async_save:
+                parts.wait_for_checkpoint()  # --async-save: the last checkpoint is committed before we return
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result
