@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, virtual_stages  # noqa: F401
+from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
 
 # -- seeds ------------------------------------------------------------------------------------------------
