@@ -4,6 +4,7 @@ layer count, and every recipe's layout passes the configuration checks for its d
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,3 +157,32 @@ def test_every_recipe_layout_is_valid_and_documented():
     bad = subprocess.run(["bash", "bench/reference/run.sh", "cpu-tiny"], cwd=REPO, capture_output=True, text=True,
                          env=dict(env, LAYOUT="nope"), timeout=60)
     assert bad.returncode == 2 and "has no layout 'nope'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_cpu_recipe_runs_end_to_end(tmp_path):
+    """bench/reference/run.sh cpu-tiny, shortened to 3 iterations: data built, torchrun on 2 CPU processes,
+    metadata naming the recipe as shortened, a report."""
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, PYTHONPATH=REPO, MAX_ITERS="3", OUT=str(tmp_path / "run"), DATA_DIR=str(tmp_path / "data"),
+               MASTER_PORT=_free_port(), MEGATRON_ASCEND_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(["bash", "bench/reference/run.sh", "cpu-tiny"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    meta = json.load(open(tmp_path / "run" / "tensorboard" / "run_metadata.json"))
+    assert meta["recipe"]["name"] == "cpu-tiny" and meta["recipe"]["shortened"] is True
+    assert meta["layout"]["dp"] == 2 and meta["layout"]["distributed_optimizer"] is True
+    stamp = json.load(open(tmp_path / "data" / "pretrain-v1-s1-n3000-V512" / "synth.json"))
+    for name, info in stamp["files"].items():
+        path = str(tmp_path / "data" / "pretrain-v1-s1-n3000-V512" / name)
+        assert meta["data"]["files"][path]["sha256"] == info["sha256"]
+    summary = json.load(open(tmp_path / "run" / "report" / "summary.json"))
+    assert list(summary["runs"].values())[0]["iterations"] == 3
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt")
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

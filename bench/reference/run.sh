@@ -18,7 +18,8 @@
 #   LOAD          SFT recipes: the pretrained checkpoint (default: the recipe's RECIPE_LOAD)
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT DEVICES_PER_NODE   multi-node launch (torchrun's)
 #   SHOW_LAYOUT=1 print the rank layout and exit;  DRY_RUN=1 print the command and exit
-#   MAX_ITERS=N   stop after N iterations (smoke tests); the metadata marks the run "shortened" and
+#   MAX_ITERS=N   stop after N iterations (--exit-interval: the LR schedule stays the recipe's, so those steps
+#                 equal a full run's); the metadata marks the run "shortened" and
 #                 tools/compare_runs.py refuses to compare it with a full run (its recipe differs)
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -78,8 +79,9 @@ DATA_DIR=${DATA_DIR:-$REPO/reference_data}
 TOKENS_PER_ITER=$(( RECIPE_GBS * RECIPE_SEQ ))
 ITERS=$(( RECIPE_TRAIN_TOKENS / TOKENS_PER_ITER ))
 SHORTENED=false
+SHORT_ARGS=""
 if [ -n "${MAX_ITERS:-}" ] && [ "$MAX_ITERS" -lt "$ITERS" ]; then
-  ITERS=$MAX_ITERS
+  SHORT_ARGS="--exit-interval $MAX_ITERS"  # the schedule stays the recipe's: the first steps equal a full run's
   SHORTENED=true
 fi
 
@@ -123,7 +125,7 @@ ARGS="--model-config $REPO/bench/reference/models/$RECIPE_MODEL.json $RECIPE_MOD
     --seq-length $RECIPE_SEQ --global-batch-size $RECIPE_GBS --train-iters $ITERS --seed $SEED $PRECISION_ARGS \
     $RECIPE_OPT_ARGS --data-path $DATA_PATH --split $RECIPE_SPLIT \
     --log-interval $RECIPE_LOG_INTERVAL --eval-interval $RECIPE_EVAL_INTERVAL --eval-iters $RECIPE_EVAL_ITERS \
-    --tensorboard-dir $OUT/tensorboard $EXIT_ARGS $STAGE_ARGS $RECIPE_EXTRA_ARGS"
+    --tensorboard-dir $OUT/tensorboard $EXIT_ARGS $SHORT_ARGS $STAGE_ARGS $RECIPE_EXTRA_ARGS"
 [ "${RECIPE_SAVE:-0}" = "1" ] && ARGS="$ARGS --save $OUT/checkpoints --save-interval $ITERS"
 if [ "${DRY_RUN:-0}" = "1" ]; then
   echo "MEGATRON_ASCEND_RECIPE='$MEGATRON_ASCEND_RECIPE'"

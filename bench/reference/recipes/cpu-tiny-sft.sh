@@ -8,7 +8,7 @@
 # Data: ma-synth v1 SFT (make_data.py sft), seed 1, 6,000 conversations [task, prompt, SEP, response, EOD] with
 #   the loss on the response (copy / reverse / map the prompt), packed into 128-token samples.
 # Stop: a fixed number of tokens, 307,200 = 150 iterations x 16 x 128 (packed positions). Reports measure the
-#   time to loss 5.0 (reached after ~50 iterations here: the tiny model learns the copy task first).
+#   time to loss 5.0 (reached after ~50 iterations in our run).
 # Layout, from the planner (the same answer as for pretraining; mbs 8 as there):
 #   $ python tools/plan.py --model-config bench/reference/models/cpu-tiny.json --num-devices 2 --seq-length 128 \
 #       --global-batch-size 16 --tflops 0.03 --hbm-gib 8 --hbm-tbps 0.02 --devices-per-node 2 \
