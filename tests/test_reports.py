@@ -221,7 +221,7 @@ def test_run_report_one_run(runs, single):
     r = s["runs"]["A"]
     tb = _tb(runs["A"])
     assert r["iterations"] == STEPS and r["lm loss last"] == tb["lm loss"][STEPS]
-    assert r["MFU median"] == statistics.median(tb["mfu"].values())
+    assert r["MFU median (logged, own peak)"] == statistics.median(tb["mfu"].values())
     assert r["time_to_target"]["target"] == TARGET and s["verdict"] == [] and s["noise"] is None
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
 
@@ -282,6 +282,7 @@ def test_reports_in_a_real_browser(compared, single, tmp_path):
     broken = str(tmp_path / "broken")
     shutil.copytree(single, broken)
     os.remove(os.path.join(broken, "loss.png"))
-    attrs, imgs = _figures_in_dom(_browser(os.path.join(broken, "index.html"), "--window-size=1280,1000", "--dump-dom").stdout)
+    dom = _browser(os.path.join(broken, "index.html"), "--window-size=1280,1000", "--dump-dom").stdout
+    attrs, imgs = _figures_in_dom(dom)
     assert attrs["data-figures-failed"] == "1"
     assert [i["src"] for i in imgs if i["data-natural-width"] == "0"] == ["loss.png"]

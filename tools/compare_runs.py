@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ascend.monitoring.report import ALLOW_CATEGORIES, ReportError, build, parse_allow, parse_peaks  # noqa: E402,E501
+from megatron_ascend.monitoring.report import (ALLOW_CATEGORIES, ReportError, build, parse_allow,  # noqa: E402
+                                                parse_peaks)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,9 +18,10 @@ The output directory is ``--tensorboard-dir`` when given, else ``--save``; with 
   a *straggler probe* -- the TFLOP/s of one fixed GEMM timed on each rank (a slow or throttled device shows up
   there even though synchronous collectives make every rank's step time equal). The probe uses no RNG.
 
-``RunRecorder.start(...)`` is called once by the trainer on every rank (it gathers each rank's device with one
-all_gather_object); ``on_iteration(iteration, seconds)`` after every step; ``finish()`` after the loop on the
-normal path (every rank, collective); ``close()`` from a ``finally`` (no collective).
+``RunRecorder.start(...)`` (``for_trainer(trainer, peak)``) is called once by the trainer on every rank (it
+gathers each rank's device with one all_gather_object); ``on_iteration(iteration, seconds)`` after every step;
+``finish()`` after the loop on the normal path (every rank, collective). Nothing is gathered on an error path,
+so a crash on one rank cannot turn into a hang here.
 """
 from __future__ import annotations
 
@@ -373,7 +374,8 @@ class RunRecorder:
         pending = [f for f, i in meta["data"].get("files", {}).items() if not i.get("sha256") and not i.get("error")]
         size = sum(meta["data"]["files"][f]["bytes"] or 0 for f in pending)
         if os.environ.get(CHECKSUM_ENV, "on") in ("off", "0", "false"):
-            meta["data"]["checksum"] = meta["data"].get("checksum") or "not computed (MEGATRON_ASCEND_DATA_CHECKSUM=off)"
+            meta["data"]["checksum"] = (meta["data"].get("checksum")
+                                        or "not computed (MEGATRON_ASCEND_DATA_CHECKSUM=off)")
             write_json(rec.metadata_path, meta)
         elif size <= int(os.environ.get(HASH_SYNC_ENV, str(2 << 30))):
             hash_data(meta["data"])
@@ -464,6 +466,3 @@ class RunRecorder:
                 "rank_probe_tflops": [None if math.isnan(float(x)) else round(float(x), 6) for x in rows[:, n + 3]]}
         with open(os.path.join(self.out_dir, RANK_STATS_FILE), "a") as f:
             f.write(json.dumps(line) + "\n")
-
-    def close(self) -> None:
-        """No collective; the background hash (if any) keeps running and the process waits for it at exit."""

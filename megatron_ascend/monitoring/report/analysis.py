@@ -321,7 +321,8 @@ def loss_summary(run: Run) -> Dict[str, object]:
             "lm loss last": last(LOSS), "lm loss validation first": first("lm loss validation"),
             "lm loss validation last": last("lm loss validation"),
             "throughput median (TFLOP/s/device)": tp["tflops_per_device_median"],
-            "tokens/s median": tp["tokens_per_sec_median"], "MFU median": tp["mfu_logged_median"],
+            "tokens/s median": tp["tokens_per_sec_median"],
+            "MFU median (logged, own peak)": tp["mfu_logged_median"],
             "mem max allocated (bytes)": mem["max_bytes"],
             "moe imbalance last (max over layers)": last("moe/tokens_per_expert_imbalance_max")}
 
@@ -335,6 +336,7 @@ _EXECUTION_OPTIMIZER = {"bf16", "fp16", "initial_loss_scale", "min_loss_scale", 
 _RECIPE_TRAINING = ("global_batch_size", "seq_length", "train_iters", "train_samples")
 _RECIPE_ARGS = ("exit_at_loss", "exit_at_loss_window", "stage")
 _DATA_FIELDS = ("split", "mock_data", "reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+_RECIPE_EXECUTION = {"layout", "precision"}  # $MEGATRON_ASCEND_RECIPE keys a comparison is about
 _MODEL_IGNORED = {"vocab_size"}  # padded to the TP size: differs with the layout; the data checksum pins the ids
 
 
@@ -343,7 +345,8 @@ def fingerprint(run: Run) -> Dict[str, Dict[str, object]]:
     m = run.meta or {}
     cfg = m.get("config", {})
     rec = m.get("recipe") or {}
-    recipe = {"recipe": {k: rec.get(k) for k in ("name", "version", "stage") if k in rec}, "stage": m.get("stage")}
+    recipe = {f"recipe.{k}": v for k, v in rec.items() if k not in _RECIPE_EXECUTION}
+    recipe["stage"] = m.get("stage")
     recipe.update({f"training.{k}": cfg.get("training", {}).get(k) for k in _RECIPE_TRAINING})
     recipe.update({f"optimizer.{k}": v for k, v in cfg.get("optimizer", {}).items() if k not in _EXECUTION_OPTIMIZER})
     recipe.update({f"args.{k}": cfg.get("args", {}).get(k) for k in _RECIPE_ARGS})

@@ -288,8 +288,10 @@ def build(run_dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]]
     page.raw(transposed(labels_, {lab: run_rows[lab] for lab in labels_},
                         ["iterations", "lm loss first", "lm loss last", "lm loss validation first",
                          "lm loss validation last", "throughput median (TFLOP/s/device)", "tokens/s median",
-                         "MFU median", "mem max allocated (bytes)", "moe imbalance last (max over layers)"]))
-    sections = {"loss": "Loss curves", "target": "Time and tokens to the target loss", "throughput": "Throughput and MFU",
+                         "MFU median (logged, own peak)", "mem max allocated (bytes)",
+                         "moe imbalance last (max over layers)"]))
+    sections = {"loss": "Loss curves", "target": "Time and tokens to the target loss",
+                "throughput": "Throughput and MFU",
                 "steps": "Step times and stragglers", "memory": "Memory per device", "moe": "MoE load balance",
                 "other": "Other scalars"}
     for key, heading in sections.items():

@@ -93,18 +93,29 @@ def load_run(run_dir: str, label: Optional[str] = None) -> Run:
     return Run(label or default_label(run_dir), run_dir, load_scalars(run_dir), meta, load_rank_stats(run_dir))
 
 
-def default_label(run_dir: str) -> str:
-    d = os.path.normpath(run_dir)
-    base = os.path.basename(d)
-    if base in ("tensorboard", "tb") and os.path.dirname(d):
-        base = os.path.basename(os.path.dirname(d))
-    return base or d
+def default_label(run_dir: str, parts: int = 1) -> str:
+    """The run directory's name (its parent's for a ``tensorboard`` / ``tb`` directory); ``parts`` = 2 adds the
+    directory above (bench/reference/run.sh's RECIPE/TAG)."""
+    d = os.path.normpath(os.path.abspath(run_dir))
+    if os.path.basename(d) in ("tensorboard", "tb") and os.path.dirname(d):
+        d = os.path.dirname(d)
+    names = []
+    for _ in range(parts):
+        if os.path.basename(d):
+            names.insert(0, os.path.basename(d))
+        d = os.path.dirname(d)
+    return "/".join(names) or run_dir
+
 
 
 def load_runs(run_dirs: Sequence[str], labels: Optional[Sequence[str]] = None) -> List[Run]:
     if labels is not None and len(labels) and len(labels) != len(run_dirs):
         raise ReportError(f"{len(labels)} --labels for {len(run_dirs)} runs; give one label per run")
+    given = bool(labels)
     labels = list(labels) if labels else [default_label(d) for d in run_dirs]
+    if len(set(labels)) != len(labels) and not given:
+        longer = [default_label(d, 2) for d in run_dirs]  # e.g. cpu-tiny/plan-fp32-s1234
+        labels = longer if len(set(longer)) == len(longer) else labels
     if len(set(labels)) != len(labels):
         labels = [f"{i}:{lab}" for i, lab in enumerate(labels)]
     return [load_run(d, lab) for d, lab in zip(run_dirs, labels)]
