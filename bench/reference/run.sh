@@ -17,7 +17,7 @@
 #   DATA_DIR      where data is built (default reference_data/); reused when its stamp matches
 #   LOAD          SFT recipes: the pretrained checkpoint (default: the recipe's RECIPE_LOAD)
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT DEVICES_PER_NODE   multi-node launch (torchrun's)
-#   SHOW_LAYOUT=1 print the rank layout and exit;  DRY_RUN=1 print the command and exit
+#   SHOW_LAYOUT=1 print the rank layout and exit;  DRY_RUN=1 print the command and exit;  REPORT=0 no run report
 #   MAX_ITERS=N   stop after N iterations (--exit-interval: the LR schedule stays the recipe's, so those steps
 #                 equal a full run's); the metadata marks the run "shortened" and
 #                 tools/compare_runs.py refuses to compare it with a full run (its recipe differs)
@@ -145,7 +145,8 @@ echo "[reference] $RECIPE v$RECIPE_VERSION ($RECIPE_STAGE): $ITERS iterations x 
 # shellcheck disable=SC2086
 run_or_show $ENTRY $ARGS 2>&1 | { grep --line-buffered -v "^W[0-9]\{4\}\|^\*\*\*\*\|OMP_NUM_THREADS" || true; } \
     | tee "$OUT/train.log"
-if [ "${NODE_RANK:-0}" = "0" ] && [ -d "$OUT/tensorboard" ] && $PYTHON -c "import matplotlib" 2>/dev/null; then
+if [ "${REPORT:-1}" = "1" ] && [ "${NODE_RANK:-0}" = "0" ] && [ -d "$OUT/tensorboard" ] && \
+    $PYTHON -c "import matplotlib" 2>/dev/null; then
   $PYTHON tools/run_report.py "$OUT/tensorboard" --labels "$RECIPE-$TAG" --out "$OUT/report" | head -3
 fi
 echo "[reference] done: $OUT/tensorboard (compare runs: python tools/compare_runs.py DIR_A DIR_B ...)"
