@@ -99,6 +99,10 @@ def test_generated_language(tmp_path):
         assert np.array_equal(resp, expect)
         seen.add(int(task))
     assert seen == {2, 3, 4}
+    st = make_data.build_sft(str(tmp_path / "l"), seed=3, num_docs=20, vocab_size=64, min_prompt=50, max_prompt=60)
+    lengths = IndexedDataset(str(tmp_path / "l_input_ids_document")).sequence_lengths
+    assert ((2 * 50 + 3 <= lengths) & (lengths <= 2 * 60 + 3)).all() and st["params"]["max_prompt"] == 60
+    assert make_data.check(str(tmp_path / "l"))
 
 
 def test_bad_generator_input(tmp_path, capsys):

@@ -22,7 +22,7 @@ Procedure ``ma-synth`` version 1 (GENERATOR, VERSION below; a change to any rule
   document, uint16 below 65536 ids else int32), as ``tools/preprocess_data.py --append-eod`` would write them.
 * SFT files: ``PREFIX_input_ids_document`` + ``PREFIX_loss_mask_document`` (what ``preprocess_data.py --sft``
   writes): ``[task, prompt..., SEP, response..., EOD]`` with the loss on the response and EOD. The prompt is a
-  Markov-language sentence of 8..40 words; the response is the prompt copied (task 2), reversed (task 3) or
+  Markov-language sentence of 8..40 words (``--min-prompt`` / ``--max-prompt``); the response is the prompt copied (task 2), reversed (task 3) or
   mapped word by word through a fixed permutation of the words (task 4).
 * A stamp ``PREFIX.json`` records the generator, version, parameters and the SHA-256 of every file written;
   ``check`` rebuilds into a temporary directory and compares.
@@ -198,13 +198,14 @@ def build_pretrain(prefix: str, seed: int, num_docs: int, vocab_size: int, min_l
 SFT_ID_OFFSET = 1 << 40  # SFT prompts draw from document ids far from the pretraining documents
 
 
-def sft_conversations(seed: int, vocab: int, first: int, count: int, table) -> List[tuple]:
+def sft_conversations(seed: int, vocab: int, first: int, count: int, table, min_prompt: int = 8,
+                      max_prompt: int = 40) -> List[tuple]:
     """Conversations ``first .. first + count - 1``: (ids, loss mask) of [task, prompt..., SEP, response..., EOD]."""
     n = _words(vocab)
     conv = np.arange(first, first + count, dtype=np.uint64)
     r = mix(seed, STREAM_TASK, conv)
     tasks = (TASK_COPY + r % np.uint64(3)).astype(np.int64)
-    lengths = 8 + ((r >> np.uint64(8)) % np.uint64(33)).astype(np.int64)
+    lengths = min_prompt + ((r >> np.uint64(8)) % np.uint64(max_prompt - min_prompt + 1)).astype(np.int64)
     prompts = markov_documents(seed, vocab, conv + np.uint64(SFT_ID_OFFSET), lengths + 1, copy_spans=False,
                                table=table)
     perm = _permutation(seed, n)
@@ -235,9 +236,12 @@ def _permutation(seed: int, n: int) -> np.ndarray:
     return _PERM_CACHE[key]
 
 
-def build_sft(prefix: str, seed: int, num_docs: int, vocab_size: int) -> dict:
+def build_sft(prefix: str, seed: int, num_docs: int, vocab_size: int, min_prompt: int = 8,
+              max_prompt: int = 40) -> dict:
     """Write PREFIX_input_ids_document / PREFIX_loss_mask_document (.bin/.idx) and PREFIX.json."""
     _check_args(num_docs, 2, 2)
+    if not 1 <= min_prompt <= max_prompt:
+        raise SystemExit(f"error: prompt lengths [{min_prompt}, {max_prompt}] need 1 <= --min-prompt <= --max-prompt")
     ids_p, mask_p = (prefix + s for s in SFT_SUFFIXES)
     bi = IndexedDatasetBuilder(ids_p + ".bin", dtype=_dtype(vocab_size))
     bm = IndexedDatasetBuilder(mask_p + ".bin", dtype=np.uint8)
@@ -245,7 +249,7 @@ def build_sft(prefix: str, seed: int, num_docs: int, vocab_size: int) -> dict:
     tokens = trainable = 0
     try:
         for first, count in _chunks(num_docs):
-            for ids, mask in sft_conversations(seed, vocab_size, first, count, table):
+            for ids, mask in sft_conversations(seed, vocab_size, first, count, table, min_prompt, max_prompt):
                 bi.add_document(ids, [ids.size])
                 bm.add_document(mask, [mask.size])
                 tokens += int(ids.size)
@@ -257,6 +261,8 @@ def build_sft(prefix: str, seed: int, num_docs: int, vocab_size: int) -> dict:
         bm.abort()
         raise
     params = {"seed": seed, "num_docs": num_docs, "vocab_size": vocab_size}
+    if (min_prompt, max_prompt) != (8, 40):
+        params.update(min_prompt=min_prompt, max_prompt=max_prompt)
     return _write_stamp(prefix, "sft", params, [ids_p + ".bin", ids_p + ".idx", mask_p + ".bin", mask_p + ".idx"],
                         {"tokens": tokens, "trainable_tokens": trainable, "data_path": os.path.basename(prefix)})
 
@@ -277,7 +283,8 @@ def build_from_stamp(prefix: str, stamp: dict) -> dict:
     p = stamp["params"]
     if stamp["kind"] == "pretrain":
         return build_pretrain(prefix, p["seed"], p["num_docs"], p["vocab_size"], p["min_len"], p["max_len"])
-    return build_sft(prefix, p["seed"], p["num_docs"], p["vocab_size"])
+    return build_sft(prefix, p["seed"], p["num_docs"], p["vocab_size"], p.get("min_prompt", 8),
+                     p.get("max_prompt", 40))
 
 
 def check(prefix: str) -> bool:
@@ -312,6 +319,10 @@ def main(argv=None) -> int:
         if kind == "pretrain":
             s.add_argument("--min-len", type=int, default=64, help="shortest document, tokens incl. EOD")
             s.add_argument("--max-len", type=int, default=1024, help="longest document, tokens incl. EOD")
+        else:
+            s.add_argument("--min-prompt", type=int, default=8, help="shortest prompt, words")
+            s.add_argument("--max-prompt", type=int, default=40, help="longest prompt, words (a conversation is "
+                                                                      "2 x prompt + 3 ids)")
     c = sub.add_parser("check", help="rebuild from PREFIX.json and compare every file's SHA-256")
     c.add_argument("prefix")
     a = p.parse_args(argv)
@@ -324,7 +335,7 @@ def main(argv=None) -> int:
     if a.cmd == "pretrain":
         st = build_pretrain(a.output_prefix, a.seed, a.num_docs, a.vocab_size, a.min_len, a.max_len)
     else:
-        st = build_sft(a.output_prefix, a.seed, a.num_docs, a.vocab_size)
+        st = build_sft(a.output_prefix, a.seed, a.num_docs, a.vocab_size, a.min_prompt, a.max_prompt)
     files = ", ".join(f"{n} {i['sha256'][:12]}" for n, i in st["files"].items())
     print(f"{GENERATOR} v{VERSION} {a.cmd}: {a.num_docs} documents, {st['tokens']} tokens -> "
           f"{a.output_prefix} ({files})")

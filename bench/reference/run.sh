@@ -46,6 +46,8 @@ RECIPE_LOAD=""
 RECIPE_TARGET_LOSS=""
 RECIPE_EXIT_AT_LOSS=""
 RECIPE_EXTRA_ARGS=""
+RECIPE_DATA_ARGS=""   # extra make_data.py flags; RECIPE_DATA_TAG names them in the data directory
+RECIPE_DATA_TAG=""
 # shellcheck disable=SC1090
 source "$RECIPE_FILE"
 
@@ -87,13 +89,13 @@ fi
 
 # ---- data: built from a seed by a versioned generator (byte-identical everywhere) --------------------------
 DATA_NAME=$RECIPE_DATA_KIND-v$($PYTHON -c "import sys; sys.path.insert(0, 'bench/reference'); import make_data; print(make_data.VERSION)")
-DATA_NAME=$DATA_NAME-s$RECIPE_DATA_SEED-n$RECIPE_DATA_DOCS-V$RECIPE_DATA_VOCAB
+DATA_NAME=$DATA_NAME-s$RECIPE_DATA_SEED-n$RECIPE_DATA_DOCS-V$RECIPE_DATA_VOCAB${RECIPE_DATA_TAG:+-$RECIPE_DATA_TAG}
 DATA_PREFIX=$DATA_DIR/$DATA_NAME/synth
 if [ "${SHOW_LAYOUT:-0}" != "1" ] && [ "${DRY_RUN:-0}" != "1" ] && [ ! -s "$DATA_PREFIX.json" ]; then
   if [ "${NODE_RANK:-0}" = "0" ]; then
     echo "[reference] building data $DATA_NAME (make_data.py $RECIPE_DATA_KIND) ..."
     $PYTHON bench/reference/make_data.py "$RECIPE_DATA_KIND" --output-prefix "$DATA_PREFIX" \
-        --seed "$RECIPE_DATA_SEED" --num-docs "$RECIPE_DATA_DOCS" --vocab-size "$RECIPE_DATA_VOCAB"
+        --seed "$RECIPE_DATA_SEED" --num-docs "$RECIPE_DATA_DOCS" --vocab-size "$RECIPE_DATA_VOCAB" $RECIPE_DATA_ARGS
   else
     echo "[reference] waiting for node 0 to build $DATA_PREFIX (shared file system), or build it here with" \
          "make_data.py: it is byte-identical" >&2

@@ -8,7 +8,8 @@
 # Model: models/v4-pro.json (the released config: 61 layers, 30 CSA + 31 HCA, mHC x4, 384 experts top-6, 3 hash
 #   layers, 1 MTP layer), loaded from the released HuggingFace checkpoint ($V4_PRO_HF, converted once at start
 #   by --enable-hf2mg-convert; FP8 / FP4 weights dequantised to bf16).
-# Data: ma-synth v1 SFT, seed 1, 2,000,000 conversations (~100M tokens), ids < 32768, packed into 8192 tokens.
+# Data: ma-synth v1 SFT, seed 1, 100,000 conversations with prompts of 1000-4000 words (one conversation of
+#   2,000-8,000 tokens per 8192-token sample: V4 refuses packed samples), ids < 32768 (~500M tokens).
 # Stop: a fixed number of tokens, 419,430,400 = 100 iterations x 512 x 8192. Reports measure the time to 0.5.
 # Layout, from the planner (its preset v4pro-1024-910c asks the same question):
 #   $ python tools/plan.py --model-config bench/reference/models/v4-pro.json --device Ascend910C \
@@ -33,9 +34,11 @@ RECIPE_TARGET_LOSS=0.5
 RECIPE_OPT_ARGS="--lr 1e-5 --min-lr 1e-6 --lr-warmup-iters 5 --lr-decay-style cosine --weight-decay 0.0 \
     --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95"
 RECIPE_DATA_KIND=sft
-RECIPE_DATA_DOCS=2000000
+RECIPE_DATA_DOCS=100000
+RECIPE_DATA_ARGS="--min-prompt 1000 --max-prompt 4000"
+RECIPE_DATA_TAG=p1000-4000
 RECIPE_EVAL_INTERVAL=25
-RECIPE_EXTRA_ARGS="--sft-packing --enable-hf2mg-convert"
+RECIPE_EXTRA_ARGS="--enable-hf2mg-convert"
 RECIPE_LOAD=${V4_PRO_HF:-/data/DeepSeek-V4-Pro}
 RECIPE_LOAD_FROM="the released checkpoint: huggingface-cli download deepseek-ai/DeepSeek-V4-Pro --local-dir \$V4_PRO_HF"
 RECIPE_SAVE=0
