@@ -137,7 +137,7 @@ def test_every_recipe_layout_is_valid_and_documented():
     device count, without processes or devices; each header carries the plan command and its answer."""
     from megatron_ascend.arguments import build_configs
     from megatron_ascend.training.entry import parse
-    assert {"cpu-tiny", "cpu-tiny-sft", "v2-lite-8", "v3-proxy-64", "v3-1024", "v4-flash-proxy-64",
+    assert {"cpu-tiny", "cpu-tiny-sft", "cpu-tiny-v4", "v2-lite-8", "v3-proxy-64", "v3-1024", "v4-flash-proxy-64",
             "v4-pro-proxy-64", "v4-pro-1024-sft"} <= set(RECIPES)
     env = dict(os.environ, DRY_RUN="1", PYTHONPATH=REPO)
     for r in RECIPES:

@@ -73,6 +73,20 @@ CPU_TINY = dict(
     max_position_embeddings=256, tie_word_embeddings=False, num_nextn_predict_layers=1,
     mtp_loss_scaling_factor=0.3, init_method_std=0.02, bos_token_id=0, eos_token_id=1)
 
+CPU_TINY_V4 = dict(
+    architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", vocab_size=512, hidden_size=64,
+    intermediate_size=64, moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+    head_dim=32, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+    o_groups=2, o_lora_rank=16, sliding_window=16, compress_ratios=[0, 4, 16, 4, 0], compress_rope_theta=40000.0,
+    index_n_heads=2, index_head_dim=32, index_topk=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    n_group=1, topk_group=1, topk_method="noaux_tc", scoring_func="sqrtsoftplus", norm_topk_prob=True,
+    routed_scaling_factor=1.5, first_k_dense_replace=0, moe_layer_freq=1, num_hash_layers=1, swiglu_limit=10.0,
+    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, rope_theta=10000.0,
+    rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                      mscale=1.0, mscale_all_dim=0.0),
+    max_position_embeddings=256, tie_word_embeddings=False, num_nextn_predict_layers=1, mtp_loss_scaling_factor=0.3,
+    aux_loss_alpha=0.0001, init_method_std=0.02, bos_token_id=0, eos_token_id=1)
+
 
 def proxy(full: dict, layers: int, dense: int = None) -> dict:
     """``full`` with ``layers`` decoder layers (``dense`` of them dense-FFN, default: the full model's count)."""
@@ -88,6 +102,7 @@ def proxy(full: dict, layers: int, dense: int = None) -> dict:
 
 MODELS: Dict[str, dict] = {
     "cpu-tiny": CPU_TINY,
+    "cpu-tiny-v4": CPU_TINY_V4,
     "v2-lite": V2_LITE,
     "v3": V3,
     "v3-proxy-8": proxy(V3, 3, dense=1),
