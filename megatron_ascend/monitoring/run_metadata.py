@@ -443,8 +443,9 @@ class RunRecorder:
         n = len(self._iters)
         mem = memory_scalars()
         probe = probe_tflops(self.device) if self.probe else float("nan")
+        # float32: every backend (HCCL included) gathers it; seconds and bytes keep 7 significant digits
         vec = torch.tensor(self._secs + [mem["mem-allocated-bytes"], mem["mem-max-allocated-bytes"],
-                                         mem["mem-reserved-bytes"], probe], dtype=torch.float64, device=self.device)
+                                         mem["mem-reserved-bytes"], probe], dtype=torch.float32, device=self.device)
         if dist.is_initialized() and self.world > 1:
             parts = [torch.empty_like(vec) for _ in range(self.world)]
             dist.all_gather(parts, vec)

@@ -133,6 +133,7 @@ def loss_vs_cost(path: str, runs: Sequence[dict], target: Optional[float]) -> bo
             ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:g}")
         ax.set_xlabel(xl)
         ax.set_ylabel("smoothed lm loss")
+    a1.ticklabel_format(style="sci", axis="x", scilimits=(0, 3))
     a1.set_title("loss against tokens")
     a2.set_title("loss against device time")
     return _finish(fig, [a1, a2], path)
@@ -188,12 +189,19 @@ def step_times(path: str, runs: Sequence[dict]) -> bool:
 
 
 def _grouped_bars(ax, runs: Sequence[dict], key: str, scale: float = 1.0) -> None:
+    from matplotlib.ticker import MaxNLocator
     n = len(runs)
     width = 0.8 / max(n, 1)
+    ranks = 0
     for k, r in enumerate(runs):
         vals = [(v or 0.0) * scale for v in r[key]]
+        ranks = max(ranks, len(vals))
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(vals))]
         ax.bar(xs, vals, width=width, color=color(r["ci"]), label=r["label"], alpha=0.8)
+    if ranks <= 32:
+        ax.set_xticks(range(ranks))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def stragglers(path: str, runs: Sequence[dict]) -> bool:
