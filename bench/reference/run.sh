@@ -88,7 +88,7 @@ if [ -n "${MAX_ITERS:-}" ] && [ "$MAX_ITERS" -lt "$ITERS" ]; then
 fi
 
 # ---- data: built from a seed by a versioned generator (byte-identical everywhere) --------------------------
-DATA_NAME=$RECIPE_DATA_KIND-v$($PYTHON -c "import sys; sys.path.insert(0, 'bench/reference'); import make_data; print(make_data.VERSION)")
+DATA_NAME=$RECIPE_DATA_KIND-v$(sed -n 's/^VERSION = \([0-9]*\)$/\1/p' bench/reference/make_data.py)
 DATA_NAME=$DATA_NAME-s$RECIPE_DATA_SEED-n$RECIPE_DATA_DOCS-V$RECIPE_DATA_VOCAB${RECIPE_DATA_TAG:+-$RECIPE_DATA_TAG}
 DATA_PREFIX=$DATA_DIR/$DATA_NAME/synth
 if [ "${SHOW_LAYOUT:-0}" != "1" ] && [ "${DRY_RUN:-0}" != "1" ] && [ ! -s "$DATA_PREFIX.json" ]; then
