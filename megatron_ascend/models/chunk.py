@@ -25,7 +25,7 @@ Does not own: what a layer is (the model packages), pipeline schedules, the loss
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,17 @@ from ..tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbeddin
 from ..tensor_parallel.random import checkpoint
 from ..tensor_parallel.sharding import init_normal_
 from ..tensor_parallel.utils import shard_of
+
+
+class DecoderLayerBase(nn.Module):
+    """A decoder layer (or MTP block) of any model: what megatron_ascend.recompute and its memory meter look for.
+
+    ``layer_recompute``: the selective-recompute module names the layer itself acts on (it reads
+    ``self.recompute_modules``); its ``self_attn`` lists its own in ``supports_recompute`` and its MoE block in
+    ``mlp.supports_recompute``. ``is_moe`` says whether ``mlp`` is the MoE block."""
+
+    layer_recompute: Tuple[str, ...] = ()
+    is_moe: bool = False
 
 
 class CausalLMChunk(nn.Module):
@@ -66,7 +77,6 @@ class CausalLMChunk(nn.Module):
             raise ValueError(f"padded vocab size {self.padded_vocab_size} must be >= vocab_size "
                              f"{config.vocab_size} and a multiple of tensor-parallel size {tp}")
         h = config.hidden_size
-        from .deepseek.norm import RMSNorm  # here, not at import: models.deepseek imports this module
 
         self.model = nn.Module()
         tied = config.tie_word_embeddings
@@ -80,7 +90,7 @@ class CausalLMChunk(nn.Module):
         self.model.layers = nn.ModuleDict({str(i): self.build_layer(i) for i in self.layer_ids})
         if post_process:
             self.build_post_process()
-            self.model.norm = RMSNorm(h, config.rms_norm_eps, sequence_parallel=self.sp)
+            self.model.norm = self.build_norm(h)
             self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, groups, sequence_parallel=self.sp)
             if tied:
                 self.lm_head.weight = self.model.embed_tokens.weight
@@ -106,6 +116,10 @@ class CausalLMChunk(nn.Module):
 
     def build_rope(self):
         return None
+
+    def build_norm(self, dim: int) -> nn.Module:
+        from .deepseek.norm import RMSNorm  # here, not at import: models.deepseek imports this module
+        return RMSNorm(dim, self.config.rms_norm_eps, sequence_parallel=self.sp)
 
     def build_post_process(self) -> None:
         """Extra last-stage modules registered before ``model.norm`` (V4: the head's stream mixing)."""
