@@ -53,8 +53,9 @@ def randomize(m, seed=0):
     g = torch.Generator().manual_seed(seed)
     for n, p in m.named_parameters():
         r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if p.dim() == 1:
-            p.add_(0.1 * r)
+        if p.dim() == 1:  # transformers' init (norms and mHC scales 1, biases and sinks 0) plus noise
+            leaf = n.rsplit(".", 1)[-1]
+            p.fill_(1.0 if leaf in ("weight", "scale", "hc_scale") else 0.0).add_(0.1 * r)
         elif "embed_tokens" in n:
             p.copy_(0.5 * r)
         else:
@@ -84,23 +85,101 @@ def data(vocab, b=2, s=40, seed=1):
     return ids, labels, mask
 
 
-def reference(seed=0, b=2, s=40, **over):
-    """HF's logits / per-token loss / masked-mean loss / parameter grads on tiny random data, packed to bytes for
-    the forkserver workers, with our ModelConfig and the HF config."""
+def shift_left(t, k, fill):
+    out = torch.full_like(t, fill)
+    out[:, : t.shape[1] - k] = t[:, k:]
+    return out
+
+
+def _mtp_block_class():
+    import torch.nn as nn
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (DeepseekV4DecoderLayer, DeepseekV4HyperHead,
+                                                                      DeepseekV4RMSNorm)
+
+    class RefMTPBlock(DeepseekV4DecoderLayer):
+        """DeepSeek's V4 MTPBlock from transformers' pieces: a decoder layer (sliding attention) + e_proj / h_proj /
+        enorm / hnorm / norm / hc_head (the names of our HF export, ``mtp.{k}.*``)."""
+
+        def __init__(self, cfg, layer_idx):
+            super().__init__(cfg, layer_idx)
+            h = cfg.hidden_size
+            self.e_proj = nn.Linear(h, h, bias=False)
+            self.h_proj = nn.Linear(h, h, bias=False)
+            self.enorm = DeepseekV4RMSNorm(h, cfg.rms_norm_eps)
+            self.hnorm = DeepseekV4RMSNorm(h, cfg.rms_norm_eps)
+            self.norm = DeepseekV4RMSNorm(h, cfg.rms_norm_eps)
+            self.hc_head = DeepseekV4HyperHead(cfg)
+
+        def mtp(self, emb, streams, **kw):
+            x = self.e_proj(self.enorm(emb)).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+            x = DeepseekV4DecoderLayer.forward(self, x, **kw)
+            return x, self.norm(self.hc_head(x))
+
+    return RefMTPBlock
+
+
+def reference(seed=0, b=2, s=40, mtp_scale=0.3, **over):
+    """transformers' logits / per-token loss / loss and every parameter gradient on tiny random data, plus one MTP
+    depth built from transformers' pieces on the main model's final streams (DeepSeek's MTPBlock), packed to
+    bytes for the forkserver workers. The gradients are those of ``(sum(lm * mask) + mtp_scale *
+    sum(mtp * mask_1)) / sum(mask)`` (the trainer's loss); ``grads_lm`` those of the LM loss alone."""
+    import copy as _copy
     from megatron_ascend.models.deepseek import model_config_for_hf
     cfg_hf, hf = build_hf(seed, **over)
-    V = cfg_hf.vocab_size
+    V, L = cfg_hf.vocab_size, cfg_hf.num_hidden_layers
     ids, labels, mask = data(V, b, s)
+    # main model, streams before the head's collapse captured
+    captured = {}
+    hook = hf.model.hc_head.register_forward_pre_hook(lambda mod, args: captured.__setitem__("streams", args[0]))
     logits = hf(input_ids=ids).logits
+    hook.remove()
     tok = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none").view(b, s)
-    loss = (tok * mask).sum() / mask.sum()
-    loss.backward()
-    ref = dict(sd={k: v.detach().clone() for k, v in hf.state_dict().items()}, ids=ids, labels=labels, mask=mask,
-               logits=logits.detach(), tok=tok.detach(), loss=loss.detach(),
-               grads={n: p.grad.detach().clone() for n, p in hf.named_parameters() if p.grad is not None})
+    ntok = mask.sum()
+    loss = (tok * mask).sum() / ntok
+    loss.backward(retain_graph=True)
+    grads_lm = {n: p.grad.detach().clone() for n, p in hf.named_parameters() if p.grad is not None}
+    hf.zero_grad(set_to_none=True)
+    # MTP depth 1 (sliding attention, global layer index L)
+    mcfg = _copy.deepcopy(cfg_hf)
+    mcfg.layer_types = list(cfg_hf.layer_types) + [SLIDING]
+    mcfg.mlp_layer_types = list(cfg_hf.mlp_layer_types) + ["moe"]
+    mtp = _mtp_block_class()(mcfg, L).float()
+    randomize_module(mtp, seed + 7, n_experts=cfg_hf.n_routed_experts)
+    ids1, labels1, mask1 = shift_left(ids, 1, 0), shift_left(labels, 1, 0), shift_left(mask, 1, 0.0)
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    emb = hf.model.embed_tokens(ids1)
+    pe = {k: hf.model.rotary_emb(emb, pos, layer_type=k) for k in ("main", "compress")}
+    amask = sliding_mask(s, cfg_hf.sliding_window, emb.dtype).expand(b, 1, s, s)
+    _, head_in = mtp.mtp(emb, captured["streams"], input_ids=ids1, position_embeddings=pe, position_ids=pos,
+                         attention_mask=amask)
+    mtp_tok = F.cross_entropy(hf.lm_head(head_in).reshape(-1, V), labels1.reshape(-1), reduction="none").view(b, s)
+    total = ((tok * mask).sum() + mtp_scale * (mtp_tok * mask1).sum()) / ntok
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters() if p.grad is not None}
+    grads.update({f"mtp.0.{n}": p.grad.detach().clone() for n, p in mtp.named_parameters() if p.grad is not None})
+    sd = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    sd.update({f"mtp.0.{k}": v.detach().clone() for k, v in mtp.state_dict().items()})
+    ref = dict(sd=sd, ids=ids, labels=labels, mask=mask, logits=logits.detach(), tok=tok.detach(),
+               loss=loss.detach(), mtp_tok=(mtp_tok * mask1).detach(), total=total.detach(), grads=grads,
+               grads_lm=grads_lm)
     buf = io.BytesIO()
     torch.save(ref, buf)
-    return model_config_for_hf(cfg_hf, aux_loss_alpha=0.0), cfg_hf.to_dict(), buf.getvalue()
+    cfg = model_config_for_hf(cfg_hf, aux_loss_alpha=0.0, mtp_loss_scaling_factor=mtp_scale)
+    return cfg, cfg_hf.to_dict(), buf.getvalue()
+
+
+@torch.no_grad()
+def randomize_module(m, seed, n_experts):
+    """randomize() for a module without a config attribute."""
+    class _Cfg:
+        pass
+    had = hasattr(m, "config")
+    if not had:
+        m.config = _Cfg()
+        m.config.n_routed_experts = n_experts
+    randomize(m, seed)
+    if not had:
+        del m.config
 
 
 def unpack(blob):
