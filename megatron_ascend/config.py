@@ -770,6 +770,10 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
         _require(ep == 1, f"expert-model-parallel-size {ep} needs a MoE model (num-experts is 0); set it to 1")
     _require(model.intermediate_size % tp == 0 or model.first_k_dense_replace == 0 and model.is_moe,
              f"ffn-hidden-size {model.intermediate_size} is not divisible by tensor-model-parallel-size {tp}")
+    if model.model_type == "deepseek_v4":  # mirrors models/deepseek_v4/attention.check_config
+        _require(model.o_groups % tp == 0,
+                 f"o_groups {model.o_groups} is not divisible by tensor-model-parallel-size {tp}: each rank holds "
+                 f"whole output groups; pick a TP size that divides {model.o_groups}")
     if model.has_indexer:
         _require(model.index_n_heads % tp == 0,
                  f"index_n_heads {model.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")

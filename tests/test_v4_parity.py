@@ -5,9 +5,8 @@ every parameter gradient, and one MTP depth against DeepSeek's MTPBlock built fr
 (tests/v4_reference.py) -- at TP 1, TP 2 with and without sequence parallel, EP 2, PP 2 (1F1B schedule) and
 TP 2 x PP 2 x EP 2 with sequence parallel on 8 processes (5 layers: uneven stages, 2 + 3 and 3 + 2, the
 hash layers on the first stage, the streams [s, b, 4h] crossing the stage boundary). One spawned world per size runs every layout.
-
-Until models/deepseek_v4/attention.py exists, the attention is transformers' own behind our interface (the
-stand-in of tests/v4_reference.py); everything else is the library's."""
+Also: the tiny config really exercises the window, the CSA top-k and the HCA entries (widening each changes
+transformers' logits)."""
 import pytest
 import torch
 
@@ -145,17 +144,16 @@ def _body(refs, layouts):
     import torch.distributed as dist
     from megatron_ascend.config import ParallelConfig
     from megatron_ascend.moe import set_aux_loss_scale
-    cfg, hfd, blob = refs
+    cfg, _, blob = refs
     r = R.unpack(blob)
     set_aux_loss_scale(1.0)
     out = []
-    with R.v4_attention(hfd):
-        for kw in layouts:
-            par = ParallelConfig(world_size=dist.get_world_size() if dist.is_initialized() else 1, **kw)
-            pg = _groups(par)
-            tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "single process"
-            fn = _pipeline if par.pp > 1 else _one_chunk
-            out.append((tag, fn(cfg, par, pg, r, tag)))
+    for kw in layouts:
+        par = ParallelConfig(world_size=dist.get_world_size() if dist.is_initialized() else 1, **kw)
+        pg = _groups(par)
+        tag = " ".join(f"{k}={v}" for k, v in kw.items()) or "single process"
+        fn = _pipeline if par.pp > 1 else _one_chunk
+        out.append((tag, fn(cfg, par, pg, r, tag)))
     return out
 
 
@@ -177,3 +175,19 @@ def test_v4_tp2_pp2_ep2_sp_on_8_ranks_equal_transformers():
                     sequence_parallel=True, decoder_first_pipeline_num_layers=3)]
     res = run_distributed(8, _body, ref(), layouts, timeout=900)
     assert all(n > 20 for rank in res for _, n in rank), res
+
+
+def test_tiny_config_exercises_window_topk_and_compressed_entries():
+    """Each feature the parity above relies on changes the reference's logits when it is widened."""
+    base = _logits_of()
+    for what, over in (("sliding window", dict(sliding_window=40)), ("CSA top-k", dict(index_topk=10)),
+                       ("HCA entries", dict(compress_rates={R.CSA: 4, R.HCA: 64}))):
+        d = (_logits_of(**over) - base).abs().max().item()
+        assert d > 1e-3, f"widening the {what} changes the logits by only {d}"
+
+
+def _logits_of(**over):
+    _, hf = R.build_hf(0, **over)
+    ids, _, _ = R.data(hf.config.vocab_size)
+    with torch.no_grad():
+        return hf(input_ids=ids).logits

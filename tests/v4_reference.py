@@ -1,18 +1,9 @@
-"""DeepSeek-V4 test helpers: tiny transformers configs and models, the reference computation, and a STAND-IN
-attention used only until the library's own V4 attention (models/deepseek_v4/attention.py) is present.
-
-The stand-in is transformers' own DeepseekV4Attention behind our interface
-``(x [s(/tp), b, h], rope, position_ids [b, s]) -> (out [s(/tp), b, h], None)``: every TP rank runs the whole
-attention on the whole sequence (under SP it all-gathers the sequence first and keeps its own slice, so its
-weights get partial gradients and are marked ``sequence_parallel``). It lets the rest of V4 (mHC, MoE, layer,
-model, MTP, pipeline, trainer) be tested against transformers before the attention exists.
-"""
+"""DeepSeek-V4 test helpers: tiny transformers configs and random models, and the reference computation
+(transformers' DeepseekV4ForCausalLM plus one MTP depth built from transformers' pieces as DeepSeek's MTPBlock).
+Workers never import transformers: the parent computes the reference once and passes it as bytes."""
 from __future__ import annotations
 
-import contextlib
-import copy
 import io
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -186,86 +177,7 @@ def unpack(blob):
     return torch.load(io.BytesIO(blob), weights_only=True)
 
 
-# ---------------------------------------------------------------------------------------------- stand-in
-def _hf_cfg_from_dict(d):
-    import transformers
-    d = {k: v for k, v in d.items() if k not in ("transformers_version", "architectures", "model_type")}
-    cfg = transformers.DeepseekV4Config(**d)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
 def sliding_mask(s, window, dtype, device=None):
     i = torch.arange(s, device=device)
     ok = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
     return torch.zeros(s, s, dtype=dtype, device=device).masked_fill(~ok, float("-inf"))
-
-
-def _standin_class():
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention as HFAttention
-    from megatron_ascend.tensor_parallel import mappings as M
-    from megatron_ascend.tensor_parallel.sharding import mark_sharded
-
-    class StandInAttention(HFAttention):
-        def __init__(self, hf_cfg, config, parallel, groups, layer_idx):
-            hf_cfg = copy.deepcopy(hf_cfg)
-            n = len(hf_cfg.layer_types)
-            if layer_idx >= n:  # an MTP layer: its kind from our config (sliding unless listed)
-                hf_cfg.layer_types = list(hf_cfg.layer_types) + [config.attention_type(i)
-                                                                 for i in range(n, layer_idx + 1)]
-            super().__init__(hf_cfg, layer_idx)
-            self.tp = parallel.tp
-            self.sp = parallel.sequence_parallel and parallel.tp > 1
-            self.group = groups.tp if groups is not None else None
-            self.tp_rank = groups.tp_rank if groups is not None else 0
-            for p in self.parameters():
-                mark_sharded(p, None, sequence_parallel=self.sp)
-
-        def forward(self, x, rope, position_ids):
-            full = M.gather_from_sequence_parallel_region(x, self.group) if self.sp else x
-            s = full.shape[0]
-            mask = sliding_mask(s, self.sliding_window, full.dtype, full.device).expand(full.shape[1], 1, s, s)
-            out, _ = super().forward(full.transpose(0, 1), rope, position_ids, mask)
-            out = out.transpose(0, 1)
-            if self.sp:
-                n = s // self.tp
-                out = out[self.tp_rank * n:(self.tp_rank + 1) * n]
-            return out, None
-
-    return StandInAttention
-
-
-class StandInRope:
-    def __init__(self, hf_cfg):
-        from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
-        self.rot = DeepseekV4RotaryEmbedding(hf_cfg)
-
-    def __call__(self, position_ids, device):
-        x = torch.empty(0, dtype=torch.float32, device=device)
-        return {k: self.rot(x, position_ids, layer_type=k) for k in ("main", "compress")}
-
-
-@contextlib.contextmanager
-def standin(hf_cfg_dict):
-    """Build V4 models with transformers' attention and rotary tables behind our interface."""
-    hf_cfg = _hf_cfg_from_dict(hf_cfg_dict)
-    cls = _standin_class()
-    with mock.patch("megatron_ascend.models.deepseek_v4.layer.build_attention",
-                    lambda config, parallel, groups, i: cls(hf_cfg, config, parallel, groups, i)), \
-            mock.patch("megatron_ascend.models.deepseek_v4.model.build_rope", lambda config: StandInRope(hf_cfg)):
-        yield
-
-
-def have_library_attention() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("megatron_ascend.models.deepseek_v4.attention") is not None
-
-
-@contextlib.contextmanager
-def v4_attention(hf_cfg_dict):
-    """The library's attention when it exists, else the stand-in."""
-    if have_library_attention():
-        yield
-    else:
-        with standin(hf_cfg_dict):
-            yield

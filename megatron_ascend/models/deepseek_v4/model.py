@@ -16,8 +16,8 @@ Same constructor, hooks and forward outputs as DeepseekForCausalLM (see models/d
 
 Norm weights, mHC parameters and the attention's fp32 parameters stay fp32 in bf16 training (``keep_fp32``), as
 transformers keeps them. Initialisation: every parameter drawn by its global name (std ``init_method_std``),
-norms 1, mHC ``base`` 0 and ``scale`` 1, attention sinks and compressor position biases 0 (transformers'
-rules); each hash layer's ``tid2eid`` is a deterministic random table of distinct experts per token drawn from
+norms 1, mHC ``base`` 0 and ``scale`` 1; the attention draws its own (``self_attn.init_weights``: sinks and
+compressor position biases 0, as transformers); each hash layer's ``tid2eid`` is a deterministic random table of distinct experts per token drawn from
 (seed, name) (transformers leaves it 0 for a checkpoint to fill; a table of zeros would route every token to
 expert 0). ``tid2eid`` is a buffer: never trained, saved and resharded with the checkpoint.
 """
@@ -89,6 +89,8 @@ class DeepseekV4ForCausalLM(CausalLMChunk):
         return hidden  # the streams, before the head's collapse
 
     def init_param(self, name: str, p: torch.Tensor, seed: int) -> bool:
+        if ".self_attn." in name:
+            return True  # the attention draws its own (init_weights below)
         leaf = name.rsplit(".", 1)[-1]
         if leaf in _ZERO_INIT:
             p.zero_()
@@ -102,6 +104,9 @@ class DeepseekV4ForCausalLM(CausalLMChunk):
     def init_weights(self, seed: int) -> None:
         super().init_weights(seed)
         c = self.config
+        for name, mod in self.named_modules():
+            if name.endswith(".self_attn"):
+                mod.init_weights(name + ".", c.init_method_std, seed)
         for name, buf in self.named_buffers():
             if name.endswith("mlp.gate.tid2eid"):
                 buf.copy_(hash_table(c.vocab_size, c.n_routed_experts, c.num_experts_per_tok, seed, name))
