@@ -25,7 +25,7 @@ MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = (None, "uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "moe_act", "layernorm", "mlp", "moe", "shared_experts", "mhc")
 DISPATCHER_TYPES = ("alltoall", "allgather")
 LOAD_BALANCING_TYPES = ("seq_aux_loss", "aux_loss", "none")
 
