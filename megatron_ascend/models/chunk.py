@@ -10,7 +10,10 @@ index, final norm, output head, per-token loss, MTP plumbing and the full-recomp
         # optional: embed(ids), final_hidden(hidden), mtp_input(hidden, normed), build_post_process(), init_param()
 
 Constructor ``(config, parallel, groups, pre_process, post_process, layer_ids, include_mtp, padded_vocab_size,
-init_seed)``; forward and its outputs are documented in models/deepseek/model.py (the same for every model).
+init_seed, mtp_in_input)``; forward and its outputs are documented in models/deepseek/model.py (the same for
+every model). A chunk with the MTP layers but not the loss (a standalone MTP chunk) returns
+``cat([head input, MTP depth 1 head input, ...], dim 0)`` ``[(1+D) s(/tp), b, h]``; the loss chunk after it is
+built with ``mtp_in_input=True``, splits it and holds no final norm.
 
 Owns (names equal HF's where the tensor exists there): ``model.embed_tokens`` (VocabParallelEmbedding, on the
 first stage, and on the last stage too when MTP or tied embeddings need it -- then its weight carries
@@ -53,7 +56,7 @@ class CausalLMChunk(nn.Module):
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelConfig] = None, groups=None,
                  pre_process: bool = True, post_process: bool = True, layer_ids: Optional[List[int]] = None,
                  include_mtp: Optional[bool] = None, padded_vocab_size: Optional[int] = None,
-                 init_seed: int = 1234):
+                 init_seed: int = 1234, mtp_in_input: bool = False):
         super().__init__()
         if parallel is None:
             parallel = groups.config if groups is not None else ParallelConfig(world_size=1)
@@ -71,6 +74,10 @@ class CausalLMChunk(nn.Module):
         if include_mtp is None:
             include_mtp = post_process
         self.include_mtp = bool(include_mtp) and config.num_nextn_predict_layers > 0
+        self.mtp_in_input = bool(mtp_in_input) and config.num_nextn_predict_layers > 0
+        if self.mtp_in_input and (not post_process or self.include_mtp):
+            raise ValueError("mtp_in_input is for the loss chunk after a standalone MTP chunk: it needs "
+                             "post_process=True and include_mtp=False")
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = padded_vocab_size or int(math.ceil(config.vocab_size / tp) * tp)
         if self.padded_vocab_size % tp or self.padded_vocab_size < config.vocab_size:
@@ -80,7 +87,7 @@ class CausalLMChunk(nn.Module):
 
         self.model = nn.Module()
         tied = config.tie_word_embeddings
-        if pre_process or (post_process and (self.include_mtp or tied)):
+        if pre_process or self.include_mtp or (post_process and tied):
             self.model.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, h, groups, self.sp)
             w = self.model.embed_tokens.weight
             if not pre_process:  # a later stage's copy: synced by the embedding group, counted once (stage 0)
@@ -88,9 +95,10 @@ class CausalLMChunk(nn.Module):
             elif parallel is not None and parallel.pp > 1 and (config.num_nextn_predict_layers > 0 or tied):
                 w.shared_embedding, w.shared = True, False  # the canonical copy the last stage's copy follows
         self.model.layers = nn.ModuleDict({str(i): self.build_layer(i) for i in self.layer_ids})
-        if post_process:
+        if self.include_mtp or (post_process and not self.mtp_in_input):  # where the decoder stack ends
             self.build_post_process()
             self.model.norm = self.build_norm(h)
+        if post_process:
             self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, groups, sequence_parallel=self.sp)
             if tied:
                 self.lm_head.weight = self.model.embed_tokens.weight
@@ -122,7 +130,8 @@ class CausalLMChunk(nn.Module):
         return RMSNorm(dim, self.config.rms_norm_eps, sequence_parallel=self.sp)
 
     def build_post_process(self) -> None:
-        """Extra last-stage modules registered before ``model.norm`` (V4: the head's stream mixing)."""
+        """Extra modules of the chunk where the decoder stack ends, registered before ``model.norm`` (V4: the
+        head's stream mixing)."""
 
     def layer_context(self, input_ids, position_ids, segment_ids) -> tuple:
         """The extra positional arguments every layer call of this forward receives."""
@@ -228,9 +237,18 @@ class CausalLMChunk(nn.Module):
                 raise RuntimeError("this pipeline stage has no embedding; call set_input_tensor(hidden) first")
             hidden = self.input_tensor
         hidden, idx_losses = self._decoder(hidden, ctx, input_ids)
-        if not self.post_process:
+        if not self.post_process and not self.include_mtp:
             return hidden
-        normed = self.final_hidden(hidden)
+        D = self.config.num_nextn_predict_layers
+        if self.mtp_in_input:  # [head input; MTP depth 1 head input; ...] from the standalone MTP chunk
+            normed, *mtp_heads = hidden.chunk(D + 1, dim=0)
+        else:
+            normed = self.final_hidden(hidden)
+            mtp_heads = []
+            if self.include_mtp and (labels is not None or not self.post_process):
+                mtp_heads = self._mtp(self.mtp_input(hidden, normed), input_ids, ctx, idx_losses)
+        if not self.post_process:
+            return torch.cat([normed] + mtp_heads, dim=0)
         logits = self._head(normed)
         if labels is None:
             return logits
@@ -238,33 +256,40 @@ class CausalLMChunk(nn.Module):
         out: Dict[str, object] = {
             "lm_loss": vocab_parallel_cross_entropy(logits, labels.t(), self.groups, vocab_size=V).t(),
             "mtp_losses": [], "mtp_loss_masks": [],
-            "mtp_loss_scale": self.config.mtp_loss_scaling_factor / max(self.config.num_nextn_predict_layers, 1),
+            "mtp_loss_scale": self.config.mtp_loss_scaling_factor / max(D, 1),
         }
-        if self.include_mtp:
+        if mtp_heads:
             if loss_mask is None:
                 loss_mask = torch.ones(b, s, dtype=torch.float32, device=input_ids.device)
-            prev = self.mtp_input(hidden, normed)
-            for k in range(1, self.config.num_nextn_predict_layers + 1):
-                ids_k = shift_left(input_ids, k, 0)
+            for k, head_in in enumerate(mtp_heads, start=1):
                 labels_k = shift_left(labels, k, 0)
                 mask_k = shift_left(loss_mask.float(), k, 0.0)
                 if segment_ids is not None:
                     mask_k = mask_k * (segment_ids == shift_left(segment_ids, k, -1)).float()
-                emb = self.model.embed_tokens(ids_k)
-                layer = self.mtp.layers[str(k - 1)]
-                if self.recompute_mtp and torch.is_grad_enabled():
-                    prev, head_in, l = checkpoint(
-                        lambda e, p_, _l=layer, _ids=ids_k: self.mtp_step(_l, e, p_, ctx, _ids), emb, prev)
-                else:
-                    prev, head_in, l = self.mtp_step(layer, emb, prev, ctx, ids_k)
-                if l is not None:
-                    idx_losses.append(l)
                 loss_k = vocab_parallel_cross_entropy(self._head(head_in), labels_k.t(), self.groups,
                                                       vocab_size=V).t()
                 out["mtp_losses"].append(loss_k * mask_k)
                 out["mtp_loss_masks"].append(mask_k)
         out["indexer_loss"] = torch.stack(idx_losses).sum() if idx_losses else None
         return out
+
+    def _mtp(self, prev, input_ids, ctx, idx_losses) -> List[torch.Tensor]:
+        """The head input of each MTP depth k = 1..D (sequential MTP: depth k combines what the previous depth
+        passes on with the embedding of the tokens shifted by k)."""
+        heads = []
+        for k in range(1, self.config.num_nextn_predict_layers + 1):
+            ids_k = shift_left(input_ids, k, 0)
+            emb = self.model.embed_tokens(ids_k)
+            layer = self.mtp.layers[str(k - 1)]
+            if self.recompute_mtp and torch.is_grad_enabled():
+                prev, head_in, l = checkpoint(
+                    lambda e, p_, _l=layer, _ids=ids_k: self.mtp_step(_l, e, p_, ctx, _ids), emb, prev)
+            else:
+                prev, head_in, l = self.mtp_step(layer, emb, prev, ctx, ids_k)
+            if l is not None:
+                idx_losses.append(l)
+            heads.append(head_in)
+        return heads
 
 
 def shift_left(t: torch.Tensor, k: int, fill) -> torch.Tensor:
