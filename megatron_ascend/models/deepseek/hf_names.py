@@ -8,8 +8,8 @@ Our names equal HF's except:
     ``embed_tokens`` / ``shared_head.head`` are duplicates of the main embedding / head and are skipped.
   * vocab rows may be padded on our side (``pad_vocab``).
 
-DeepSeek-V4 has its own rules (models/deepseek_v4/hf_names.py); the three functions below dispatch there for
-model_type deepseek_v4.
+DeepSeek-V4 names its MTP layers ``mtp.{k}.*`` instead (models/deepseek_v4/hf_names.py); the functions below
+ask it for model_type deepseek_v4.
 
 ``hf_tensor_for(ma_name, get, cfg)`` builds the full (unsharded, unpadded) tensor for one of our names from a
 getter over HF names (in-memory state dict or lazy safetensors), accepting either expert layout.
@@ -32,13 +32,6 @@ _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 _MTP_DUPLICATES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
-def _hf_base(ma_name: str, cfg: ModelConfig) -> str:
-    m = _MTP.match(ma_name)
-    if m:
-        return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
-    return ma_name
-
-
 def _v4(cfg: ModelConfig):
     if cfg.model_type != "deepseek_v4":
         return None
@@ -46,9 +39,16 @@ def _v4(cfg: ModelConfig):
     return v4
 
 
-def hf_names_for(ma_name: str, cfg: ModelConfig) -> List[str]:
+def _hf_base(ma_name: str, cfg: ModelConfig) -> str:
     if _v4(cfg):
-        return _v4(cfg).hf_names_for(ma_name, cfg)
+        return _v4(cfg).hf_base(ma_name)
+    m = _MTP.match(ma_name)
+    if m:
+        return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
+    return ma_name
+
+
+def hf_names_for(ma_name: str, cfg: ModelConfig) -> List[str]:
     base = _hf_base(ma_name, cfg)
     m = _EXPERT.match(base)
     if not m:
@@ -60,8 +60,6 @@ def hf_names_for(ma_name: str, cfg: ModelConfig) -> List[str]:
 
 def hf_tensor_for(ma_name: str, get: Callable[[str], Optional[torch.Tensor]], cfg: ModelConfig) -> torch.Tensor:
     """Full tensor for ``ma_name``; ``get(hf_name)`` returns the HF tensor or None when absent."""
-    if _v4(cfg):
-        return _v4(cfg).hf_tensor_for(ma_name, get, cfg)
     base = _hf_base(ma_name, cfg)
     m = _EXPERT.match(base)
     if not m:
@@ -88,11 +86,11 @@ def hf_tensor_for(ma_name: str, get: Callable[[str], Optional[torch.Tensor]], cf
 def ma_name_for(hf_name: str, cfg: ModelConfig) -> Optional[Tuple[str, Optional[int], Optional[str]]]:
     """(our name, expert index or None, 'gate'|'up'|None for fused gate_up halves) for an HF name; None when
     the tensor is a duplicate we do not keep (MTP copies of the embedding / head)."""
-    if _v4(cfg):
-        return _v4(cfg).ma_name_for(hf_name, cfg)
     m = _HF_LAYER.match(hf_name)
     name = hf_name
-    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+    if _v4(cfg):
+        name = _v4(cfg).ma_base(hf_name)
+    elif m and int(m.group(1)) >= cfg.num_hidden_layers:
         k = int(m.group(1)) - cfg.num_hidden_layers
         if m.group(2) in _MTP_DUPLICATES:
             return None
