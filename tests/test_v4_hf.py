@@ -115,7 +115,7 @@ def test_v4_round_trip_bitwise_and_forward_at_tp2_pp2_ep2(v4_dir, tmp_path):
     idx = tensor_index(os.path.join(ma16, "release"))
     assert idx["model.layers.1.mlp.gate.tid2eid"][1] == torch.int64
     assert idx["model.layers.2.mlp.gate.e_score_correction_bias"][1] == torch.float32
-    assert idx["model.layers.2.attn_hc.fn"][1] == torch.bfloat16
+    assert idx["model.layers.2.mlp.experts.gate_proj"][1] == torch.bfloat16
     # our model on the converted checkpoint at TP2 x PP2 x EP2 (tools/forward.py) gives transformers' logits
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=g)
@@ -131,6 +131,7 @@ def test_v4_round_trip_bitwise_and_forward_at_tp2_pp2_ep2(v4_dir, tmp_path):
 
 
 def test_transformers_loads_v4_export(v4_dir, tmp_path):
+    from tests.tolerance import assert_equal, assert_rel
     from megatron_ascend.checkpointing.hf import convert_hf_to_ma, convert_ma_to_hf
     if "naming" not in inspect.signature(convert_ma_to_hf).parameters:
         pytest.skip("transformers reads V4 experts only in its save_pretrained names (experts.E.w1/w2/w3); "
@@ -143,7 +144,10 @@ def test_transformers_loads_v4_export(v4_dir, tmp_path):
     convert_ma_to_hf(ma, back, max_shard_bytes=60_000, progress=False, naming="hf")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
+    want, got = hf.state_dict(), loaded.state_dict()
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert_equal(got[k], want[k], f"transformers' {k} loaded from our export")
     ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        a, b = hf(ids).logits, loaded(ids).logits
-    assert torch.equal(a, b), (a - b).abs().max()
+    with torch.no_grad():  # equal weights; the loaded copies' memory layout may change GEMM blocking
+        assert_rel(loaded(ids).logits, hf(ids).logits, 1e-5, "logits of the export")
