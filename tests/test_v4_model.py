@@ -76,8 +76,17 @@ def test_registry_and_layout_of_the_v4_chunk():
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     h = first(ids)
     assert h.shape == (24, 2, cfg.hc_mult * cfg.hidden_size)  # the streams cross the stage boundary
-    with pytest.raises(ValueError, match="segment_ids"):
-        first(ids, segment_ids=torch.zeros_like(ids))
+    # an unpacked SFT sample (one conversation, then padding as segment 1) is the plain sequence for its tokens
+    seg = torch.zeros_like(ids)
+    seg[:, 20:] = 1
+    whole = build_model(cfg)
+    mask = torch.ones(2, 24)
+    mask[:, 20:] = 0
+    out = whole(ids, labels=ids, loss_mask=mask, segment_ids=seg)
+    ref = whole(ids, labels=ids, loss_mask=mask)
+    assert_equal(out["lm_loss"][:, :20], ref["lm_loss"][:, :20], "unpacked sample with padding segment")
+    with pytest.raises(ValueError, match="packed"):  # a second trained sequence in the sample
+        whole(ids, labels=ids, loss_mask=torch.ones(2, 24), segment_ids=seg)
 
 
 def test_hash_tables_distinct_and_layout_independent():

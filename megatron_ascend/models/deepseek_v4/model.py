@@ -11,8 +11,10 @@ Same constructor, hooks and forward outputs as DeepseekForCausalLM (see models/d
 * every layer gets the per-forward RoPE tables ``rope(position_ids, device)`` (rope.py: V4Rope, built once per
   forward: ``{"main": (cos, sin), "compress": (cos, sin)}``) and ``position_ids [b, s]``;
 * MTP depth k reads the streams (not a normed hidden) and has its own ``hc_head`` and ``norm`` (mtp.py);
-* packed sequences (``segment_ids``) are refused: V4 attention's window and compressed entries have no
-  segment boundaries (ValueError; the trainer refuses --sft-packing / --reset-attention-mask for V4 up front).
+* one sequence per sample: ``segment_ids`` may only mark trailing padding (an unpacked SFT sample), which causal
+  attention never shows to the sequence; packed sequences (tokens to train in a later segment) are refused --
+  V4 attention's window and compressed entries have no segment boundaries (ValueError; the trainer refuses
+  --sft-packing / --reset-attention-mask / --reset-position-ids for V4 up front).
 
 Norm weights, mHC parameters and the attention's fp32 parameters stay fp32 in bf16 training (``keep_fp32``), as
 transformers keeps them. Initialisation: every parameter drawn by its global name (std ``init_method_std``),
@@ -43,6 +45,17 @@ def build_rope(config):
     return V4Rope(config)
 
 
+def check_one_sequence(segment_ids: torch.Tensor, loss_mask=None) -> None:
+    """V4 trains on one sequence per sample (then padding): segment ids may only mark trailing padding. Packed
+    sequences would see each other through the sliding window and the compressed entries."""
+    later = segment_ids != segment_ids[:, :1]
+    packed = (later & (loss_mask > 0)).any() if loss_mask is not None else later.any()
+    if bool(packed):
+        raise ValueError("deepseek_v4 does not take packed sequences (tokens to train in a second segment_ids "
+                         "segment): its sliding window and compressed entries would cross sequence boundaries; "
+                         "train on one sequence per sample (drop --sft-packing)")
+
+
 def hash_table(vocab: int, n_experts: int, topk: int, seed: int, name: str, rows_per_draw: int = 8192):
     """[vocab, topk] int64: for each token id, ``topk`` distinct experts, from a generator seeded by (seed, name)."""
     g = torch.Generator().manual_seed((seed * 1000003 + zlib.crc32(name.encode())) % (2 ** 63))
@@ -70,10 +83,14 @@ class DeepseekV4ForCausalLM(CausalLMChunk):
         c = self.config
         self.model.hc_head = HyperHead(c.hidden_size, c.hc_mult, c.hc_eps, c.rms_norm_eps, sequence_parallel=self.sp)
 
-    def layer_context(self, input_ids, position_ids, segment_ids) -> tuple:
+    def forward(self, input_ids, position_ids=None, labels=None, loss_mask=None, segment_ids=None):
         if segment_ids is not None:
-            raise ValueError("deepseek_v4 does not take packed sequences (segment_ids): its sliding window and "
-                             "compressed entries would cross sequence boundaries; pad each sequence instead")
+            check_one_sequence(segment_ids, loss_mask)
+        return super().forward(input_ids, position_ids, labels, loss_mask, segment_ids)
+
+    def layer_context(self, input_ids, position_ids, segment_ids) -> tuple:
+        # one sequence per sample (check_one_sequence): what follows it is padding, which causal attention never
+        # shows to the sequence's own tokens, so the segments need no mask
         return self.rope(position_ids, input_ids.device), position_ids
 
     def mtp_step(self, layer, emb, prev, ctx, input_ids):
