@@ -365,6 +365,33 @@ class ModelConfig:
         return d
 
 
+# The defaults of a model family when the architecture comes from flags (no --model-config): ModelConfig's own
+# defaults are DeepSeek-V3's; DeepSeek-V2's are its smallest release, V2-Lite (config.json on the hub):
+# no query LoRA, softmax scores, greedy top-6 of 64 experts without expert bias or top-k normalisation,
+# 2 shared experts, one dense layer, the sequence-wise balance loss with alpha 0.001, no MTP, YaRN x40.
+FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "deepseek_v3": {},
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+                        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+                        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+                        routed_scaling_factor=1.0, first_k_dense_replace=1, aux_loss_alpha=0.001,
+                        max_position_embeddings=163840, num_nextn_predict_layers=0,
+                        rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)),
+    "deepseek_v32": dict(model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048,
+                         max_position_embeddings=163840),
+    "deepseek_v4": dict(model_type="deepseek_v4"),
+}
+
+
+def family_defaults(model_type: Optional[str]) -> Dict[str, Any]:
+    """ModelConfig fields a family starts from when its architecture is given by flags."""
+    mt = model_type or "deepseek_v3"
+    _require(mt in MODEL_TYPES, f"--model-type {mt!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
+    return dict(FAMILY_DEFAULTS[mt], model_type=mt)
+
+
 # ----------------------------------------------------------------------------------------------
 # DeepSeek-V4 config.json keys (transformers' DeepseekV4Config, the released hub config, DeepSeek's ModelArgs)
 # ----------------------------------------------------------------------------------------------
@@ -585,8 +612,9 @@ class OptimizerConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None
+    lr_warmup_iters: float = 0  # a float when given in samples (--lr-warmup-samples / global batch)
+    lr_decay_iters: Optional[float] = None
+    lr_warmup_init: float = 0.0  # lr at the start of warm-up (Megatron's --lr-warmup-init)
     lr_wsd_decay_iters: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
     weight_decay: float = 0.01
@@ -613,6 +641,8 @@ class OptimizerConfig:
         _require(self.lr >= 0 and self.min_lr >= 0, f"--lr {self.lr} and --min-lr {self.min_lr} must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
         _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters {self.lr_warmup_iters} must be >= 0")
+        _require(0.0 <= self.lr_warmup_init <= self.lr,
+                 f"--lr-warmup-init {self.lr_warmup_init} must be between 0 and --lr {self.lr}")
         _require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
                  f"--adam-beta1 {self.adam_beta1} / --adam-beta2 {self.adam_beta2} must be in [0, 1)")
 
@@ -642,6 +672,10 @@ class TrainingConfig:
     recompute_num_layers: Optional[int] = None
     recompute_modules: Tuple[str, ...] = ()
     peak_tflops: Optional[float] = None
+    train_samples: Optional[int] = None  # --train-samples: train_iters = train_samples // global batch
+    save_optim: bool = True  # False: --no-save-optim
+    save_rng: bool = True  # False: --no-save-rng
+    async_save: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
@@ -682,6 +716,8 @@ class DataConfig:
     sft: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    eod_mask_loss: bool = False  # no loss where the input token is eod
+    data_cache_path: Optional[str] = None  # dataset index caches (default: next to the data)
 
     def __post_init__(self):
         object.__setattr__(self, "data_path", tuple(self.data_path))

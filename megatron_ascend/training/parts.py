@@ -148,10 +148,12 @@ def update_expert_bias(model_chunks, groups, rate: float) -> None:
         update([unwrap(c) for c in model_chunks], groups, rate)
 
 
-def set_aux_loss_scale(num_microbatches: int, groups) -> None:
-    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch."""
+def set_aux_loss_scale(num_microbatches: int, groups, loss_scale: Optional[float]) -> None:
+    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch. Their
+    injected gradients also carry this step's fp16 loss scale, as the LM loss does (the schedule multiplies it
+    in; the optimizer divides every gradient by it). Call before every step: the loss scale changes."""
     from ..moe.load_balancing import set_aux_loss_scale as set_scale
-    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")))
+    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")), loss_scale or 1.0)
 
 
 def moe_stats(model_chunks, groups) -> Dict[str, float]:
@@ -203,10 +205,11 @@ def checkpoint_exists(load_dir: str) -> bool:
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                    save_retain=None):
+                    save_retain=None, save_optim=True, save_rng=True, async_save=False):
+    """--save-retain, --no-save-optim, --no-save-rng, --async-save as checkpointing.save_checkpoint takes them."""
     from ..checkpointing import save_checkpoint as save
     return save(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                save_retain=save_retain)
+                save_retain=save_retain, save_optim=save_optim, save_rng=save_rng, async_save=async_save)
 
 
 def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng):

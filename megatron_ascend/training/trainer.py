@@ -89,7 +89,6 @@ class Trainer:
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
-        parts.set_aux_loss_scale(self.num_micro, self.groups)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
@@ -166,9 +165,10 @@ class Trainer:
         for c in self.model_chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
+        loss_scale = parts.loss_scale(self.optimizer) or 1.0  # fp16: LM and aux losses alike
+        parts.set_aux_loss_scale(self.num_micro, self.groups, loss_scale)
         results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
-                                        forward_only=False, num_tokens=tokens,
-                                        loss_scale=parts.loss_scale(self.optimizer) or 1.0)
+                                        forward_only=False, num_tokens=tokens, loss_scale=loss_scale)
         parts.finalize_grads(self.model_chunks, self.groups)
         ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
@@ -215,7 +215,8 @@ class Trainer:
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
-                              save_retain=t.save_retain)
+                              save_retain=t.save_retain, save_optim=t.save_optim, save_rng=t.save_rng,
+                              async_save=t.async_save)
         self.result.saved.append(self.iteration)
         _print_rank0(f"saved checkpoint at iteration {self.iteration:8d} to {t.save}")
 
@@ -277,6 +278,8 @@ class Trainer:
         finally:
             self.signal.release()
             self.writer.flush()
+            if t.async_save:
+                parts.wait_for_checkpoint()  # --async-save: the last checkpoint is committed before we return
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result
