@@ -264,6 +264,9 @@ class ModelConfig:
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"config.json model_type {model_type!r} is not a DeepSeek model we support; "
                               f"use one of {', '.join(MODEL_TYPES)}")
+        if float(d.get("attention_dropout") or 0.0) != 0.0:
+            raise ConfigError(f"config.json sets attention_dropout {d['attention_dropout']}; dropout is not "
+                              f"implemented (DeepSeek trains without it): set it to 0.0")
         kw: Dict[str, Any] = {"model_type": model_type}
         names = {f.name for f in dataclasses.fields(cls)}
         for k, v in d.items():
@@ -488,6 +491,9 @@ def _v4_fields_from_hf(d: Dict[str, Any], kw: Dict[str, Any]) -> None:
     kw["qk_nope_head_dim"] = head_dim - int(kw["qk_rope_head_dim"])
     kw["v_head_dim"] = head_dim
     kw["kv_lora_rank"] = head_dim
+    kw["intermediate_size"] = int(kw["moe_intermediate_size"])  # transformers' alias (V4 has no dense MLP)
+    if d.get("initializer_range") is not None:
+        kw.setdefault("init_method_std", float(d["initializer_range"]))
 
 
 def _v4_to_hf(c: "ModelConfig") -> Dict[str, Any]:
