@@ -57,6 +57,7 @@ def _decoder_layers(chunk: nn.Module):
 
 
 def _attention_modules(layer) -> frozenset:
+    """The selective names the layer's attention acts on: its ``supports_recompute``, else MLA's and V4's two."""
     return frozenset(getattr(layer.self_attn, "supports_recompute", ("core_attn", "mla_up_proj")))
 
 

@@ -7,7 +7,8 @@ index, final norm, output head, per-token loss, MTP plumbing and the full-recomp
         def layer_context(self, ids, pos, seg) -> tuple     # per-forward extras every layer call receives
         def run_layer(self, layer, hidden, ctx, input_ids)  -> (hidden, detached aux loss or None)
         def mtp_step(self, layer, emb, prev, ctx, ids_k)    -> (prev for the next depth, head input, loss or None)
-        # optional: embed(ids), final_hidden(hidden), mtp_input(hidden, normed), build_post_process(), init_param()
+        # optional: build_rope(), build_norm(dim), build_post_process(), embed(ids), final_hidden(hidden),
+        #           mtp_input(hidden, normed), init_param(name, p, seed)
 
 Constructor ``(config, parallel, groups, pre_process, post_process, layer_ids, include_mtp, padded_vocab_size,
 init_seed, mtp_in_input)``; forward and its outputs are documented in models/deepseek/model.py (the same for

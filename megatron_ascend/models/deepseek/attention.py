@@ -206,8 +206,6 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale:
 
 
 class MLAttention(nn.Module):
-    supports_recompute = ("core_attn", "mla_up_proj")  # selective recompute names (megatron_ascend.recompute)
-
     def __init__(self, config: ModelConfig, groups=None, sequence_parallel: bool = False, layer_idx: int = 0):
         super().__init__()
         c = config
