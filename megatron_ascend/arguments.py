@@ -13,6 +13,7 @@ Errors are ConfigError; entry points turn them into one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional, Tuple
 
@@ -36,6 +37,14 @@ _MODEL_FLAGS = {
     "vocab_size": "vocab_size", "init_method_std": "init_method_std", "index_n_heads": "index_n_heads",
     "index_head_dim": "index_head_dim", "index_topk": "index_topk", "model_type": "model_type",
 }
+
+
+def _int_list(text: str) -> Tuple[int, ...]:
+    """'4,4,4,4' (or '4 4 4 4') -> (4, 4, 4, 4)."""
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 61,62,63")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +108,23 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1, help="(reserved; context parallel comes later)")
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="place every part by hand (Megatron-Core's string): stages split by '|', E embedding, t decoder "
+                        "layer, m MTP layer, L loss, X*n and (...)*n repeat; VP = stages / PP. DeepSeek-V3 at PP 16 x "
+                        "VP 2: 'Et*3|(tt|)*29,m|L'. docs/PARALLELISM.md, 'Layer placement'")
+    g.add_argument("--num-layer-list", type=_int_list, default=(),
+                   help="layer slots per pipeline stage, comma-separated (MindSpeed-LLM), e.g. 4,4,4,4; or one per "
+                        "virtual stage (pp x vp numbers, model order); sums to --num-layers")
+    g.add_argument("--noop-layers", type=_int_list, default=(),
+                   help="layer slots (in --num-layers numbering) that are identity layers padding the split "
+                        "(MindSpeed-LLM): --num-layers 64 --noop-layers 61,62,63 is a 61-layer model split as 64; "
+                        "they hold no parameters and the real layers keep their ids 0..60")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", dest="microbatch_group_size_per_vp_stage",
+                   type=int, default=None,
+                   help="interleaved schedule: micro-batches per group (default PP); lets a micro-batch count that "
+                        "is not a multiple of PP interleave (e.g. the count itself)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="only 1 for training: context parallelism is not built yet (a larger value is refused)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="default: same as TP")
     g.add_argument("--sequence-parallel", action="store_true")
@@ -408,7 +433,15 @@ def build_configs(args: argparse.Namespace, world_size: int
         use_distributed_optimizer=args.use_distributed_optimizer,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout, num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers, microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_vp_stage)
+    if par.noop_layers and args.num_layers is not None:  # --num-layers counts the noop slots (MindSpeed)
+        real = args.num_layers - len(par.noop_layers)
+        if real < 1:
+            raise ConfigError(f"--noop-layers lists {len(par.noop_layers)} of the {args.num_layers} --num-layers; "
+                              f"keep at least one real layer")
+        model = dataclasses.replace(model, num_hidden_layers=real)
     gbs = args.global_batch_size or args.micro_batch_size * par.dp
     train_iters, warmup, decay = _schedule_lengths(args, gbs)
     opt = OptimizerConfig(

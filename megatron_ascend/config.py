@@ -550,10 +550,20 @@ class ParallelConfig:
     decoder_first_pipeline_num_layers: Optional[int] = None
     decoder_last_pipeline_num_layers: Optional[int] = None
     moe_token_dispatcher_type: str = "alltoall"
+    # layer placement (placement.py): Megatron-Core's layout string, MindSpeed's per-stage layer counts and
+    # noop (identity, padding-only) layer slots in --num-layers numbering
+    pipeline_model_parallel_layout: Optional[str] = None
+    num_layer_list: Tuple[int, ...] = ()
+    noop_layers: Tuple[int, ...] = ()
+    # interleaved schedule: micro-batches run per virtual stage in groups of this many (None = pp; Megatron's
+    # --microbatch-group-size-per-virtual-pipeline-stage)
+    microbatch_group_size_per_vp_stage: Optional[int] = None
 
     def __post_init__(self):
         if self.expert_tensor_parallel_size is None:
             object.__setattr__(self, "expert_tensor_parallel_size", self.tensor_model_parallel_size)
+        object.__setattr__(self, "num_layer_list", tuple(self.num_layer_list))
+        object.__setattr__(self, "noop_layers", tuple(self.noop_layers))
         self.validate()
 
     @property
@@ -607,6 +617,10 @@ class ParallelConfig:
                  f"use one of {', '.join(DISPATCHER_TYPES)}")
         if self.virtual_pipeline_model_parallel_size is not None or self.num_layers_per_virtual_pipeline_stage:
             _require(self.pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1 (it is 1)")
+        g = self.microbatch_group_size_per_vp_stage
+        _require(g is None or g >= self.pp,
+                 f"--microbatch-group-size-per-virtual-pipeline-stage {g} is below pipeline-model-parallel-size "
+                 f"{self.pp}; use at least {self.pp}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -777,16 +791,32 @@ def pipeline_layer_split(num_layers: int, pp: int, vp: int = 1, first: Optional[
 
 
 def virtual_stages(model: ModelConfig, par: ParallelConfig) -> int:
-    if par.virtual_pipeline_model_parallel_size:
-        return par.virtual_pipeline_model_parallel_size
-    if par.num_layers_per_virtual_pipeline_stage:
-        n = par.num_layers_per_virtual_pipeline_stage
-        total = n * par.pp
-        _require(model.num_hidden_layers % total == 0,
-                 f"num-layers {model.num_hidden_layers} is not a multiple of num-layers-per-virtual-pipeline-stage "
-                 f"{n} x pipeline-model-parallel-size {par.pp} = {total}; pick a divisor")
-        return model.num_hidden_layers // total
-    return 1
+    """Virtual pipeline stages per rank (from the layout string, --virtual-pipeline-model-parallel-size or
+    --num-layers-per-virtual-pipeline-stage; 1 without)."""
+    from .placement import placement_of
+    return placement_of(model, par).vp
+
+
+def microbatch_group_problem(num_micro: int, pp: int, group: Optional[int]) -> Optional[str]:
+    """Why the interleaved schedule cannot run ``num_micro`` micro-batches in groups of ``group`` (default pp), or
+    None. Megatron's rules: a group holds between pp and num_micro micro-batches, the last one (num_micro % N) 0
+    or at least pp. The schedule (pipeline_parallel.schedules) and validate_all both use this one rule."""
+    n = group or pp
+    if pp <= n <= num_micro and (num_micro % n == 0 or num_micro % n >= pp):
+        return None
+    fix = (f"raise the global batch to at least {pp} micro-batches per data-parallel rank" if num_micro < pp else
+           f"use --microbatch-group-size-per-virtual-pipeline-stage {num_micro} (or a multiple of {pp} "
+           f"micro-batches per data-parallel rank)")
+    return (f"the interleaved schedule runs {num_micro} micro-batches in groups of {n}; a group must hold between "
+            f"pipeline-model-parallel-size {pp} and {num_micro} micro-batches and the last one 0 or at least {pp}; "
+            f"{fix}")
+
+
+def check_microbatch_groups(num_micro: int, par: ParallelConfig, vp: int) -> None:
+    """ConfigError when interleaving (vp > 1) cannot run these micro-batches (microbatch_group_problem)."""
+    if vp > 1 and par.pp > 1:
+        problem = microbatch_group_problem(num_micro, par.pp, par.microbatch_group_size_per_vp_stage)
+        _require(problem is None, problem or "")
 
 
 def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[TrainingConfig] = None,
@@ -819,10 +849,12 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
     if model.has_indexer:
         _require(model.index_n_heads % tp == 0,
                  f"index_n_heads {model.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
-    vp = virtual_stages(model, par)
-    pipeline_layer_split(model.num_hidden_layers, par.pp, vp, par.decoder_first_pipeline_num_layers,
-                         par.decoder_last_pipeline_num_layers)
+    vp = virtual_stages(model, par)  # places every layer (placement.py): one ConfigError per placement rule
     if train is not None:
+        _require(par.cp == 1,
+                 f"--context-parallel-size {par.cp}: context parallelism is not built yet (nothing would split the "
+                 f"sequence, and the loss would be normalised over the wrong ranks); use --context-parallel-size 1 "
+                 f"and give those ranks to data or tensor parallelism")
         gbs = train.global_batch_size
         if gbs is not None:
             unit = train.micro_batch_size * par.dp
@@ -836,6 +868,7 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
         _require(train.seq_length <= model.max_position_embeddings or model.rope_scaling is not None,
                  f"seq-length {train.seq_length} exceeds max-position-embeddings {model.max_position_embeddings}; "
                  f"lower --seq-length or raise --max-position-embeddings")
+        check_microbatch_groups(num_microbatches(train, par), par, vp)
 
 
 def num_microbatches(train: TrainingConfig, par: ParallelConfig) -> int:

@@ -19,6 +19,7 @@ from .. import arguments_compat
 from ..arguments import build_configs, parse_args
 from ..config import ConfigError
 from ..parallel_state import RankLayout
+from ..placement import placement_of
 
 DESCRIPTIONS = {
     "pretrain": "Pretrain a DeepSeek-family MoE model (MLA, DeepSeekMoE, MTP) with TP/SP, PP (1F1B, interleaved), "
@@ -130,14 +131,24 @@ def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None
         convert_hf_at_load(args)
     if args.show_layout:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        _, par, _, _, _ = build_configs(args, world)
-        print(RankLayout(par).format())
+        model, par, _, _, _ = build_configs(args, world)
+        placement = placement_of(model, par)
+        print(RankLayout(par, placement.embedding_pp_ranks).format())
+        print(placement.format())
         return None
+    import torch.distributed as dist
+    owns_group = not dist.is_initialized()  # the trainer initialises torch.distributed: tear it down here too
     trainer = Trainer(args, stage="pretrain" if stage == "pretrain" else args.stage, print_fn=print_fn)
     try:
-        return trainer.train()
+        result = trainer.train()
     finally:
         trainer.close()
+    if owns_group and dist.is_initialized():
+        # every rank is done (checkpoint committed) before any rank tears its communicators down: a rank that
+        # exits with live gloo / HCCL threads while a peer still talks to it can abort the job at exit
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def cli(argv: Optional[List[str]] = None, stage: str = "pretrain") -> int:

@@ -6,6 +6,8 @@ pipeline chunk, on the skeleton every model shares (models/chunk.py).
                                 include_mtp=None,    # default: post_process (and cfg.num_nextn_predict_layers > 0)
                                 mtp_in_input=False)  # the input carries MTP hidden states from an earlier chunk
 
+(``pipeline_parallel.chunk_specs(placement, pp_rank)`` gives these per chunk; placement.py decides them.)
+
 Modules (names equal HF's where the tensor exists there): ``model.embed_tokens`` (VocabParallelEmbedding,
 on the first stage, and on the last stage too when MTP or tied embeddings need it -- then its weight carries
 ``shared_embedding = True`` and the pipeline's embedding group keeps the copies equal), ``model.layers`` (a
@@ -14,10 +16,10 @@ vocab; tied to the embedding when ``tie_word_embeddings``), ``mtp.layers.{k}``.
 
 ``forward(input_ids [b, s], position_ids=None, labels=None, loss_mask=None, segment_ids=None)``:
   * not the last stage: hidden ``[s(/tp), b, h]`` (input from ``set_input_tensor`` unless pre_process)
-  * a chunk with the MTP layers but not the loss (standalone MTP): the final norm and the MTP depths run here and
-    the output is ``cat([h_main, h_mtp_1, ..., h_mtp_D], dim 0)`` ``[(1+D) s(/tp), b, h]`` (normed main hidden,
-    then each depth's output); the loss chunk, built with ``mtp_in_input=True``, splits it and applies no final
-    norm (it has none)
+  * a chunk with the MTP layers but not the loss (standalone MTP, layout ``...m|L``): the final norm and the MTP
+    depths run here and the output is ``cat([h_main, h_mtp_1, ..., h_mtp_D], dim 0)`` ``[(1+D) s(/tp), b, h]``
+    (normed main hidden, then each depth's output); the loss chunk, built with ``mtp_in_input=True``, splits it
+    and applies no final norm (it has none)
   * last stage, no labels: vocab-parallel logits ``[s, b, V_pad/tp]``
   * last stage with labels: ``{'lm_loss': [b, s] fp32 per-token (unmasked), 'mtp_losses': [[b, s] per depth,
     already multiplied by that depth's mask], 'mtp_loss_masks': [[b, s] per depth], 'mtp_loss_scale':
