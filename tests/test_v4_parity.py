@@ -7,7 +7,6 @@ TP 2 x PP 2 x EP 2 with sequence parallel on 8 processes (5 layers: uneven stage
 hash layers on the first stage, the streams [s, b, 4h] crossing the stage boundary). One spawned world per size runs every layout.
 Also: the tiny config really exercises the window, the CSA top-k and the HCA entries (widening each changes
 transformers' logits)."""
-import pytest
 import torch
 
 from tests import v4_reference as R

@@ -3,7 +3,6 @@ selective module V4 has (layernorm, mhc, moe, moe_act, shared_experts, core_attn
 losses and gradients of no recompute (indexer KL loss on, MTP on); each selective module keeps fewer bytes
 for backward than none; a module V4 does not have (mlp) -- or V3 does not have (mhc) -- is one ConfigError."""
 import pytest
-import torch
 
 from tests import v4_reference as R
 from tests.tolerance import assert_equal
