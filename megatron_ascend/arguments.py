@@ -165,7 +165,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--recompute-modules", nargs="*", default=[],
-                   help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts")
+                   help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts "
+                        "mhc (DeepSeek-V4: the mHC mixing coefficients)")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: platform table)")
 
 

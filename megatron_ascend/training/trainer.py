@@ -1,8 +1,9 @@
 """The training loop shared by pretraining and post-training (SFT).
 
 ``Trainer(args, stage)`` builds, in order: distributed init (platform.init_distributed, unless already
-initialised), process groups, RNG seeds, tokenizer, model chunks (one DeepseekForCausalLM per virtual pipeline
-stage of this rank, each wrapped in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
+initialised), process groups, RNG seeds, tokenizer, model chunks (one model per virtual pipeline stage of this
+rank, built by ``models.build_model`` from the config's model_type -- DeepSeek V2 / V3 / V3.2 / V4 -- each wrapped
+in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
 (--load), datasets and iterators, TensorBoard writer and logger. ``train()`` runs until --train-iters, with
 
 * evaluation every --eval-interval (``lm loss validation`` and its ppl, forward-only over --eval-iters batches);
@@ -72,9 +73,14 @@ class Trainer:
         self.loss_target = LossTarget.from_args(args)  # --exit-at-loss
         if self.train_cfg.train_iters <= 0:
             raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
-        if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
-            raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
-                              "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
+        if self.model_cfg.model_type == "deepseek_v4":
+            packed = [f for f, on in (("--sft-packing", getattr(args, "sft_packing", False)),
+                                      ("--reset-attention-mask", self.data_cfg.reset_attention_mask),
+                                      ("--reset-position-ids", self.data_cfg.reset_position_ids)) if on]
+            if packed:
+                raise ConfigError(f"deepseek_v4 trains on one sequence per sample: {' '.join(packed)} would pack "
+                                  f"documents whose sliding window and compressed entries (absolute positions) cross "
+                                  f"each other; drop {' / '.join(packed)}")
         self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
