@@ -1,6 +1,6 @@
 # Pretraining, tiny DeepSeek-V4-style model on 2 CPU processes (minutes): the V4 recipe every machine can run.
 #
-#   bash bench/reference/run.sh cpu-tiny-v4              # needs the V4 model (models/deepseek_v4) on main
+#   bash bench/reference/run.sh cpu-tiny-v4              # the V4 model: models/deepseek_v4
 #
 # Model: models/cpu-tiny-v4.json -- V4's parts in miniature: mHC (4 streams, Sinkhorn), shared-KV attention with a
 #   16-token sliding window, compressed sparse attention (ratio 4, indexer top-8) and heavily compressed

@@ -2,7 +2,7 @@
 #
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> bash bench/reference/run.sh v4-flash-128
 #
-# Needs the V4 model (models/deepseek_v4); until it is on main the trainer stops at start saying so.
+# The V4 model: models/deepseek_v4 (its CPU-size sibling, cpu-tiny-v4, is the one run here).
 # Model: models/v4-flash.json (the released config: 43 layers, 2 sliding + 21 CSA + 20 HCA, mHC x4, 256 experts
 #   top-6, 3 hash-routed layers, 1 MTP layer), random init.
 # Data: ma-synth v1 pretraining, seed 1, 2,000,000 documents, ids < 32768 (~1.09B tokens).

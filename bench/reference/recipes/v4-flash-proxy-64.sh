@@ -2,8 +2,8 @@
 #
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> bash bench/reference/run.sh v4-flash-proxy-64
 #
-# Needs the V4 model (models/deepseek_v4: mHC, hybrid sliding / CSA / HCA attention, hash routing); until it is
-# on main the trainer stops at start with one line saying so (SHOW_LAYOUT=1 works today).
+# The V4 model: models/deepseek_v4 (mHC, hybrid sliding / CSA / HCA attention, hash routing); its CPU-size
+# sibling, cpu-tiny-v4, is the one run here.
 # Model: models/v4-flash-proxy-64.json = models/v4-flash.json with num_hidden_layers 12 (compress ratios
 #   0,0,4,128,... of the first 12 layers + the MTP layer's 0; 256 experts top-6 sqrtsoftplus, 3 hash layers).
 # Data: ma-synth v1 pretraining, seed 1, 2,000,000 documents, ids < 32768 (~1.09B tokens).

@@ -3,8 +3,8 @@
 #   V4_PRO_HF=/data/DeepSeek-V4-Pro NNODES=64 NODE_RANK=<0..63> MASTER_ADDR=<node 0> \
 #       bash bench/reference/run.sh v4-pro-1024-sft                        (on every node)
 #
-# The workload of the claim this project started from. Needs the V4 model (models/deepseek_v4) and the V4
-# checkpoint reader; until they are on main the trainer stops at start saying so (SHOW_LAYOUT=1 works today).
+# The workload of the claim this project started from. Loading the released weights needs the V4 checkpoint
+# reader (issue 15's conversion part) on main; SHOW_LAYOUT=1 / DRY_RUN=1 check the job without devices.
 # Model: models/v4-pro.json (the released config: 61 layers, 30 CSA + 31 HCA, mHC x4, 384 experts top-6, 3 hash
 #   layers, 1 MTP layer), loaded from the released HuggingFace checkpoint ($V4_PRO_HF, converted once at start
 #   by --enable-hf2mg-convert; FP8 / FP4 weights dequantised to bf16).

@@ -2,7 +2,7 @@
 #
 #   NNODES=8 NODE_RANK=<0..7> MASTER_ADDR=<node 0> bash bench/reference/run.sh v4-pro-proxy-64
 #
-# Needs the V4 model (models/deepseek_v4); until it is on main the trainer stops at start saying so.
+# The V4 model: models/deepseek_v4 (its CPU-size sibling, cpu-tiny-v4, is the one run here).
 # Model: models/v4-pro-proxy-64.json = models/v4-pro.json with num_hidden_layers 6 (compress ratios
 #   128,128,4,128,4,128 + the MTP layer's 0; 384 experts top-6, 3 hash layers; hidden 7168, 128 heads).
 # Data: ma-synth v1 pretraining, seed 1, 2,000,000 documents, ids < 32768 (~1.09B tokens).
