@@ -120,7 +120,8 @@ def text(d: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench/reference/models/make_models.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="bench/reference/models/make_models.py", description=__doc__.split("\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
     a = p.parse_args(argv)
     bad = 0
