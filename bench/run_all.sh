@@ -39,6 +39,8 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo
   cat bench/reading.md
   echo
+  cat bench/reference/results.md
+  echo
   echo "## Machine"
   echo
   echo '```'

@@ -154,6 +154,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-at-loss", type=float, default=None,
+                   help="stop (saving a checkpoint with --save) once the mean lm loss of the last "
+                        "--exit-at-loss-window iterations is <= this value (reference recipes: train to a loss)")
+    g.add_argument("--exit-at-loss-window", type=int, default=10,
+                   help="iterations --exit-at-loss averages over")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])

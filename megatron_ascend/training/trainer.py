@@ -8,11 +8,15 @@ in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
 
 * evaluation every --eval-interval (``lm loss validation`` and its ppl, forward-only over --eval-iters batches);
 * a checkpoint every --save-interval, at the end, and when exiting for --exit-interval,
-  --exit-duration-in-mins or SIGTERM (all ranks agree on the exit decision before saving);
+  --exit-duration-in-mins, --exit-at-loss (training/loss_target.py) or SIGTERM (all ranks agree on the exit
+  decision before saving);
 * after each successful optimizer step: scheduler step and moe.update_expert_bias (aux-loss-free balancing).
 
 Exact resume: the checkpoint holds model, optimizer, scheduler, RNG (checkpointing package) and, in
 ``extra_state``, the iteration and consumed train samples; the train iterator restarts at that sample.
+
+Every rank records run metadata and per-rank step statistics (monitoring/run_metadata.py: ``run_metadata.json``
+and ``rank_stats.jsonl`` in --tensorboard-dir, else --save).
 
 Returns a ``TrainResult`` (per-iteration losses and validation results) so tests and tools can inspect a run
 in-process.
@@ -33,9 +37,11 @@ from ..arguments import build_configs
 from ..config import ConfigError, num_microbatches, padded_vocab_size
 from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
 from ..monitoring.flops import model_flops_per_token
+from ..monitoring.run_metadata import RunRecorder
 from ..monitoring.throughput import resolve_peak_tflops
 from ..placement import placement_of
 from . import parts
+from .loss_target import LossTarget
 from .data import build_datasets, train_iterator, valid_iterator
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
@@ -64,6 +70,7 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         # validate every flag before touching the network, so a bad flag is one line on stderr
         self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, world)
+        self.loss_target = LossTarget.from_args(args)  # --exit-at-loss
         if self.train_cfg.train_iters <= 0:
             raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
         if self.model_cfg.model_type == "deepseek_v4":
@@ -120,6 +127,7 @@ class Trainer:
         if self.is_logging_rank and self.writer.enabled:
             self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
                                        f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
+        self.recorder = RunRecorder.for_trainer(self, peak)  # run_metadata.json + rank_stats.jsonl
 
     # -- setup helpers ---------------------------------------------------------------------------------
     def _resolve_vocab(self) -> None:
@@ -239,6 +247,8 @@ class Trainer:
                 return f"exit-duration-in-mins {t.exit_duration_in_mins}"
         if self.signal.received():
             return "SIGTERM"
+        if self.loss_target.reached(self.device):
+            return self.loss_target.reason()
         return ""
 
     def train(self) -> TrainResult:
@@ -266,6 +276,8 @@ class Trainer:
                     self.iteration, self.consumed_train_samples, losses, self.scheduler_lr(), self.gbs, gn,
                     not ok, self.gbs * t.seq_length,
                     dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
+                self.recorder.on_iteration(self.iteration, dt)
+                self.loss_target.update(losses.get("lm loss"))
                 if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                     self._run_eval()
                 if t.save and t.save_interval and self.iteration % t.save_interval == 0:
@@ -282,6 +294,7 @@ class Trainer:
                         self.iteration % t.eval_interval != 0:
                     self._run_eval()
                 self.save()
+            self.recorder.finish()
         finally:
             self.signal.release()
             self.writer.flush()
