@@ -72,10 +72,11 @@ def peak_rss_bytes(children: bool = False) -> int:
 def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Global shapes of every tensor our single-process model holds (built on the meta device, without
     running its initialisation, which would only draw meta numbers)."""
-    from ..models.deepseek import DeepseekForCausalLM
+    from ..models import model_class
 
-    with torch.device("meta"), mock.patch.object(DeepseekForCausalLM, "init_weights", lambda self, seed: None):
-        model = DeepseekForCausalLM(cfg)
+    cls = model_class(cfg)
+    with torch.device("meta"), mock.patch.object(cls, "init_weights", lambda self, seed: None):
+        model = cls(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -102,10 +103,12 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
 
     notes = []
     L = cfg.num_hidden_layers
-    has_mtp = (any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m)
-               or any(n.startswith("mtp.") for n in hf.tensors))  # V4's canonical MTP names (hf_dir)
+    if cfg.model_type == "deepseek_v4":  # hf_dir's canonical MTP names
+        has_mtp, where = any(n.startswith("mtp.") for n in hf.tensors), "mtp.0.*"
+    else:
+        has_mtp, where = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m), f"model.layers.{L}.*"
     if cfg.num_nextn_predict_layers and not has_mtp:
-        notes.append(f"{hf.path} has no MTP layer (model.layers.{L}.*; transformers drops it on save): converted "
+        notes.append(f"{hf.path} has no MTP layer ({where}; transformers drops it on save): converted "
                      f"without MTP (num_nextn_predict_layers 0)")
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     expected = expected_tensors(cfg)
