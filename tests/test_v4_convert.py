@@ -388,6 +388,14 @@ def test_release_through_our_checkpoint(tmp_path):
             dtype = {"int": torch.int64, "fp32": torch.float32}.get(inventory[n].storage, torch.bfloat16)
             assert got[k].dtype == dtype, k
             assert_equal(got[k].double(), refs[n].double(), k)  # lossless: the reference is exact in bf16
+    # tools/forward.py --hf-dir reads the release directly (canonical names, dequantised)
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from forward import LazyHF
+    lazy = LazyHF(src, dtype=torch.float32)
+    assert sorted(lazy) == sorted(v4_names.canonical_name(n) for n in refs)
+    for n, want in refs.items():
+        assert_equal(lazy[v4_names.canonical_name(n)].double(), want.double(), n)
     ids = torch.randint(0, config["vocab_size"], (2, 21), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a = T.DeepseekV4ForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()(ids).logits
