@@ -3,7 +3,8 @@
 tensor against a dequantisation written here independently (e2m1 decoded from its bit fields, one block at a
 time); transformers loads the written directory with the same weights; the name map agrees with transformers'
 own state dict and save_pretrained output and round-trips original -> hf -> original; bad input is one clear
-error before anything is written.
+error before anything is written; and the release goes through our checkpoint (hf2ma checked for TP 2 x PP 2 x
+EP 2, ma2hf in both namings) to the same reference, with transformers loading the export to the same logits.
 
 The synthetic release has a non-square, non-dividing FP8 block (24 x 48 from quantization_config) so edge
 blocks are cropped, weights and their scales in different shards, MTP duplicates of the embedding / head, a
