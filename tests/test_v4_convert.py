@@ -194,7 +194,7 @@ def test_naming_round_trip_and_fp32_output(release, tmp_path):
     for name, ref in refs.items():
         if back[name].dtype == torch.bfloat16:
             assert_equal(back[name], ref.to(torch.bfloat16), name)
-    convert_hf_to_hf(src, str(tmp_path / "fp32"), naming="original", save_dtype=torch.float32, progress=False)
+    convert_hf_to_hf(src, str(tmp_path / "fp32"), naming="original", save_dtype="fp32", progress=False)
     f32 = read_dir(str(tmp_path / "fp32"))
     assert sorted(f32) == sorted(refs)
     for name, ref in refs.items():
@@ -350,6 +350,10 @@ def test_cli(release, tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_ckpt.main(["--direction", "hf2hf", "--load-dir", src, "--save-dir", str(tmp_path / "o")])
     assert "is not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_ckpt.main(["--direction", "hf2hf", "--load-dir", src, "--save-dir", str(tmp_path / "w"),
+                           "--workers", "4"])
+    assert "--workers: not used by --direction hf2hf" in capsys.readouterr().err
 
 
 def _v4_model_in_tree():

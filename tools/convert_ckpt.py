@@ -146,10 +146,21 @@ def main(argv=None):
     if args.direction == "hf2ma" and args.save_naming is not None:
         raise ConfigError("--save-naming applies to ma2hf and hf2hf (the HF names written); hf2ma reads either "
                           "naming by itself: drop the flag")
+    if args.direction == "hf2hf":  # no model, no layout: these flags would do nothing
+        unused = [f for f, v in (("--tensor-model-parallel-size", args.tensor_model_parallel_size != 1),
+                                 ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size != 1),
+                                 ("--expert-model-parallel-size", args.expert_model_parallel_size != 1),
+                                 ("--num-layers-per-virtual-pipeline-stage",
+                                  args.num_layers_per_virtual_pipeline_stage is not None),
+                                 ("--workers", args.workers != 1), ("--model-config", args.model_config is not None),
+                                 ("--hf-cfg-dir", args.hf_cfg_dir is not None)) if v]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)}: not used by --direction hf2hf (it rewrites a HF directory "
+                              f"without our model or a layout); drop them")
     try:
         if args.direction == "hf2hf":
             from megatron_ascend.checkpointing.hf_rewrite import convert_hf_to_hf
-            rep = convert_hf_to_hf(args.load_dir, args.save_dir, args.save_naming or "hf", hf._dtype(args.save_dtype),
+            rep = convert_hf_to_hf(args.load_dir, args.save_dir, args.save_naming or "hf", args.save_dtype,
                                    _parse_bytes(args.max_shard_size), progress=not args.no_progress)
             for n in rep["notes"]:
                 print(f"note: {n}")

@@ -13,7 +13,8 @@ with ``--tokenizer-model`` (a HF tokenizer directory; ``--tokenizer-type`` Sente
 Weights: ``--load`` our checkpoint (weights only) or ``--hf-dir`` a HuggingFace directory read directly (any
 naming, V4's original included; FP8 / FP4 dequantised). Output (``torch.save``, written by one rank):
 ``{"logits": [b, s, vocab] float32 (the real vocab, no padding), "input_ids": [b, s], "loss": [b, s] float32
-per-token cross entropy (0 where ignored) when labels are given, "labels": ...}``. ``--labels-from-input`` uses the next token as the label.
+per-token cross entropy (0 where ignored) when labels are given, "labels": ...}``. ``--labels-from-input``
+uses the next token as the label.
 
 One micro-batch runs through the pipeline stages (p2p from pipeline_parallel); every data-parallel replica
 runs the same batch. Virtual pipeline stages are not used here (the layout only changes how the same

@@ -306,7 +306,8 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
 
 
 def write_hf_shards(out_dir: str, items: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
-                    materialize: Callable[[Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]], Dict[str, torch.Tensor]],
+                    materialize: Callable[[Sequence[Tuple[str, Tuple[int, ...], torch.dtype]]],
+                                          Dict[str, torch.Tensor]],
                     max_shard_bytes: int, rename: Callable[[str], str] = lambda n: n,
                     bar=None) -> Dict[str, Any]:
     """Write ``items`` ``[(canonical name, shape, dtype)]`` in order as safetensors shards of at most

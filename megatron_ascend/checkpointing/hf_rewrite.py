@@ -3,9 +3,9 @@
 ``convert_hf_to_hf(src_dir, out_dir, naming='hf', save_dtype=None, max_shard_bytes=...)`` reads a directory in
 any naming (hf_dir.read_hf_dir), checks a V4 directory against the release inventory of its config.json
 (v4_names.release_inventory: every tensor known, of the right shape, none missing), and writes every tensor
-dequantised (bf16 by default; ``save_dtype``; integers and the fp32 parameters as hf_dir.written_dtype says)
-under ``naming`` ('hf': transformers' save_pretrained names, 'original': DeepSeek's; V4 only), one output shard
-in memory at a time. config.json is copied without its ``quantization_config`` / ``expert_dtype``; tokenizer
+dequantised (bf16 by default; ``save_dtype`` 'fp32' / 'bf16' / 'fp16'; integers and the fp32 parameters as
+hf_dir.written_dtype says) under ``naming`` ('hf': transformers' save_pretrained names, 'original':
+DeepSeek's; V4 only), one output shard in memory at a time. config.json is copied without its ``quantization_config`` / ``expert_dtype``; tokenizer
 and generation files are copied. The directory appears complete or not at all (written as ``<out>.tmp``,
 then renamed). Use: turn DeepSeek's FP8 / FP4 release into a bf16 directory transformers loads on any device,
 or rename between the namings.
@@ -96,9 +96,12 @@ def check_v4_inventory(hf: HFDir, items: List[Item]) -> Tuple[ModelConfig, List[
     return cfg, notes
 
 
-def convert_hf_to_hf(src_dir: str, out_dir: str, naming: str = "hf", save_dtype: Optional[torch.dtype] = None,
+def convert_hf_to_hf(src_dir: str, out_dir: str, naming: str = "hf", save_dtype: Optional[str] = None,
                      max_shard_bytes: int = 5 * 2 ** 30, progress: bool = True) -> Dict[str, Any]:
-    from .hf import _bar, _disk_namer, peak_rss_bytes  # the converters' shared helpers
+    """Returns a report dict (tensors, shards, bytes, largest shard, peak RSS, the naming read, notes, path)."""
+    from .hf import _bar, _disk_namer, _dtype, peak_rss_bytes  # the converters' shared helpers
+
+    save_dtype = _dtype(save_dtype)
 
     if os.path.abspath(src_dir) == os.path.abspath(out_dir):
         raise ConfigError("--save-dir must differ from --load-dir (the source is read while writing)")
