@@ -162,11 +162,14 @@ class TopKRouter(nn.Module):
         return weights, idx, scores, logits
 
     @torch.no_grad()
-    def record(self, idx: torch.Tensor, dropped: int, count_for_bias: bool) -> None:
+    def record(self, idx: torch.Tensor, dropped: Optional[torch.Tensor], count_for_bias: bool) -> None:
         """Add this forward's routing counts: to the bias-update buffer when ``count_for_bias`` (the caller
-        passes torch.is_grad_enabled() of the forward, so eval does not count), and to the monitoring stats."""
+        passes torch.is_grad_enabled() of the forward, so eval does not count), and to the monitoring stats.
+        ``dropped``: the number of dropped assignments as a device tensor (None when dropless); nothing here
+        reads the device."""
         counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(self.stat_tokens_per_expert)
         if count_for_bias:
             self.local_tokens_per_expert += counts
         self.stat_tokens_per_expert += counts
-        self.stat_dropped += dropped
+        if dropped is not None:
+            self.stat_dropped += dropped

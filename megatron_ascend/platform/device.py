@@ -13,12 +13,13 @@ from typing import Dict, Optional
 
 import torch
 
-_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo", "fake": "gloo"}
+_FAKE = {"fake": "hccl", "fake-hccl": "hccl", "fake-nccl": "nccl"}  # MEGATRON_ASCEND_DEVICE values (platform/fake.py)
 
 
 @dataclass(frozen=True)
 class Platform:
-    kind: str  # "npu" | "cuda" | "cpu"
+    kind: str  # "npu" | "cuda" | "cpu" | "fake" (CPU compute under platform/fake.py's collective checks)
     device_name: str  # e.g. "Ascend910B3", "NVIDIA H200", "cpu"
 
     @property
@@ -30,12 +31,14 @@ class Platform:
             return torch.device("cpu")
         if local_rank is None:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if self.kind == "fake":
+            return torch.device("cpu", local_rank)  # the CPU, spelled with an index: "on the device"
         return torch.device(self.kind, local_rank)
 
     @property
     def module(self):
         """torch.cuda or torch.npu (None on CPU): used only inside platform/."""
-        if self.kind == "cpu":
+        if self.kind in ("cpu", "fake"):
             return None
         return getattr(torch, self.kind)
 
@@ -53,9 +56,12 @@ def _npu_available() -> bool:
 
 def detect_platform() -> Platform:
     forced = os.environ.get("MEGATRON_ASCEND_DEVICE")
+    if forced in _FAKE:
+        return Platform("fake", f"fake-{_FAKE[forced]}")
     if forced:
-        if forced not in _BACKENDS:
-            raise ValueError(f"MEGATRON_ASCEND_DEVICE={forced!r} is unknown; use npu, cuda or cpu")
+        if forced not in _BACKENDS or forced == "fake":
+            raise ValueError(f"MEGATRON_ASCEND_DEVICE={forced!r} is unknown; use npu, cuda, cpu, fake (HCCL rules) "
+                             f"or fake-nccl")
         kind = forced
     elif _npu_available():
         kind = "npu"
@@ -81,6 +87,14 @@ def get_platform() -> Platform:
     if _PLATFORM is None:
         _PLATFORM = detect_platform()
     return _PLATFORM
+
+
+def set_platform(plat: Optional[Platform]) -> Optional[Platform]:
+    """Replace the detected platform (the fake accelerator and tests); returns the previous one (None: detect
+    again on the next get_platform)."""
+    global _PLATFORM
+    prev, _PLATFORM = _PLATFORM, plat
+    return prev
 
 
 HOST_ALLOCATOR_ENV = "MA_HOST_ALLOCATOR"  # "system" leaves glibc's malloc settings alone
@@ -113,7 +127,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> Platform:
     plat = get_platform()
     if dist.is_initialized():
         return plat
-    if plat.kind == "cpu":
+    if plat.module is None:
         tune_host_allocator()
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -123,9 +137,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> Platform:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if plat.kind != "cpu":
+    if plat.module is not None:
         plat.module.set_device(plat.device())
     dist.init_process_group(backend=plat.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    if plat.kind == "fake":
+        from .fake import FakeAccelerator
+        FakeAccelerator(plat.device_name.split("-", 1)[1]).install()  # for the life of the process
     return plat
 
 

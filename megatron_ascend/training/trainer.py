@@ -219,7 +219,7 @@ class Trainer:
         if t.exit_interval and self.iteration % t.exit_interval == 0:
             return f"exit-interval {t.exit_interval}"
         if t.exit_duration_in_mins:
-            elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+            elapsed = torch.tensor([(time.time() - start_time) / 60.0], device=self.device)  # NCCL/HCCL: device
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # all ranks decide together
             if float(elapsed) > t.exit_duration_in_mins:
                 return f"exit-duration-in-mins {t.exit_duration_in_mins}"
