@@ -16,7 +16,8 @@ computes its I-slice of the same tokens, and reduce-scatters the partial outputs
      to [local expert][src rank] so each local expert's rows are contiguous
   4. grouped SwiGLU experts
   5. inverse reorder, all-to-all back, ``weight * y`` summed per token: dropless, the sort is a permutation of
-     the n*k rows (gathers both ways; the weighted sum over k is one batched GEMM); with dropped assignments,
+     the n*k rows -- ``platform.kernels.get("moe_permute")`` (the reference gathers both ways and sums over k in
+     one batched GEMM; torch_npu's npu_moe_token_permute / unpermute on Ascend); with dropped assignments,
      ``index_add`` into the token rows
 
 all-gather (group tp_ep = etp x ep): every rank gathers all tokens, indices and weights of the group, keeps the
@@ -31,64 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..platform import kernels
 from . import comm
-
-
-class _ExpandPermute(torch.autograd.Function):
-    """rows = x[order // k] (each token's k copies, permuted); backward: g[inv] summed over the k copies."""
-
-    @staticmethod
-    def forward(ctx, x, src, inv, k):
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, src)
-
-    @staticmethod
-    def backward(ctx, g):
-        (inv,) = ctx.saved_tensors
-        return g.index_select(0, inv).view(-1, ctx.k, g.shape[1]).sum(1), None, None, None
-
-
-class _PermuteCombine(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * y[t, j] after the inverse permutation, as one batched [1, k] x [k, h] GEMM per
-    token (forward) and a broadcast multiply + batched [k, h] x [h, 1] GEMM (backward), gathers only; keeps the
-    permuted y and weights (the bytes the multiply-then-sum form keeps)."""
-
-    @staticmethod
-    def forward(ctx, y, w, inv, order, n, k):
-        yp, wp = y.index_select(0, inv), w.index_select(0, inv)  # token-major: row t * k + j
-        ctx.save_for_backward(yp, wp, order)
-        ctx.n, ctx.k = n, k
-        return torch.bmm(wp.view(n, 1, k), yp.view(n, k, -1)).view(n, -1)
-
-    @staticmethod
-    def backward(ctx, g):
-        yp, wp, order = ctx.saved_tensors
-        n, k = ctx.n, ctx.k
-        g = g.contiguous()
-        gy = (wp.view(n, k, 1) * g.view(n, 1, -1)).view(n * k, -1).index_select(0, order)
-        gw = torch.bmm(yp.view(n, k, -1), g.view(n, -1, 1)).view(-1).index_select(0, order)
-        return gy, gw, None, None, None, None
-
-
-class _Permutation:
-    """Dropless routing (every token has all k assignments): the sort by expert is a permutation of the
-    n*k (token, slot) rows, so dispatch = expand + permute and combine = inverse permute + sum over k, both with
-    gather-only backwards."""
-
-    def __init__(self, order: torch.Tensor, n: int, k: int):
-        self.order, self.n, self.k = order, n, k
-        self.inv = torch.empty_like(order)
-        self.inv[order] = torch.arange(order.numel(), device=order.device)
-
-    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
-        """x [n, h] -> rows [n*k, h] in expert-sorted order (row i is token order[i] // k)."""
-        return _ExpandPermute.apply(x, torch.div(self.order, self.k, rounding_mode="floor"), self.inv, self.k)
-
-    def combine(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """y [n*k, h] in sorted order, w [n*k] sorted weights -> sum_k w * y per token [n, h]."""
-        dtype = torch.promote_types(y.dtype, w.dtype)
-        return _PermuteCombine.apply(y.to(dtype), w.to(dtype), self.inv, self.order, self.n, self.k)
 
 
 def _sort_valid_first(idx: torch.Tensor, weights: torch.Tensor, n_experts: int
@@ -153,13 +98,10 @@ class AllToAllDispatcher:
         n = x.shape[0]
         if dropless is None:
             dropless = bool((idx >= 0).all())  # a host read; MoELayer passes the answer instead
-        perm = None
-        if dropless and n > 0:  # a permutation of the n*k rows
-            e_flat = idx.reshape(-1)
-            order = torch.argsort(e_flat, stable=True)
-            perm = _Permutation(order, n, idx.shape[1])
-            e, w = e_flat[order], weights.reshape(-1)[order]
-            counts = torch.bincount(e, minlength=self.num_experts)  # [E] = [ep, E_local] rows to send
+        unpermute = None
+        if dropless and n > 0:  # a permutation of the n*k rows: the kernel table's moe_permute
+            sent, unpermute = kernels.get("moe_permute")(x, idx)
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)  # [E] = [ep, E_local] to send
         else:
             tok, e, w, counts = _sort_valid_first(idx, weights, self.num_experts)
             counts = counts[:self.num_experts]
@@ -168,9 +110,7 @@ class AllToAllDispatcher:
         host = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).tolist()  # the one host read (see above)
         in_splits, out_splits = host[:self.ep], host[self.ep:2 * self.ep]
         local_counts = host[2 * self.ep:]
-        if perm is not None:
-            sent = perm.dispatch(x)
-        else:
+        if unpermute is None:
             valid = sum(in_splits)
             tok, w = tok[:valid], w[:valid]
             sent = x[tok]
@@ -183,7 +123,7 @@ class AllToAllDispatcher:
         if reorder is not None:
             y = y.new_empty(y.shape).index_copy(0, reorder, y)  # undo the reorder
         y = comm.all_to_all(y, in_splits, out_splits, self.ep_group)
-        out = (perm.combine(y, w) if perm is not None else _combine(y, tok, w, n)).to(x.dtype)
+        out = (unpermute(y, weights) if unpermute is not None else _combine(y, tok, w, n)).to(x.dtype)
         if etp_sizes is not None:
             out = comm.reduce_scatter_v(out, etp_sizes, self.etp_group)
         return out

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
+from ..platform import kernels
 
 
 def score(logits: torch.Tensor, func: str) -> torch.Tensor:
@@ -68,6 +69,14 @@ def select_experts(scores: torch.Tensor, topk: int, method: str, n_group: int = 
                               f"use greedy, group_limited_greedy or noaux_tc")
         mask = _group_mask(group_scores, topk_group, e)
         return choice.masked_fill(~mask, float("-inf")).topk(topk, dim=-1).indices
+
+
+@kernels.reference("router_topk")
+def router_topk(logits: torch.Tensor, scores: torch.Tensor, topk: int, method: str, n_group: int, topk_group: int,
+                bias: Optional[torch.Tensor], scoring: str) -> torch.Tensor:
+    """The kernel table's ``router_topk`` reference: ``select_experts`` on the scores (``logits`` and
+    ``scoring`` are for fused kernels that score the logits themselves, e.g. torch_npu's npu_moe_gating_top_k)."""
+    return select_experts(scores, topk, method, n_group, topk_group, bias)
 
 
 def routing_weights(scores: torch.Tensor, idx: torch.Tensor, method: str, norm_topk_prob: bool,
@@ -155,8 +164,8 @@ class TopKRouter(nn.Module):
             idx = self.tid2eid[input_ids.reshape(-1).long()].long()
             method = "noaux_tc"  # V4 weight rule
         else:
-            idx = select_experts(scores, self.topk, self.method, self.n_group, self.topk_group,
-                                 self.e_score_correction_bias)
+            idx = kernels.get("router_topk")(logits, scores, self.topk, self.method, self.n_group, self.topk_group,
+                                             self.e_score_correction_bias, self.scoring)
             method = self.method
         weights = routing_weights(scores, idx, method, self.norm_topk_prob, self.scaling)
         return weights, idx, scores, logits

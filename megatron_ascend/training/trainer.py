@@ -67,7 +67,9 @@ class Trainer:
         if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
             raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
                               "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
-        self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
+        self.runtime = platform.RuntimeOptions.from_args(args)  # device / HCCL flags, checked before the network
+        platform.kernels.configure_from_args(args)
+        self.plat = platform.init_distributed(options=self.runtime)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.tokenizer = None
@@ -104,7 +106,10 @@ class Trainer:
         self.logger = TrainingLogger(self.writer, self.train_cfg.train_iters, self.train_cfg.log_interval,
                                      Throughput(self.flops_per_token, self.world, peak), print_fn)
         self.signal = ExitSignalHandler()
+        self.profiler = platform.profiler.step_profiler(self.runtime.profile, self.rank)
         self.result = TrainResult()
+        for line in platform.startup_lines():  # environment set, flags without effect here, kernels in use
+            _print_rank0(line)
         if self.is_logging_rank and self.writer.enabled:
             self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
                                        f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
@@ -239,9 +244,11 @@ class Trainer:
             while self.iteration < t.train_iters:
                 platform.synchronize()
                 t0 = time.perf_counter()
+                self.profiler.before(self.iteration + 1)
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
                 platform.synchronize()
                 dt = time.perf_counter() - t0
+                self.profiler.after(self.iteration + 1)
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
@@ -269,6 +276,7 @@ class Trainer:
                     self._run_eval()
                 self.save()
         finally:
+            self.profiler.close()
             self.signal.release()
             self.writer.flush()
         self.result.iteration = self.iteration

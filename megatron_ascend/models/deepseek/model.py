@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ...config import ModelConfig, ParallelConfig
+from ...platform import kernels
 from ...tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from ...tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from ...tensor_parallel.random import checkpoint
@@ -49,9 +50,7 @@ def segment_mask(segment_ids: Optional[torch.Tensor], s: int) -> Optional[torch.
     """Block-diagonal causal mask bool [b, 1, s, s] (True = attend) for packed sequences; None = causal."""
     if segment_ids is None:
         return None
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal).unsqueeze(1)
+    return kernels.packed_mask(segment_ids)  # remembers the segments: a varlen attention kernel may use them
 
 
 class DeepseekForCausalLM(nn.Module):
