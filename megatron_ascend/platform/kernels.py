@@ -104,17 +104,27 @@ def _load(kind: str) -> None:
 
 
 def configure(kind: Optional[str] = None, off: Iterable[str] = (), all_off: bool = False) -> None:
-    """Select for platform ``kind`` (default: the detected platform) with the entries ``off`` (or all) on their
-    reference. Unknown names are a ConfigError (the flag's values)."""
+    """Entries ``off`` (or all) on their reference; ``kind`` selects for that platform kind instead of the
+    detected one (tests bind the Ascend implementations to a fake torch_npu on CPU; None keeps the current
+    choice). Unknown names are a ConfigError (the flag's values)."""
     off = frozenset(off)
     bad = sorted(off - set(ENTRIES))
     if bad:
         from ..config import ConfigError
         raise ConfigError(f"--reference-kernels {' '.join(bad)}: unknown kernel name(s); the table has "
                           f"{' '.join(ENTRIES)}")
-    _STATE.update(kind=kind, off=off, all_off=bool(all_off))
+    _STATE.update(off=off, all_off=bool(all_off))
     if kind is not None:
+        _STATE["kind"] = kind
         _STATE["loaded"].discard(kind)  # a (fake) torch_npu may have appeared since: bind again
+    _SELECTED.clear()
+    _DECLINED.clear()
+
+
+def reset() -> None:
+    """Back to the detected platform with every fused implementation allowed (tests)."""
+    _STATE.update(kind=None, off=frozenset(), all_off=False)
+    _STATE["loaded"].clear()
     _SELECTED.clear()
     _DECLINED.clear()
 
