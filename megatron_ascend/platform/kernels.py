@@ -198,6 +198,15 @@ def declined() -> Dict[str, str]:
     return dict(_DECLINED)
 
 
+def declined_line() -> Optional[str]:
+    """One line naming the entries whose fused implementation declined a call (and why), or None: printed by the
+    trainer after its first iteration, next to the start-up line."""
+    d = declined()
+    if not d:
+        return None
+    return "kernels: these calls ran the reference instead: " + "; ".join(f"{n} ({r})" for n, r in sorted(d.items()))
+
+
 def usage() -> Dict[str, Dict[str, int]]:
     out: Dict[str, Dict[str, int]] = defaultdict(dict)
     for (name, impl), n in _CALLS.items():

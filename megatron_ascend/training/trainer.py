@@ -249,6 +249,8 @@ class Trainer:
                 platform.synchronize()
                 dt = time.perf_counter() - t0
                 self.profiler.after(self.iteration + 1)
+                if not self.result.losses and platform.kernels.declined():  # first iteration: fused kernels
+                    _print_rank0(platform.kernels.declined_line())             # that fell back, and why
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
