@@ -475,6 +475,8 @@ def make_module(version: str = "7.2", device_count: int = 8, device_name: str = 
     npu.is_available = lambda: device_count > 0
     npu.set_device = lambda d: rec.record("npu.set_device", device=str(d))
     npu.synchronize = lambda *a: None
+    npu.manual_seed_all = lambda seed: None  # torch.manual_seed calls these on the PrivateUse1 module
+    npu._is_in_bad_fork = lambda: False
     for stat in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(npu, stat, lambda *a: 0)
     npu.state = state

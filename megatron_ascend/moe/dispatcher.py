@@ -34,6 +34,7 @@ import torch
 
 from ..platform import kernels
 from . import comm
+from .router import count_per_expert
 
 
 def _sort_valid_first(idx: torch.Tensor, weights: torch.Tensor, n_experts: int
@@ -46,7 +47,7 @@ def _sort_valid_first(idx: torch.Tensor, weights: torch.Tensor, n_experts: int
     e = idx.reshape(-1)
     key = torch.where(e >= 0, e, torch.full_like(e, n_experts))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_experts + 1)
+    counts = count_per_expert(key, n_experts + 1)
     return torch.div(order, k, rounding_mode="floor"), key[order], weights.reshape(-1)[order], counts
 
 
@@ -101,7 +102,7 @@ class AllToAllDispatcher:
         unpermute = None
         if dropless and n > 0:  # a permutation of the n*k rows: the kernel table's moe_permute
             sent, unpermute = kernels.get("moe_permute")(x, idx)
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)  # [E] = [ep, E_local] to send
+            counts = count_per_expert(idx, self.num_experts)  # [E] = [ep, E_local] rows to send
         else:
             tok, e, w, counts = _sort_valid_first(idx, weights, self.num_experts)
             counts = counts[:self.num_experts]

@@ -30,6 +30,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from .. import platform
 from ..platform import kernels
 from ..tensor_parallel import random as tp_random
 from ..tensor_parallel import wgrad
@@ -123,7 +124,7 @@ def _torch_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[in
     key = (x.device.type, x.dtype)
     w = weight.transpose(1, 2)
     if _NATIVE_OK.get(key, True) and _grouped_mm_native_ok(x, w):
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        offs = platform.host_ints_to_device(counts, torch.int64, x.device).cumsum(0).to(torch.int32)
         try:
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 return _GroupedLinear.apply(x, weight, counts, offs)

@@ -91,6 +91,13 @@ def routing_weights(scores: torch.Tensor, idx: torch.Tensor, method: str, norm_t
     return w * scaling
 
 
+def count_per_expert(e: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(e, minlength=n)`` for ids 0 <= e < n (int64 [n]) without bincount's host read: on CUDA
+    (and NPU) bincount first reads max(e) from the device to size its output, a sync per call."""
+    e = e.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=e.device).scatter_add_(0, e, torch.ones_like(e))
+
+
 def capacity_keep_mask(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity_factor: float
                        ) -> torch.Tensor:
     """[T, K] bool: keep at most ceil(T*K/E*cf) assignments per expert, the highest-weight ones (Megatron's
@@ -101,7 +108,7 @@ def capacity_keep_mask(idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
     w = weights.detach().reshape(-1)
     by_prob = torch.argsort(w, descending=True, stable=True)
     order = by_prob[torch.argsort(e[by_prob], stable=True)]  # grouped by expert, highest weight first
-    counts = torch.bincount(e, minlength=n_experts)
+    counts = count_per_expert(e, n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(e)
     rank_in_expert[order] = torch.arange(e.numel(), device=e.device) - starts[e[order]]
@@ -176,7 +183,7 @@ class TopKRouter(nn.Module):
         passes torch.is_grad_enabled() of the forward, so eval does not count), and to the monitoring stats.
         ``dropped``: the number of dropped assignments as a device tensor (None when dropless); nothing here
         reads the device."""
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(self.stat_tokens_per_expert)
+        counts = count_per_expert(idx, self.num_experts).to(self.stat_tokens_per_expert)
         if count_for_bias:
             self.local_tokens_per_expert += counts
         self.stat_tokens_per_expert += counts

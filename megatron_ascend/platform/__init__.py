@@ -10,8 +10,8 @@ torch_npu / MindSpeed / torch ops when present, plain-PyTorch references always)
 
 Nothing outside this package imports torch_npu or calls torch.cuda / torch.npu directly.
 """
-from .device import (Platform, detect_platform, get_platform, get_rng_state, init_distributed, memory_stats,
-                     new_group, reset_peak_memory_stats, set_platform, set_rng_state, synchronize,
+from .device import (Platform, detect_platform, get_platform, get_rng_state, host_ints_to_device,
+                     init_distributed, memory_stats, new_group, reset_peak_memory_stats, set_platform, set_rng_state, synchronize,
                      tune_host_allocator)
 from .peak_flops import PEAK_TFLOPS_BF16, peak_tflops
 from .devices import DEVICES, DeviceSpec, device_spec, find_device, known_devices
@@ -27,6 +27,7 @@ def startup_lines():
 
 
 __all__ = ["Platform", "detect_platform", "get_platform", "set_platform", "init_distributed", "new_group",
+           "host_ints_to_device",
            "memory_stats", "reset_peak_memory_stats", "synchronize", "tune_host_allocator", "get_rng_state",
            "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels", "devices", "DEVICES", "DeviceSpec",
            "device_spec", "find_device", "known_devices", "RuntimeOptions", "ProfileOptions", "startup_lines"]

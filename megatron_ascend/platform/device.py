@@ -190,6 +190,16 @@ def new_group(ranks, backend: Optional[str] = None):
     return dist.new_group(ranks, **kw)
 
 
+def host_ints_to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host ints on ``device`` without waiting for the device: staged in pinned memory and
+    copied with non_blocking (``torch.tensor(values, device=...)`` copies from pageable memory, which
+    synchronises the stream: the host would wait for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def synchronize() -> None:
     mod = get_platform().module
     if mod is not None:

@@ -44,6 +44,7 @@ from typing import List, Optional
 import torch
 
 from . import kernels, npu
+from .device import host_ints_to_device
 
 KINDS = ("npu",)
 _RMS_DTYPES = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
@@ -179,7 +180,7 @@ def _bind_gmm_mindspeed(gmm):
             return kernels.fallback("grouped_matmul", why)(x, weight, counts)
         if len(counts) == 1:  # npu_gmm refuses a group list of length 1: one group is one GEMM
             return x @ weight[0].t()
-        cum = torch.tensor(counts, dtype=torch.int64, device=x.device).cumsum(0)
+        cum = host_ints_to_device(counts, torch.int64, x.device).cumsum(0)
         return gmm.npu_gmm(x, weight.transpose(1, 2), bias=None, group_list=cum, group_type=0)
     return grouped_matmul
 
@@ -219,7 +220,7 @@ def _bind_grouped_matmul(torch_npu):
         why = _grouped_ok(x, weight)
         if why:
             return kernels.fallback("grouped_matmul", why)(x, weight, counts)
-        gl = torch.tensor(counts, dtype=torch.int64, device=x.device)
+        gl = host_ints_to_device(counts, torch.int64, x.device)
         return _NpuGroupedMatmul.apply(x, weight, gl, list(counts), op)
     return grouped_matmul
 
