@@ -129,17 +129,10 @@ def _attend(q, k, v, keep, scale, sink=None):
 def _make_fa(rec: _Rec, version):
     v = _ver(version)
 
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                             atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX, next_tockens=INT_MAX,
-                             inner_precise=0, prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None,
-                             sparse_mode=0, gen_mask_parallel=True, sync=False, **extra):
-        allowed_extra = set()
-        if v >= (7, 2):
-            allowed_extra.add("softmax_layout")
-        if v >= (7, 3):
-            allowed_extra.add("sink")
-        _check(set(extra) <= allowed_extra, f"npu_fusion_attention() got unexpected keyword(s) "
-                                            f"{sorted(set(extra) - allowed_extra)} (TorchNPU {version})")
+    def fa(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob, pre_tockens,
+           next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen, sparse_mode, gen_mask_parallel,
+           sync, **extra):
+        extra = {k: x for k, x in extra.items() if x is not None and x != ""}
         rec.record("npu_fusion_attention", query=query, key=key, value=value, head_num=head_num,
                    input_layout=input_layout, atten_mask=atten_mask, scale=scale, keep_prob=keep_prob,
                    pre_tockens=pre_tockens, next_tockens=next_tockens, actual_seq_qlen=actual_seq_qlen,
@@ -156,6 +149,9 @@ def _make_fa(rec: _Rec, version):
         _check(padding_mask is None, "padding_mask is not supported (暂不支持)")
         _check(pse is None and prefix is None, "pse / prefix are not modelled")
         _check(isinstance(scale, float), f"scale must be a float, got {type(scale).__name__}")
+        _check(extra.get("softmax_layout", "") in ("", "TND") and (extra.get("softmax_layout") != "TND"
+                                                                    or str(input_layout).upper() == "TND"),
+               "softmax_layout 'TND' only with a TND input")
         sink = extra.get("sink")
         if sink is not None:
             _check(sink.dtype == torch.float32 and sink.shape == (head_num,), "sink: fp32 [head_num]")
@@ -235,6 +231,33 @@ def _make_fa(rec: _Rec, version):
         numels = out.numel()
         return out, stat, stat.clone(), torch.empty(0), 0, 0, int(numels)
 
+    # the schema of each release (§1.1): 7.2 appends softmax_layout, 7.3 sink -- an unknown keyword is a TypeError
+    if v >= (7, 3):
+        def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                                 atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX,
+                                 next_tockens=INT_MAX, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                                 actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+                                 softmax_layout="", sink=None):
+            return fa(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob,
+                      pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
+                      sparse_mode, gen_mask_parallel, sync, softmax_layout=softmax_layout, sink=sink)
+    elif v >= (7, 2):
+        def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                                 atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX,
+                                 next_tockens=INT_MAX, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                                 actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+                                 softmax_layout=""):
+            return fa(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob,
+                      pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
+                      sparse_mode, gen_mask_parallel, sync, softmax_layout=softmax_layout)
+    else:
+        def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
+                                 atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=INT_MAX,
+                                 next_tockens=INT_MAX, inner_precise=0, prefix=None, actual_seq_qlen=None,
+                                 actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
+            return fa(query, key, value, head_num, input_layout, pse, padding_mask, atten_mask, scale, keep_prob,
+                      pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
+                      sparse_mode, gen_mask_parallel, sync)
     return npu_fusion_attention
 
 

@@ -222,7 +222,8 @@ def test_switches_and_startup_line(npu):
     line = kernels.startup_line()
     assert line.startswith("kernels (npu): ") and "attention=torch_npu.npu_fusion_attention" in line
     for entry in kernels.ENTRIES:
-        assert f"{entry}=torch_npu." in line or f"{entry}=mindspeed." in line, (entry, line)
+        if entry != "sliding_attention":  # needs TorchNPU >= 7.3 (test_v4_sliding_window_with_sinks)
+            assert f"{entry}=torch_npu." in line or f"{entry}=mindspeed." in line, (entry, line)
     kernels.configure(off=["attention", "swiglu"])
     line = kernels.startup_line()
     assert "attention=reference (--reference-kernels)" in line and "rms_norm=torch_npu.npu_rms_norm" in line
@@ -291,3 +292,26 @@ def test_packed_forward_takes_tnd(npu):
     assert_close(out, ref, "packed lm loss", terms=64 * 32)
     tnd = [c for n, c in npu.calls if n == "npu_fusion_attention" and c["input_layout"] == "TND"]
     assert tnd and tnd[0]["actual_seq_qlen"] == [5, 12, 24]
+
+
+def test_v4_sliding_window_with_sinks():
+    from megatron_ascend.models.deepseek_v4.core_attention import sink_window_attention, sliding_attention
+    gen = _npu("7.3", False)
+    mod = next(gen)
+    try:
+        assert kernels.table()["sliding_attention"] == "torch_npu.npu_fusion_attention(sink)"
+        torch.manual_seed(8)
+        q, kv, sinks = torch.randn(2, 12, 4, 16), torch.randn(2, 12, 16), torch.randn(4)
+        _same(lambda a, b, c: sink_window_attention(a, b, None, None, c, 0.25, 5)[0],
+              lambda a, b, c: sliding_attention(a, b, c, 0.25, 5), q, kv, sinks, terms=16 * 6, what="v4 sliding")
+        call = _last(mod, "npu_fusion_attention")
+        assert (call["sparse_mode"], call["pre_tockens"], call["next_tockens"], call["key"], call["sink"]) == \
+            (4, 4, 0, ((2, 12, 1, 16), torch.float32), ((4,), torch.float32))
+    finally:
+        next(gen, None)
+    gen = _npu("7.2", False)  # no sink argument before 7.3: the reference
+    next(gen)
+    try:
+        assert kernels.table()["sliding_attention"] == "reference"
+    finally:
+        next(gen, None)

@@ -24,6 +24,9 @@ dtype, tests/test_kernels_npu.py):
   causal when ``mask`` is None, else ``mask`` bool [b, 1, s, s] (True = attend: packed segments, DSA top-k).
   A mask made by ``packed_mask(segment_ids)`` carries its segments, so a varlen kernel can run instead of the
   dense mask. Reference registered by models/deepseek/attention.py;
+* ``sliding_attention(q [b, s, H, D], kv [b, s, D], sinks [H], scale, window, block) -> [b, s, H, D]``:
+  DeepSeek-V4's sliding-window layer: one shared key/value head, keys t - window < j <= t, a per-head sink
+  logit (probability mass, no value). Reference registered by models/deepseek_v4/core_attention.py;
 * ``grouped_matmul(x [T, in], weight [G, out, in], counts: List[int]) -> [T, out]``: rows grouped by group,
   ``x_g @ weight[g]^T`` (nn.Linear weights stacked per expert). The reference loops over the groups: memory
   O(T * out) whatever the routing (no padding to the largest group);
@@ -48,7 +51,8 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-ENTRIES = ("rms_norm", "swiglu", "rope_interleaved", "attention", "grouped_matmul", "moe_permute", "router_topk")
+ENTRIES = ("rms_norm", "swiglu", "rope_interleaved", "attention", "sliding_attention", "grouped_matmul", "moe_permute",
+           "router_topk")
 
 _REFERENCE: Dict[str, Callable] = {}
 _IMPLS: Dict[str, List[Tuple[str, Callable, Optional[FrozenSet[str]]]]] = defaultdict(list)

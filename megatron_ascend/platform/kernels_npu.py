@@ -20,6 +20,11 @@ on what the operator does not take. Positional first arguments where the schema 
                  top-k) = BSND with its complement as atten_mask (True = masked), sparse_mode 0. scale passed
                  explicitly (its default is 1.0), keep_prob 1.0. MLA's qk 192 / v 128 needs no padding in BSND /
                  TND. Declines D > 768, Dv > Dq, N > 256, dtypes other than fp16 / bf16 / fp32.
+* sliding_attention  V4's sliding-window layers: ``npu_fusion_attention`` BSND with the one key/value head as
+                 Nkv = 1, the band sparse_mode 4 with pre_tockens = window - 1, next_tockens = 0 (keys
+                 t - window < j <= t) and the per-head ``sink`` (TorchNPU >= 7.3, §1.1); not bound before 7.3.
+                 The sink's definition (an extra logit per head taking probability mass) is read from the
+                 argument's name and shape [head_num] fp32 -- the least verified binding here.
 * swiglu         ``torch_npu.npu_swiglu(cat([gate, up], -1), dim=-1)`` (§4: the first half is the gate); declines
                  V4's clamp. (Our gate and up come from two projections, so the concatenation is a copy.)
 * grouped_matmul MindSpeed ``gmm.npu_gmm`` (cumulative group_list, its own autograd; §5.3, the path of
@@ -155,6 +160,22 @@ def _bind_attention(torch_npu):
     return attention
 
 
+def _bind_sliding(torch_npu):
+    op = torch_npu.npu_fusion_attention
+
+    def sliding_attention(q, kv, sinks, scale, window, block=None):
+        b, s, h, d = q.shape
+        if q.dtype not in _FA_DTYPES or kv.dtype != q.dtype or d > 768 or h > 256:
+            return kernels.fallback("sliding_attention", f"npu_fusion_attention takes fp16 / bf16 / fp32, D <= 768, "
+                                                         f"N <= 256 (got {q.dtype}, D {d}, N {h})")(
+                q, kv, sinks, scale, window, block)
+        k = kv.unsqueeze(2)  # [b, s, 1, D]: the one shared key / value head (Nq % Nkv == 0)
+        return op(q.contiguous(), k, k, h, "BSND", atten_mask=causal_mask(q.device), scale=float(scale),
+                  keep_prob=1.0, pre_tockens=int(window) - 1, next_tockens=0, sparse_mode=4,
+                  sink=sinks.float())[0]
+    return sliding_attention
+
+
 def _bind_swiglu(torch_npu):
     op = torch_npu.npu_swiglu
 
@@ -287,6 +308,8 @@ def register() -> List[str]:
         add("rope_interleaved", _bind_rope(torch_npu), "torch_npu.npu_rotary_mul")
     if hasattr(torch_npu, "npu_fusion_attention"):
         add("attention", _bind_attention(torch_npu), "torch_npu.npu_fusion_attention")
+    if hasattr(torch_npu, "npu_fusion_attention") and _has_arg(torch_npu.npu_fusion_attention, "sink"):
+        add("sliding_attention", _bind_sliding(torch_npu), "torch_npu.npu_fusion_attention(sink)")
     if hasattr(torch_npu, "npu_swiglu"):
         add("swiglu", _bind_swiglu(torch_npu), "torch_npu.npu_swiglu")
     gmm = _mindspeed("mindspeed.ops.gmm")
