@@ -143,7 +143,7 @@ def mfu(device: Optional[str], preset: str, steps: int, peak: Optional[float]) -
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="npu | cuda | cpu (default: what the platform detects)")
     ap.add_argument("--preset", default="h100", help="bench/device_mfu.py preset for step 3: h100, h200, tiny")
