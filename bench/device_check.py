@@ -46,7 +46,8 @@ MODEL = ("--num-layers 4 --hidden-size 256 --ffn-hidden-size 512 --num-attention
          "--make-vocab-size-divisible-by 1 --max-position-embeddings 1024 --seq-length 512 --micro-batch-size 2 "
          "--global-batch-size 8 --lr 1e-4 --min-lr 1e-5 --mock-data --seed 1234 "
          "--eval-interval 1000 --log-interval 1")
-TINY_MODEL = MODEL.replace("--hidden-size 256", "--hidden-size 64").replace("--seq-length 512", "--seq-length 64") \
+TINY_MODEL = MODEL.replace("--hidden-size 256", "--hidden-size 64").replace("--seq-length 512", "--seq-length 32") \
+    .replace("--num-layers 4", "--num-layers 2").replace("--global-batch-size 8", "--global-batch-size 4") \
     .replace("--vocab-size 2048", "--vocab-size 256").replace("--num-experts 16", "--num-experts 8") \
     .replace("--moe-router-topk 4", "--moe-router-topk 2").replace("--q-lora-rank 128", "--q-lora-rank 32") \
     .replace("--kv-lora-rank 64", "--kv-lora-rank 16").replace("--moe-ffn-hidden-size 128", "--moe-ffn-hidden-size 32")
