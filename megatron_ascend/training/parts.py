@@ -147,10 +147,12 @@ def update_expert_bias(model_chunks, groups, rate: float) -> None:
         update([unwrap(c) for c in model_chunks], groups, rate)
 
 
-def set_aux_loss_scale(num_microbatches: int, groups) -> None:
-    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch."""
+def set_aux_loss_scale(num_microbatches: int, groups, loss_scale: Optional[float]) -> None:
+    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch. Their
+    injected gradients also carry this step's fp16 loss scale, as the LM loss does (the schedule multiplies it
+    in; the optimizer divides every gradient by it). Call before every step: the loss scale changes."""
     from ..moe.load_balancing import set_aux_loss_scale as set_scale
-    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")))
+    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")), loss_scale or 1.0)
 
 
 def moe_stats(model_chunks, groups) -> Dict[str, float]:

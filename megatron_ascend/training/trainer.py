@@ -83,7 +83,6 @@ class Trainer:
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
-        parts.set_aux_loss_scale(self.num_micro, self.groups)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
@@ -160,9 +159,10 @@ class Trainer:
         for c in self.model_chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
+        loss_scale = parts.loss_scale(self.optimizer) or 1.0  # fp16: LM and aux losses alike
+        parts.set_aux_loss_scale(self.num_micro, self.groups, loss_scale)
         results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
-                                        forward_only=False, num_tokens=tokens,
-                                        loss_scale=parts.loss_scale(self.optimizer) or 1.0)
+                                        forward_only=False, num_tokens=tokens, loss_scale=loss_scale)
         parts.finalize_grads(self.model_chunks, self.groups)
         ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
