@@ -66,7 +66,7 @@ def probe(env):
     """The kernels a process started with ``env`` really uses (a capability the CPU lacks is refused by ATen)."""
     code = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    return r.stdout.strip() or r.stderr.strip().splitlines()[-1:]
+    return r.stdout.strip() or f"probe failed: {(r.stderr.strip().splitlines() or ['?'])[-1][:60]}"
 
 
 def summary(out):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_moe_common import LAYER, V4_HASH_LAYER, V4_LAYER, build_hf, hf_to_ma, load_full, local_slice, model_cfg, reduce_grad, moe_terms, \
-    setup_groups
+from test_moe_common import (LAYER, V4_HASH_LAYER, V4_LAYER, build_hf, hf_to_ma, load_full, local_slice, model_cfg,
+                             moe_terms, reduce_grad, setup_groups)
 from tolerance import assert_close
 
 B, S = 8, 6

@@ -158,7 +158,8 @@ def _tp_world_body(seq_parallel_checks=True):
         y.backward(gy_e[r * chunk:(r + 1) * chunk] if sp else gy_e)
         Er = E.clone().requires_grad_(True)
         F.embedding(ids, Er).transpose(0, 1).backward(gy_e)
-        _close(gather_full(emb.weight.grad, emb.weight, pg), Er.grad, S * B, f"embedding grad sp={sp}")  # a row sums its tokens
+        # a row sums its tokens
+        _close(gather_full(emb.weight.grad, emb.weight, pg), Er.grad, S * B, f"embedding grad sp={sp}")
     logits = torch.randn(S, B, Vp, dtype=dt) * 3
     tgt = torch.randint(0, V, (S, B))
     tgt[0, 0] = -100
