@@ -4,13 +4,12 @@
 
 ``body`` must be a module-level function (it is pickled to the workers). Workers are forked from a
 forkserver that has imported torch once, so a world of 8 starts in about a second instead of 8 fresh
-interpreters. Each worker runs with one intra-op thread, MEGATRON_ASCEND_DEVICE=cpu and a FileStore
-rendezvous (no port races under pytest-xdist). The workers inherit the parent's CPU-kernel settings
-(ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS: the forkserver starts with the parent's environment) and use
-``OMP_NUM_THREADS`` intra-op threads when it is set, else 1 (tests/run_cpu_matrix.py runs the suite under other
-kernels and thread counts; ``kernel_env()`` passes the same settings to a test's own subprocesses).
-The first failing rank's traceback is raised in the
-parent (the others are killed); a world that does not finish within ``timeout`` seconds is killed and
+interpreters. Each worker runs with MEGATRON_ASCEND_DEVICE=cpu, a FileStore rendezvous (no port races under
+pytest-xdist), the parent's CPU-kernel settings (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS: the forkserver
+starts with the parent's environment) and ``OMP_NUM_THREADS`` intra-op threads when that is set, else one
+(tests/run_cpu_matrix.py runs the suite under other kernels and thread counts; ``kernel_env()`` passes the same
+settings to a test's own subprocesses). The first failing rank's traceback is raised in the parent (the others
+are killed); a world that does not finish within ``timeout`` seconds is killed and
 reported with the ranks that never answered, so a hang fails the test instead of the CI job.
 """
 from __future__ import annotations

@@ -70,8 +70,9 @@ def probe(env):
 
 
 def summary(out):
-    m = re.findall(r"=+ (.*(?:passed|failed|error|no tests ran).*?) in [\d.]+s", out)
-    return m[-1] if m else (out.strip().splitlines() or ["(no output)"])[-1][:80]
+    """pytest's last count line ("3 failed, 300 passed, 1 skipped"), with or without its ===== frame."""
+    m = re.findall(r"^=*\s*((?:\d+ \w+(?:, )?)+|no tests ran)(?: in [\d.]+s.*)?$", out, re.M)
+    return m[-1].strip() if m else "(no pytest summary)"
 
 
 def worst(log):

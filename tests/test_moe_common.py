@@ -92,11 +92,6 @@ def local_slice(full, t):
     return full[shard_spec(t).slices(t.shape)]
 
 
-def relerr(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
 def moe_terms(cfg, tokens: int) -> int:
     """The ``terms`` (tests/tolerance.py) of a MoE layer's output and gradients: its chain of sums forward (router
     over h, the score normalisation over the experts, expert gate / up over h, down over the intermediate size

@@ -46,9 +46,9 @@ goes through one of three functions, chosen by *why* two numbers may differ:
 
 All three accept tensors or Python numbers (numbers need ``dtype=`` in ``assert_close``: the precision they
 were computed in), compare in float64 (the check adds no rounding), fail on NaN / inf mismatches, and return
-the measured error. With ``MA_TOLERANCE_LOG=<file>`` every check appends one line
+the measured error. With ``MA_TOLERANCE_LOG=<file>`` every check that passes appends one line
 ``kind<TAB>what<TAB>err<TAB>bound<TAB>err/bound`` (tests/run_cpu_matrix.py reports the largest ratio per CPU
-configuration: how close the suite comes to its bounds on that machine).
+configuration: how close the suite comes to its bounds on that machine; a failing check fails its test).
 """
 from __future__ import annotations
 
@@ -146,10 +146,10 @@ def assert_close(actual: Number, ref: Number, what: str = "", *, terms: int, k: 
         dtype = _less_precise(a, r)
     err = max_abs_diff(a, r)
     bound = sum_order_bound(r, terms, k, dtype, scale)
-    _log("close", what, err, bound)
     if not err <= bound:  # also catches NaN
         raise AssertionError(f"{what}: max |diff| {err:.3e} > bound {bound:.3e} = {k:g} * eps({dtype}) "
                              f"* sqrt({terms}) * {(_max_abs(r) if scale is None else scale):.3e}")
+    _log("close", what, err, bound)
     return err
 
 
@@ -158,7 +158,7 @@ def assert_rel(actual: Number, ref: Number, rel: float, what: str = "", floor: f
     a, r = _t(actual), _t(ref)
     err = max_abs_diff(a, r)
     scale = max(_max_abs(r), floor)
-    _log("rel", what, err, rel * scale)
     if not err <= rel * scale:
         raise AssertionError(f"{what}: max |diff| {err:.3e} > {rel:g} * max |ref| {scale:.3e}")
+    _log("rel", what, err, rel * scale)
     return err
