@@ -17,9 +17,10 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        "pyarrow",  # parquet input to tools/preprocess_data.py (HuggingFace datasets' format)
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers==5.24.*"],
+        "test": ["pytest", "pytest-xdist", "transformers==5.24.*", "matplotlib"],
         "npu": ["torch_npu"],
         "tools": ["matplotlib"],
     },

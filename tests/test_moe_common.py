@@ -25,7 +25,7 @@ TINY_V2 = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_interm
                max_position_embeddings=512)
 TINY_V4 = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, n_routed_experts=8,
                num_experts_per_tok=2, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"], swiglu_limit=0.3,
-               routed_scaling_factor=1.5, num_attention_heads=4)
+               routed_scaling_factor=1.5, num_attention_heads=4, o_groups=2)
 LAYER = 1
 V4_HASH_LAYER, V4_LAYER = 0, 2
 

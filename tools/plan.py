@@ -88,7 +88,7 @@ def build_cluster(args, ps) -> Cluster:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--preset", choices=PRESETS)
     p.add_argument("--model-config", help="HuggingFace config.json of the model")
     p.add_argument("--device", help="device from the device table (platform/devices.py): fills every figure; "

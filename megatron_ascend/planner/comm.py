@@ -73,8 +73,9 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
                      o: CommOptions) -> Dict[Key, float]:
     """Payload bytes per (group, op) that one rank of pipeline stage ``p`` moves in one optimizer step, for the
     library's own implementation (models/deepseek, moe all-to-all dispatcher with expert-TP 1, distributed/,
-    pipeline_parallel/p2p). Group names are ProcessGroups names. Scalars (loss, token count, grad norm, expert
-    load counts) are not modelled; they are a few bytes."""
+    pipeline_parallel/p2p). Group names are ProcessGroups names. The token count and the logged losses are
+    counted (they share the loss group with the dense gradients); other scalars (grad norm, expert load counts)
+    are not modelled, they are a few bytes."""
     v: Dict[Key, float] = defaultdict(float)
     t, e, edp = layout.tp, layout.ep, layout.edp
     T = layout.micro_batch_size * o.seq_length
@@ -127,6 +128,9 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
     else:
         _add(v, "dp_cp", "all_reduce", dense * o.grad_bytes, d)
         _add(v, "edp", "all_reduce", expert * o.grad_bytes, edp)
+    # the loss group (dp x cp, parallel_state.LOSS_GROUP) also carries the trainer's global token count (one
+    # float64, every rank) and, on the loss stage, the logged loss sums (lm; per MTP depth its sum and token count)
+    _add(v, "dp_cp", "all_reduce", 8 * (1 + ((1 + 2 * D) if last else 0)), d)
     if layout.pp > 1 and (first != last) and (cfg.num_nextn_predict_layers or cfg.tie_word_embeddings):
         V = padded_vocab(cfg, t) // t
         # the grad sum, plus embedding_sync's int64 [2 x 2] agreement check before it

@@ -1,17 +1,22 @@
 """The training loop shared by pretraining and post-training (SFT).
 
 ``Trainer(args, stage)`` builds, in order: distributed init (platform.init_distributed, unless already
-initialised), process groups, RNG seeds, tokenizer, model chunks (one DeepseekForCausalLM per virtual pipeline
-stage of this rank, each wrapped in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
+initialised), process groups, RNG seeds, tokenizer, model chunks (one model per virtual pipeline stage of this
+rank, built by ``models.build_model`` from the config's model_type -- DeepSeek V2 / V3 / V3.2 / V4 -- each wrapped
+in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
 (--load), datasets and iterators, TensorBoard writer and logger. ``train()`` runs until --train-iters, with
 
 * evaluation every --eval-interval (``lm loss validation`` and its ppl, forward-only over --eval-iters batches);
 * a checkpoint every --save-interval, at the end, and when exiting for --exit-interval,
-  --exit-duration-in-mins or SIGTERM (all ranks agree on the exit decision before saving);
+  --exit-duration-in-mins, --exit-at-loss (training/loss_target.py) or SIGTERM (all ranks agree on the exit
+  decision before saving);
 * after each successful optimizer step: scheduler step and moe.update_expert_bias (aux-loss-free balancing).
 
 Exact resume: the checkpoint holds model, optimizer, scheduler, RNG (checkpointing package) and, in
 ``extra_state``, the iteration and consumed train samples; the train iterator restarts at that sample.
+
+Every rank records run metadata and per-rank step statistics (monitoring/run_metadata.py: ``run_metadata.json``
+and ``rank_stats.jsonl`` in --tensorboard-dir, else --save).
 
 Returns a ``TrainResult`` (per-iteration losses and validation results) so tests and tools can inspect a run
 in-process.
@@ -32,8 +37,11 @@ from ..arguments import build_configs
 from ..config import ConfigError, num_microbatches, padded_vocab_size
 from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
 from ..monitoring.flops import model_flops_per_token
+from ..monitoring.run_metadata import RunRecorder
 from ..monitoring.throughput import resolve_peak_tflops
+from ..placement import placement_of
 from . import parts
+from .loss_target import LossTarget
 from .data import build_datasets, train_iterator, valid_iterator
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
@@ -62,27 +70,39 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         # validate every flag before touching the network, so a bad flag is one line on stderr
         self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, world)
+        self.loss_target = LossTarget.from_args(args)  # --exit-at-loss
         if self.train_cfg.train_iters <= 0:
             raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
-        if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
-            raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
-                              "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
+        if self.model_cfg.model_type == "deepseek_v4":
+            packed = [f for f, on in (("--sft-packing", getattr(args, "sft_packing", False)),
+                                      ("--reset-attention-mask", self.data_cfg.reset_attention_mask),
+                                      ("--reset-position-ids", self.data_cfg.reset_position_ids)) if on]
+            if packed:
+                raise ConfigError(f"deepseek_v4 trains on one sequence per sample: {' '.join(packed)} would pack "
+                                  f"documents whose sliding window and compressed entries (absolute positions) cross "
+                                  f"each other; drop {' / '.join(packed)}")
         self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.tokenizer = None
         self._resolve_vocab()
-        self.groups = parallel_state.initialize_model_parallel(self.par)
+        # the one placement: chunks, embedding group, loss source and logging rank all derive from it
+        self.placement = placement_of(self.model_cfg, self.par)
+        self.groups = parallel_state.initialize_model_parallel(
+            self.par, embedding_pp_ranks=self.placement.embedding_pp_ranks)
         self.device = self.plat.device()
         self.gbs = self.train_cfg.global_batch_size or self.train_cfg.micro_batch_size * self.par.dp
         self.num_micro = num_microbatches(self.train_cfg, self.par)
-        self.vp = parts.virtual_stages(self.model_cfg, self.par)
+        self.vp = self.placement.vp
+        self.holds_loss = self.groups.pp_rank == self.placement.loss_pp_rank
+        self.loss_src = self.groups.ranks["pp"][self.placement.loss_pp_rank]
         parts.seed_everything(self.train_cfg.seed, self.groups)
         self.model_chunks = parts.build_model_chunks(self.model_cfg, self.par, self.opt_cfg, self.train_cfg,
-                                                     self.groups, self.vp)
+                                                     self.groups, self.placement)
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
-        self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
+        self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp,
+                                                                self.par.microbatch_group_size_per_vp_stage)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
@@ -93,7 +113,7 @@ class Trainer:
         self.train_iter = train_iterator(self.datasets.train, self.consumed_train_samples,
                                          self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp,
                                          self.gbs, self.data_cfg.num_workers)
-        self.is_logging_rank = self.rank == self.world - 1  # last pp stage holds the loss (Megatron)
+        self.is_logging_rank = self.rank == parts.logging_rank(self.par, self.placement)
         self.writer = TensorBoardWriter(self.train_cfg.tensorboard_dir, enabled=self.is_logging_rank)
         peak = resolve_peak_tflops(self.train_cfg.peak_tflops)
         self.flops_per_token = model_flops_per_token(self.model_cfg, self.train_cfg.seq_length,
@@ -107,6 +127,7 @@ class Trainer:
         if self.is_logging_rank and self.writer.enabled:
             self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
                                        f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
+        self.recorder = RunRecorder.for_trainer(self, peak)  # run_metadata.json + rank_stats.jsonl
 
     # -- setup helpers ---------------------------------------------------------------------------------
     def _resolve_vocab(self) -> None:
@@ -154,7 +175,7 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------
     def train_step(self):
         batches = prefetch(self.train_iter, self.num_micro, self.device)
-        tokens = global_token_count(batches, self.groups.dp)
+        tokens = global_token_count(batches, self.groups.loss)
         fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
         for c in self.model_chunks:
             c.zero_grad_buffer()
@@ -168,8 +189,8 @@ class Trainer:
         if ok:
             self.scheduler.step(1)
             parts.update_expert_bias(self.model_chunks, self.groups, self.opt_cfg.moe_router_bias_update_rate)
-        losses = reduce_logged_losses(results, tokens, self.groups.dp, self.groups.pp, self.groups.is_last_stage,
-                                      self.groups.ranks["pp"][-1])
+        losses = reduce_logged_losses(results, tokens, self.groups.loss, self.groups.pp, self.holds_loss,
+                                      self.loss_src)
         moe = parts.moe_log_values(parts.moe_stats(self.model_chunks, self.groups), self.model_cfg.num_moe_layers)
         losses.update(moe["losses"])
         self._moe_scalars = moe["scalars"]
@@ -188,12 +209,12 @@ class Trainer:
         total_tokens = 0.0
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
-            total_tokens += float(global_token_count(batches, self.groups.dp))
+            total_tokens += float(global_token_count(batches, self.groups.loss))
             fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
             results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                              forward_only=True) or []
-        out = reduce_logged_losses(results, total_tokens, self.groups.dp, self.groups.pp,
-                                   self.groups.is_last_stage, self.groups.ranks["pp"][-1])
+        out = reduce_logged_losses(results, total_tokens, self.groups.loss, self.groups.pp, self.holds_loss,
+                                   self.loss_src)
         for c in self.model_chunks:
             c.train()
         parts.moe_stats(self.model_chunks, self.groups)  # drop the evaluation's routing statistics
@@ -209,7 +230,8 @@ class Trainer:
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
-                              save_retain=t.save_retain)
+                              save_retain=t.save_retain, save_optim=t.save_optim, save_rng=t.save_rng,
+                              async_save=t.async_save)
         self.result.saved.append(self.iteration)
         _print_rank0(f"saved checkpoint at iteration {self.iteration:8d} to {t.save}")
 
@@ -225,6 +247,8 @@ class Trainer:
                 return f"exit-duration-in-mins {t.exit_duration_in_mins}"
         if self.signal.received():
             return "SIGTERM"
+        if self.loss_target.reached(self.device):
+            return self.loss_target.reason()
         return ""
 
     def train(self) -> TrainResult:
@@ -252,6 +276,8 @@ class Trainer:
                     self.iteration, self.consumed_train_samples, losses, self.scheduler_lr(), self.gbs, gn,
                     not ok, self.gbs * t.seq_length,
                     dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
+                self.recorder.on_iteration(self.iteration, dt)
+                self.loss_target.update(losses.get("lm loss"))
                 if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                     self._run_eval()
                 if t.save and t.save_interval and self.iteration % t.save_interval == 0:
@@ -268,9 +294,12 @@ class Trainer:
                         self.iteration % t.eval_interval != 0:
                     self._run_eval()
                 self.save()
+            self.recorder.finish()
         finally:
             self.signal.release()
             self.writer.flush()
+            if t.async_save:
+                parts.wait_for_checkpoint()  # --async-save: the last checkpoint is committed before we return
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result

@@ -5,7 +5,7 @@
     RoPE (interleaved, last qk_rope_head_dim channels) on q and kv: "main" table on sliding layers, "compress"
         (compress_rope_theta + YaRN) on CSA / HCA layers
     keys: the causal sliding window of ``sliding_window`` tokens (incl. itself) + compressed entries
-        HCA (ratio m != 4): every entry visible to the query; CSA (m = 4): the indexer's top-k of them
+        CSA (the CSA ratio, 4): the indexer's top-k of the entries visible to the query; HCA (any other): all of them
     o = softmax(q k^T / sqrt(D) with a per-head sink logit) @ kv;  o[..., rope] rotated back (inverse RoPE)
     out = o_b_proj(o_a_proj(o grouped in o_groups))     (o_a_proj: one [o_lora_rank, H*D/G] block per group)
 
@@ -25,8 +25,9 @@ the MoE router). The indexer takes detached inputs (indexer.py).
 
 Selective recompute (``self.recompute_modules``, set by megatron_ascend.recompute): ``core_attn`` checkpoints
 the core attention (core_attention.py); ``mla_up_proj`` (Megatron's name for the up-projection) runs q_b_proj
-+ per-head norm + RoPE as a checkpoint without output: q ([H, D] per token, the largest tensor) is dropped
-once core attention has saved it and rebuilt from c_q when its backward needs it.
++ per-head norm + RoPE as a checkpoint without output, itself checkpointed: q and q_b_proj's output ([H, D]
+per token each, the largest tensors) are not kept; they are rebuilt from c_q in backward (q_b_proj runs twice
+more: once for core attention's backward, once for its own).
 
 Where transformers and DeepSeek's inference code differ we follow transformers (docs/V4.md, "Attention").
 """
@@ -53,8 +54,13 @@ LAYER_TYPES = {0: "sliding_attention", CSA_RATIO: "compressed_sparse_attention"}
 
 
 def layer_type(config: ModelConfig, layer_idx: int) -> str:
-    r = compress_ratio(config, layer_idx)
-    return LAYER_TYPES.get(r, "heavily_compressed_attention")
+    """sliding_attention / compressed_sparse_attention / heavily_compressed_attention (transformers' names). The
+    config's own rule (``ModelConfig.attention_type``, CSA iff ratio == ``csa_compress_ratio``) where it has
+    one, else DeepSeek's (CSA iff ratio == 4)."""
+    rule = getattr(config, "attention_type", None)
+    if rule is not None:
+        return rule(layer_idx)
+    return LAYER_TYPES.get(compress_ratio(config, layer_idx), "heavily_compressed_attention")
 
 
 def check_config(config: ModelConfig, tp: int) -> None:
@@ -77,14 +83,35 @@ def check_config(config: ModelConfig, tp: int) -> None:
         raise ConfigError(f"qk_rope_head_dim {c.qk_rope_head_dim} must be even and at most head_dim {c.head_dim}")
     bad = [r for r in c.compress_ratios if r < 0 or r == 1]
     if bad:
-        raise ConfigError(f"compress_ratios has {bad}; use 0 (sliding only), 4 (CSA) or a ratio > 1 (HCA)")
-    if CSA_RATIO in c.compress_ratios:
+        raise ConfigError(f"compress_ratios has {bad}; use 0 (sliding only) or a ratio >= 2 (4: CSA, others: HCA)")
+    if any(layer_type(c, i) == "compressed_sparse_attention" for i in range(len(c.compress_ratios))):
         if c.index_topk <= 0 or c.index_n_heads <= 0 or c.index_head_dim <= 0:
-            raise ConfigError("CSA layers (compress ratio 4) need index_topk, index_n_heads and index_head_dim > 0")
+            raise ConfigError("compressed sparse attention (CSA) layers need index_topk, index_n_heads and "
+                              "index_head_dim > 0")
         if c.index_n_heads % tp:
             raise ConfigError(f"index_n_heads {c.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
         if c.index_head_dim < c.qk_rope_head_dim:
             raise ConfigError(f"index_head_dim {c.index_head_dim} must be >= qk_rope_head_dim {c.qk_rope_head_dim}")
+
+
+class _HeadRMSNorm(torch.autograd.Function):
+    """Unweighted RMSNorm over the last dim (the per-head query norm): y = x * rsqrt(mean(x^2) + eps), computed
+    in fp32. Keeps x (in its own dtype) and the fp32 rstd only -- the autograd form would also keep an fp32
+    copy of x for half inputs ([H, D] per token)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rstd = ctx.saved_tensors
+        y = x.float() * rstd
+        gf = g.float()
+        return (rstd * (gf - y * (gf * y).mean(-1, keepdim=True))).to(x.dtype), None
 
 
 class GroupedLinear(nn.Module):
@@ -107,13 +134,15 @@ class GroupedLinear(nn.Module):
 class CSACompressor(Compressor):
     """The CSA compressor (overlapping windows) with the lightning indexer inside, as transformers nests it."""
 
-    def __init__(self, config: ModelConfig, groups, sequence_parallel: bool, partial_grads: bool):
-        super().__init__(config.hidden_size, config.head_dim, CSA_RATIO, True, config.rms_norm_eps,
+    def __init__(self, config: ModelConfig, groups, ratio: int, sequence_parallel: bool, partial_grads: bool):
+        super().__init__(config.hidden_size, config.head_dim, ratio, True, config.rms_norm_eps,
                          sequence_parallel, partial_grads)
-        self.indexer = V4Indexer(config, groups, CSA_RATIO)
+        self.indexer = V4Indexer(config, groups, ratio)
 
 
 class DeepseekV4Attention(nn.Module):
+    supports_recompute = ("core_attn", "mla_up_proj")  # selective modules it acts on (megatron_ascend.recompute)
+
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelConfig] = None, groups=None,
                  layer_idx: int = 0):
         super().__init__()
@@ -142,7 +171,7 @@ class DeepseekV4Attention(nn.Module):
         mark_sharded(self.sinks, {0: ("tp", tp_rank, tp)})
         self.compressor = None
         if self.kind == "compressed_sparse_attention":
-            self.compressor = CSACompressor(c, groups, self.sp, tp > 1)
+            self.compressor = CSACompressor(c, groups, self.ratio, self.sp, tp > 1)
         elif self.kind == "heavily_compressed_attention":
             self.compressor = Compressor(c.hidden_size, D, self.ratio, False, c.rms_norm_eps, self.sp, tp > 1)
         self._rope = V4Rope(c)  # tables of the compressed entries' positions (not parameters)
@@ -168,11 +197,11 @@ class DeepseekV4Attention(nn.Module):
         """c_q [b, s, q_lora] -> q [b, s, H/tp, D]: q_b_proj, unweighted per-head RMSNorm, RoPE."""
         b, s = c_q.shape[0], c_q.shape[1]
         q = self.q_b_proj(c_q).view(b, s, self.n_local, self.head_dim)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = _HeadRMSNorm.apply(q, self.eps)
         return apply_partial_rope(q, cos, sin)
 
-    def _core(self, q, kv, comp, allowed, sinks, want_mass):
-        return sink_window_attention(q, kv, comp, allowed, sinks, self.scale, self.window, self.query_block,
+    def _core(self, q, kv, comp, sel, sinks, want_mass):
+        return sink_window_attention(q, kv, comp, sel, sinks, self.scale, self.window, self.query_block,
                                      want_mass)
 
     def forward(self, x: torch.Tensor, rope, position_ids: torch.Tensor
@@ -200,26 +229,31 @@ class DeepseekV4Attention(nn.Module):
         s, b = latent.shape[0], latent.shape[1]
 
         kv_b = apply_partial_rope(kv_f.transpose(0, 1).unsqueeze(2), cos_b, sin_b).squeeze(2)  # [b, s, D]
-        comp, allowed, index, selected = None, None, None, None
+        comp, allowed, index, sel = None, None, None, None
         want_mass = False
         if comp_mod is not None:
             comp = comp_mod.pool(full[2], full[3], lambda pos: self._rope.at("compress", pos))  # [b, n, D]
             allowed = visible_entries(position_ids, comp.shape[1], self.ratio)
             if self.kind == "compressed_sparse_attention":
-                index, allowed = self._select(x, c_q_f, cos, sin, allowed)
+                index, picked, allowed = self._select(x, c_q_f, cos, sin, allowed)
                 want_mass = index is not None and torch.is_grad_enabled()
+                if 2 * picked.shape[-1] <= comp.shape[1]:  # score only the picked entries (see core_attention)
+                    sel = picked
+        sel = allowed if sel is None else sel
 
         c_q_b = c_q_f.transpose(0, 1).contiguous()  # [b, s, q_lora]: q_b_proj's input, kept for its backward
         mass = []
 
         def attend(q):
-            o, m = self._run_core(q, kv_b, comp, allowed, want_mass)
+            o, m = self._run_core(q, kv_b, comp, sel, want_mass)
             if m is not None:
                 mass.append(M._all_reduce(m, self.group))  # over all heads (no grad)
             return o
 
         if "mla_up_proj" in self.recompute_modules and torch.is_grad_enabled():
-            o = checkpoint_discard_output(self._up_proj, (c_q_b, cos_b, sin_b), attend, checkpoint_fn=False)
+            # the per-head norm inside keeps q_b_proj's output: checkpointing _up_proj too drops it as well (it
+            # is recomputed once more in _up_proj's own backward), so only c_q stays
+            o = checkpoint_discard_output(self._up_proj, (c_q_b, cos_b, sin_b), attend, checkpoint_fn=True)
         else:
             o = attend(self._up_proj(c_q_b, cos_b, sin_b))
         indexer_loss = None
@@ -232,19 +266,19 @@ class DeepseekV4Attention(nn.Module):
         y = y.view(G, b, s, -1).permute(2, 1, 0, 3).reshape(s, b, -1)       # [s, b, G*R]
         return self.o_b_proj(y), indexer_loss
 
-    def _run_core(self, q, kv, comp, allowed, want_mass):
+    def _run_core(self, q, kv, comp, sel, want_mass):
         if "core_attn" in self.recompute_modules and torch.is_grad_enabled():
-            return checkpoint(self._core, q, kv, comp, allowed, self.sinks, want_mass)
-        return self._core(q, kv, comp, allowed, self.sinks, want_mass)
+            return checkpoint(self._core, q, kv, comp, sel, self.sinks, want_mass)
+        return self._core(q, kv, comp, sel, self.sinks, want_mass)
 
     def _select(self, x, c_q_f, cos, sin, visible):
-        """CSA: the indexer's selection (bool [b, s, n]) and, when its loss is on and grad enabled, its scores
-        (with grad to the indexer's weights)."""
+        """CSA: the indexer's scores when its loss is on and grad enabled (with grad to the indexer's weights, else
+        None), its picks (long [b, s, k], -1 for none) and the same as a mask (bool [b, s, n])."""
         indexer = self.compressor.indexer
         train = self.indexer_loss_coeff > 0 and torch.is_grad_enabled()
         with torch.no_grad():
             x_full = M._gather_dim(x.detach(), 0, self.group) if self.sp else x.detach()
         with torch.set_grad_enabled(train):
             index = indexer.scores(x_full, c_q_f.detach(), cos, sin, lambda pos: self._rope.at("compress", pos))
-        selected = indexer.select(index, visible)
-        return (index if train else None), selected
+        picked, selected = indexer.select(index, visible)
+        return (index if train else None), picked, selected

@@ -59,6 +59,8 @@ def pool_entries(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tens
     if overlap:
         kv = _overlap(kv, d, 0.0)
         gate = _overlap(gate, d, float("-inf"))
+    else:  # the product keeps kv for backward: a copy, not a view that would pin the caller's whole latent
+        kv = kv.contiguous()
     w = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
     entries = kv_norm((kv * w).sum(dim=2))  # [b, n, d]
     pos = (torch.arange(n, device=kv.device) * m).unsqueeze(0).expand(b, n)

@@ -43,12 +43,24 @@ def _window_bias(a: int, e: int, k0: int, window: int, dtype, device) -> torch.T
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, float("-inf")).unsqueeze(1)
 
 
+def _gather(comp: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """comp [b, n, D], idx [b, r, k] (-1 = none) -> (the picked entries [b * r, k, D] (entry 0 for -1), their
+    row indices in comp viewed [b * n, D])."""
+    b, n, D = comp.shape
+    flat = (idx.clamp_min(0) + torch.arange(b, device=idx.device).view(b, 1, 1) * n).reshape(-1)
+    return comp.reshape(b * n, D).index_select(0, flat).view(-1, idx.shape[-1], D), flat
+
+
 class _SinkWindowAttention(torch.autograd.Function):
+    """``sel`` says which entries a query uses: bool [b, s, n] (dense: every entry is scored, the others masked)
+    or long [b, s, k] entry indices, -1 for none (gathered: only the k picked entries are scored and kept)."""
+
     @staticmethod
-    def forward(ctx, q, kv, comp, allowed, sinks, scale, window, block, want_mass):
-        # q [b, s, H, D]; kv [b, s, D]; comp [b, n, D] (n may be 0); allowed bool [b, s, n] or None
+    def forward(ctx, q, kv, comp, sel, sinks, scale, window, block, want_mass):
         b, s, H, D = q.shape
         n = comp.shape[1]
+        gathered = n > 0 and sel.dtype != torch.bool
+        nc = sel.shape[-1] if n else 0  # compressed logits per query
         sdt = _softmax_dtype(q.dtype)
         out = torch.empty_like(q)
         mass = q.new_zeros((b, s, n), dtype=torch.float32) if want_mass and n else None
@@ -56,28 +68,40 @@ class _SinkWindowAttention(torch.autograd.Function):
         blocks = query_blocks(s, window, block)
         sink = sinks.to(sdt).view(1, 1, H, 1)
         for a, e, k0 in blocks:
-            r = e - a
+            r, kw_n = e - a, e - k0
             q2 = q[:, a:e].reshape(b, r * H, D)
             kw = kv[:, k0:e]
-            lw = torch.bmm(q2, kw.transpose(1, 2)).view(b, r, H, e - k0).to(sdt).mul_(scale)
+            lw = torch.bmm(q2, kw.transpose(1, 2)).view(b, r, H, kw_n).to(sdt).mul_(scale)
             lw.add_(_window_bias(a, e, k0, window, sdt, q.device))
             parts = [lw]
-            if n:
+            if gathered:
+                idx = sel[:, a:e]
+                ks, _ = _gather(comp, idx)
+                lc = torch.bmm(q[:, a:e].reshape(b * r, H, D), ks.transpose(1, 2)).view(b, r, H, nc).to(sdt).mul_(scale)
+                lc.masked_fill_((idx < 0).unsqueeze(2), float("-inf"))
+                parts.append(lc)
+            elif n:
                 lc = torch.bmm(q2, comp.transpose(1, 2)).view(b, r, H, n).to(sdt).mul_(scale)
-                lc.masked_fill_(~allowed[:, a:e].unsqueeze(2), float("-inf"))
+                lc.masked_fill_(~sel[:, a:e].unsqueeze(2), float("-inf"))
                 parts.append(lc)
             parts.append(sink.expand(b, r, H, 1))
-            p = torch.softmax(torch.cat(parts, dim=-1), dim=-1)  # [b, r, H, Kw + n + 1]
+            p = torch.softmax(torch.cat(parts, dim=-1), dim=-1)  # [b, r, H, Kw + nc + 1]
             probs.append(p)
-            pv = p.to(q.dtype).view(b, r * H, -1)
-            o = torch.bmm(pv[..., : e - k0], kw)
-            if n:
-                o.baddbmm_(pv[..., e - k0: e - k0 + n], comp)
-                if mass is not None:
-                    mass[:, a:e] = p[..., e - k0: e - k0 + n].sum(2, dtype=torch.float32)
+            pv = p.to(q.dtype)
+            o = torch.bmm(pv.view(b, r * H, -1)[..., :kw_n], kw)
+            if gathered:
+                o.view(b * r, H, D).baddbmm_(pv.view(b * r, H, -1)[..., kw_n: kw_n + nc], ks)
+            elif n:
+                o.baddbmm_(pv.view(b, r * H, -1)[..., kw_n: kw_n + n], comp)
+            if mass is not None:
+                pc = p[..., kw_n: kw_n + nc].sum(2, dtype=torch.float32)  # [b, r, nc]
+                if gathered:
+                    mass[:, a:e].scatter_add_(-1, idx.clamp_min(0), pc.masked_fill(idx < 0, 0.0))
+                else:
+                    mass[:, a:e] = pc
             out[:, a:e] = o.view(b, r, H, D)
-        ctx.save_for_backward(q, kv, comp, *probs)
-        ctx.meta = (scale, blocks)
+        ctx.save_for_backward(q, kv, comp, sel if gathered else None, *probs)
+        ctx.meta = (scale, blocks, gathered, nc, sinks.dtype)
         if mass is None:
             return out, None
         ctx.mark_non_differentiable(mass)
@@ -85,8 +109,8 @@ class _SinkWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dmass):
-        q, kv, comp, *probs = ctx.saved_tensors
-        scale, blocks = ctx.meta
+        q, kv, comp, sel, *probs = ctx.saved_tensors
+        scale, blocks, gathered, nc, sink_dtype = ctx.meta
         b, s, H, D = q.shape
         n = comp.shape[1]
         dq = torch.empty_like(q)
@@ -99,11 +123,17 @@ class _SinkWindowAttention(torch.autograd.Function):
             q2 = q[:, a:e].reshape(b, r * H, D)
             do2 = do[:, a:e].reshape(b, r * H, D)
             kw = kv[:, k0:e]
-            pf = p.view(b, r * H, -1)
-            pw, pc, ps = pf[..., :kw_n], pf[..., kw_n: kw_n + n], pf[..., kw_n + n:]
+            pw = p.view(b, r * H, -1)[..., :kw_n]
+            ps = p[..., kw_n + nc:].reshape(b, r * H, 1)
             dpw = torch.bmm(do2, kw.transpose(1, 2)).to(p.dtype)
-            rowdot = (pw * dpw).sum(-1, keepdim=True)
-            if n:
+            rowdot = (pw * dpw).sum(-1, keepdim=True)                       # [b, r*H, 1]
+            if gathered:
+                ks, flat = _gather(comp, sel[:, a:e])
+                pc = p.view(b * r, H, -1)[..., kw_n: kw_n + nc]
+                dpc = torch.bmm(do2.reshape(b * r, H, D), ks.transpose(1, 2)).to(p.dtype)
+                rowdot = rowdot + (pc * dpc).sum(-1, keepdim=True).view(b, r * H, 1)
+            elif n:
+                pc = p.view(b, r * H, -1)[..., kw_n: kw_n + n]
                 dpc = torch.bmm(do2, comp.transpose(1, 2)).to(p.dtype)
                 rowdot = rowdot + (pc * dpc).sum(-1, keepdim=True)
             dsw = (pw * (dpw - rowdot)).to(q.dtype)
@@ -111,21 +141,28 @@ class _SinkWindowAttention(torch.autograd.Function):
             dq2 = torch.bmm(dsw, kw)
             dkv[:, k0:e] += torch.bmm(dsw.transpose(1, 2), q2).mul_(scale) + torch.bmm(
                 pw.to(q.dtype).transpose(1, 2), do2)
-            if n:
+            if gathered:
+                dsc = (pc * (dpc - rowdot.view(b * r, H, 1))).to(q.dtype)     # [b*r, H, nc]
+                dq2.view(b * r, H, D).baddbmm_(dsc, ks)
+                dks = torch.bmm(dsc.transpose(1, 2), q2.reshape(b * r, H, D)).mul_(scale) + torch.bmm(
+                    pc.to(q.dtype).transpose(1, 2), do2.reshape(b * r, H, D))   # [b*r, nc, D]
+                dcomp.view(b * n, D).index_add_(0, flat, dks.reshape(-1, D))
+            elif n:
                 dsc = (pc * (dpc - rowdot)).to(q.dtype)
                 dq2.baddbmm_(dsc, comp)
                 dcomp += torch.bmm(dsc.transpose(1, 2), q2).mul_(scale) + torch.bmm(
                     pc.to(q.dtype).transpose(1, 2), do2)
             dq[:, a:e] = dq2.mul_(scale).view(b, r, H, D)
-        return dq, dkv, (dcomp if n else None), None, dsink, None, None, None, None
+        return dq, dkv, (dcomp if n else None), None, dsink.to(sink_dtype), None, None, None, None
 
 
 def sink_window_attention(q: torch.Tensor, kv: torch.Tensor, comp: Optional[torch.Tensor],
-                          allowed: Optional[torch.Tensor], sinks: torch.Tensor, scale: float, window: int,
+                          sel: Optional[torch.Tensor], sinks: torch.Tensor, scale: float, window: int,
                           block: int = QUERY_BLOCK, want_mass: bool = False):
-    """q [b, s, H, D]; kv [b, s, D]; comp [b, n, D] or None; allowed bool [b, s, n] (query t may attend entry
-    w); sinks [H]. Returns (o [b, s, H, D], mass [b, s, n] fp32 summed over these heads, or None)."""
+    """q [b, s, H, D]; kv [b, s, D]; comp [b, n, D] or None; ``sel``: bool [b, s, n] (query t may attend entry
+    w) or long [b, s, k] (the entries it attends, -1 for none); sinks [H]. Returns (o [b, s, H, D], the
+    attention mass on each entry summed over these heads [b, s, n] fp32 when ``want_mass``, else None)."""
     if comp is None:
         comp = kv.new_zeros(kv.shape[0], 0, kv.shape[-1])
-        allowed = None
-    return _SinkWindowAttention.apply(q, kv, comp, allowed, sinks, scale, window, block, want_mass)
+        sel = None
+    return _SinkWindowAttention.apply(q, kv, comp, sel, sinks, scale, window, block, want_mass)

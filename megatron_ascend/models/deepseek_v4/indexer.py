@@ -77,15 +77,16 @@ class V4Indexer(nn.Module):
         index = torch.matmul(w.unsqueeze(-2), sc).squeeze(-2)            # [b, s, n] (partial over heads)
         return M.reduce_from_tensor_model_parallel_region(index, self.group)
 
-    def select(self, index: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """bool [b, s, n]: the top-``index_topk`` visible entries of each query (all of them when fewer are
-        visible; an entry that is not visible is never selected)."""
+    def select(self, index: torch.Tensor, visible: torch.Tensor):
+        """The top-``index_topk`` visible entries of each query (all of them when fewer are visible; an entry that
+        is not visible is never selected): (long [b, s, k] entry indices, -1 for none; bool [b, s, n])."""
         n = index.shape[-1]
-        if n == 0:
-            return visible
         with torch.no_grad():
+            if n == 0:
+                return index.new_zeros(index.shape, dtype=torch.long), visible
             top = index.detach().masked_fill(~visible, float("-inf")).topk(min(self.topk, n), dim=-1).indices
-            return torch.zeros_like(visible).scatter_(-1, top, True) & visible
+            ok = visible.gather(-1, top)
+            return top.masked_fill(~ok, -1), torch.zeros_like(visible).scatter_(-1, top, ok)
 
     @staticmethod
     def kl_loss(p_heads: torch.Tensor, index: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,11 @@ def rope_kind(config: ModelConfig, layer_idx: int) -> str:
 
 def compress_ratio(config: ModelConfig, layer_idx: int) -> int:
     """The layer's compression ratio (0: sliding only). Layers past ``compress_ratios`` (e.g. the MTP block
-    when the list does not cover it) are sliding only, as in the released configs."""
+    when the list does not cover it) are sliding only, as in the released configs (``ModelConfig.compress_ratio``
+    where the config has it)."""
+    own = getattr(config, "compress_ratio", None)
+    if own is not None:
+        return int(own(layer_idx))
     r = config.compress_ratios
     return int(r[layer_idx]) if layer_idx < len(r) else 0
 
