@@ -39,8 +39,9 @@ goes through one of three functions, chosen by *why* two numbers may differ:
   tests/run_cpu_matrix.py (AVX-512, AVX2, scalar kernels; 1 and 2 threads). 1e-5 is the project's stated
   figure (README) and keeps a 1e-4 error 10x outside.
 
-  ``ADAM_AMPLIFICATION = 100`` for parameters after Adam steps: compare the *updates* (param - initial) with
-  ``scale = ADAM_AMPLIFICATION * max |reference update|``. Adam divides each gradient element by its own running
+  ``ADAM_AMPLIFICATION = 100`` for parameters after Adam steps: judge param - reference on the scale of the
+  reference's update (reference - initial): ``assert_close(..., scale=ADAM_AMPLIFICATION * max |update|)``, or
+  for a whole model ``assert_rel(update, reference update, ADAM_AMPLIFICATION * MODEL_REL)``. Adam divides each gradient element by its own running
   RMS, so an element whose gradient is 1/100 of its tensor's largest turns the gradient's rounding into 100x that
   share of its update. (Adam cannot see a gradient's scale; the gradients and grad norms are compared on their
   own.) A wrong optimizer state, weight decay or a dropped micro-batch moves updates by O(1e-2..1).
