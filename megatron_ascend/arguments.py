@@ -134,6 +134,15 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="compute weight grads into fresh tensors and add them into the grad buffer (zero-filled "
                         "each step) instead of writing them into main_grad from the GEMM")
     g.add_argument("--show-layout", action="store_true", help="print every process group and exit")
+    g.add_argument("--hccl-connect-timeout", type=int, default=None,
+                   help="Ascend: HCCL_CONNECT_TIMEOUT, seconds to set up HCCL links [120, 7200] (HCCL default 120; "
+                        "MindSpeed-LLM's DeepSeek-V3 scripts use 3600). Unset: the environment's value is kept")
+    g.add_argument("--hccl-exec-timeout", type=int, default=None,
+                   help="Ascend: HCCL_EXEC_TIMEOUT, seconds one collective may wait [0, 2147483647], 0 = never "
+                        "(HCCL default 1836). Keep it below the process-group timeout")
+    g.add_argument("--hccl-buffsize", type=int, default=None,
+                   help="Ascend: HCCL_BUFFSIZE, MB per communicator buffer (x2: send and receive; HCCL default "
+                        "200). About micro-batch x seq x hidden x bytes per element / 2**20 for the MoE all-to-all")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -168,6 +177,26 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts "
                         "mhc (DeepSeek-V4: the mHC mixing coefficients)")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: platform table)")
+    g.add_argument("--no-fused-kernels", action="store_true",
+                   help="run every kernel-table entry with its plain-PyTorch reference (no torch_npu / MindSpeed / "
+                        "fused torch kernels); the start-up 'kernels:' line names what runs")
+    g.add_argument("--reference-kernels", nargs="*", default=[], metavar="NAME",
+                   help="these kernel-table entries use their reference: rms_norm rope_interleaved attention "
+                        "swiglu grouped_matmul moe_permute router_topk")
+    g.add_argument("--device-launch-blocking", action="store_true",
+                   help="debugging: synchronous kernel launches (ASCEND_LAUNCH_BLOCKING=1 / CUDA_LAUNCH_BLOCKING=1): "
+                        "exact error locations, slow")
+    g.add_argument("--jit-compile", action="store_true",
+                   help="Ascend: torch_npu.npu.set_compile_mode(jit_compile=True) (default False, the A2 / A3 "
+                        "binary kernels, as MindSpeed)")
+    g.add_argument("--profile", action="store_true",
+                   help="record iterations [--profile-step-start, --profile-step-end) with torch_npu.profiler "
+                        "(NPU) or torch.profiler (CUDA / CPU)")
+    g.add_argument("--profile-step-start", type=int, default=10, help="first profiled iteration (from 1)")
+    g.add_argument("--profile-step-end", type=int, default=12, help="first iteration not profiled")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    g.add_argument("--profile-save-path", default=None,
+                   help="trace directory (TensorBoard trace handler; default --tensorboard-dir, else ./profile)")
 
 
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:

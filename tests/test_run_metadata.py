@@ -37,6 +37,8 @@ def _body(root, data):
     out = {}
     res = _run(f"--data-path {data} --train-iters 7 --log-interval 3 --tensorboard-dir {root}/tb")
     out["with"] = res.losses
+    from megatron_ascend.platform import kernels
+    out["kernels"] = kernels.table()  # what the trainer's process resolved (the test's process binds nothing)
     res = _run(f"--data-path {data} --train-iters 7 --log-interval 3")  # no output dir: nothing recorded
     out["without"] = res.losses
     res = _run(f"--data-path {data} --train-iters 20 --log-interval 5 --exit-at-loss 100 --exit-at-loss-window 3 "
@@ -80,8 +82,7 @@ def test_metadata_fields(metadata_run):
     cfg = meta["config"]
     assert cfg["model"]["num_hidden_layers"] == 3 and cfg["training"]["train_iters"] == 7
     assert cfg["args"]["exit_at_loss"] is None and cfg["args"]["global_batch_size"] == 4
-    from megatron_ascend.platform import kernels
-    assert {k: v["status"] for k, v in meta["kernels"].items()} == kernels.table()
+    assert {k: v["status"] for k, v in meta["kernels"].items()} == res[0]["kernels"] == res[1]["kernels"]
     assert meta["kernels"]["rms_norm"]["impl"].startswith("megatron_ascend.platform.kernels.")
     # data: each file's SHA-256, and the checksum over (name, hash) pairs; the generator's stamp rides along
     data = meta["data"]

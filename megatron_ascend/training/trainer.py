@@ -81,7 +81,9 @@ class Trainer:
                 raise ConfigError(f"deepseek_v4 trains on one sequence per sample: {' '.join(packed)} would pack "
                                   f"documents whose sliding window and compressed entries (absolute positions) cross "
                                   f"each other; drop {' / '.join(packed)}")
-        self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
+        self.runtime = platform.RuntimeOptions.from_args(args)  # device / HCCL flags, checked before the network
+        platform.kernels.configure_from_args(args)
+        self.plat = platform.init_distributed(options=self.runtime)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.tokenizer = None
@@ -123,7 +125,10 @@ class Trainer:
         self.logger = TrainingLogger(self.writer, self.train_cfg.train_iters, self.train_cfg.log_interval,
                                      Throughput(self.flops_per_token, self.world, peak), print_fn)
         self.signal = ExitSignalHandler()
+        self.profiler = platform.profiler.step_profiler(self.runtime.profile, self.rank)
         self.result = TrainResult()
+        for line in platform.startup_lines():  # environment set, flags without effect here, kernels in use
+            _print_rank0(line)
         if self.is_logging_rank and self.writer.enabled:
             self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
                                        f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
@@ -241,7 +246,7 @@ class Trainer:
         if t.exit_interval and self.iteration % t.exit_interval == 0:
             return f"exit-interval {t.exit_interval}"
         if t.exit_duration_in_mins:
-            elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+            elapsed = torch.tensor([(time.time() - start_time) / 60.0], device=self.device)  # NCCL/HCCL: device
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # all ranks decide together
             if float(elapsed) > t.exit_duration_in_mins:
                 return f"exit-duration-in-mins {t.exit_duration_in_mins}"
@@ -263,9 +268,13 @@ class Trainer:
             while self.iteration < t.train_iters:
                 platform.synchronize()
                 t0 = time.perf_counter()
+                self.profiler.before(self.iteration + 1)
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
                 platform.synchronize()
                 dt = time.perf_counter() - t0
+                self.profiler.after(self.iteration + 1)
+                if not self.result.losses and platform.kernels.declined():  # first iteration: fused kernels
+                    _print_rank0(platform.kernels.declined_line())             # that fell back, and why
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
@@ -296,6 +305,7 @@ class Trainer:
                 self.save()
             self.recorder.finish()
         finally:
+            self.profiler.close()
             self.signal.release()
             self.writer.flush()
             if t.async_save:
