@@ -574,7 +574,16 @@ def install(version: str = "7.2", mindspeed: bool = False, device_count: int = 8
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-        if had_npu:
-            torch.npu = old_npu
-        else:
-            del torch.npu
+        # the PrivateUse1 rename cannot be undone, so torch keeps asking torch.npu whether an accelerator is there
+        # (torch.optim's step does): leave a module that says no, as a machine with torch_npu and no device would
+        torch.npu = old_npu if had_npu else _no_device_module()
+        cache_clear = getattr(torch.get_device_module, "cache_clear", None)
+        if cache_clear is not None:  # torch caches the device module it looked up while the fake was in place
+            cache_clear()
+
+
+def _no_device_module():
+    m = types.ModuleType("torch.npu")
+    m.is_available = lambda: False
+    m.device_count = lambda: 0
+    return m
