@@ -127,6 +127,18 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-modules", nargs="*", default=[],
                    help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: platform table)")
+    # reliability (docs/CHECKPOINTS.md, docs/USER_GUIDE.md "Failures")
+    g.add_argument("--ckpt-verify", default="checksum", choices=["checksum", "size"],
+                   help="before loading, check every checkpoint file's recorded size and SHA-256 (checksum; the "
+                        "hashing is spread over the ranks) or its size only")
+    g.add_argument("--no-ckpt-fallback", dest="ckpt_fallback", action="store_false",
+                   help="refuse a newest checkpoint that is incomplete or corrupt instead of loading the newest "
+                        "intact older one (with a warning)")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use this run's learning-rate schedule flags when the checkpoint's differ")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true",
+                   help="on resume, continue on the checkpoint's learning-rate schedule when this run's flags differ")
 
 
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -252,7 +264,10 @@ def build_configs(args: argparse.Namespace, world_size: int
         exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins, seed=args.seed,
         tensorboard_dir=args.tensorboard_dir, recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops)
+        recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops,
+        ckpt_verify=args.ckpt_verify, ckpt_fallback=args.ckpt_fallback,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
     data = DataConfig(
         data_path=tuple(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

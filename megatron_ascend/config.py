@@ -455,9 +455,18 @@ class TrainingConfig:
     recompute_num_layers: Optional[int] = None
     recompute_modules: Tuple[str, ...] = ()
     peak_tflops: Optional[float] = None
+    # reliability: checkpoint checks on load
+    ckpt_verify: str = "checksum"
+    ckpt_fallback: bool = True
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
+        _require(self.ckpt_verify in ("checksum", "size"),
+                 f"--ckpt-verify {self.ckpt_verify!r} is unknown; use checksum or size")
+        _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+                 "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are both set; pick one")
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
         object.__setattr__(self, "recompute_modules", check_recompute(

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWrite
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from .errors import CheckpointError
+from .integrity import HashingFileSystemWriter
 from .safe_metadata import SafeFileSystemReader, load_metadata
 
 
@@ -222,16 +223,19 @@ def check_chunks_against_metadata(metadata: Metadata, chunks: Sequence[Chunk], w
                               "--no-load-optim / --finetune if only optimizer state is missing)")
 
 
-def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None, streaming: bool = False) -> None:
+def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None, streaming: bool = False
+                 ) -> Dict[str, Dict[str, object]]:
     """Collective over ``process_group`` (all ranks when None; no group needed without torch.distributed).
+    Returns {file name: {"bytes", "sha256"}} of the data files this process wrote, hashed as they were written.
 
     streaming: chunks with a ``loader`` are produced one at a time and freed once written (converters)."""
-    writer = dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True,
-                                  per_thread_copy_ahead=0 if streaming else 10_000_000)
+    writer = HashingFileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                                     overwrite=True, per_thread_copy_ahead=0 if streaming else 10_000_000)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save({}, storage_writer=writer, planner=ChunkSavePlanner(chunks, release_lazy=streaming),
                  process_group=process_group, no_dist=not is_distributed())
+    return writer.records()
 
 
 def read_chunks(path: str, chunks: Sequence[Chunk], process_group=None, metadata: Optional[Metadata] = None) -> None:

@@ -88,10 +88,24 @@ def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None
         trainer.close()
 
 
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def cli(argv: Optional[List[str]] = None, stage: str = "pretrain") -> int:
+    """Exit code 2 with one ``error: ...`` line on stderr for a configuration / data / checkpoint error, printed
+    by rank 0 only (every rank meets the same error: flags are checked before any process group exists, and
+    checkpoint / data errors are agreed over the ranks), so under torchrun that line comes first, once."""
     try:
         run(argv, stage)
     except _errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -196,9 +196,10 @@ def moe_log_values(stats: Dict[str, float], num_moe_layers: int) -> Dict[str, Di
 
 # -- checkpoints --------------------------------------------------------------------------------------------
 def checkpoint_exists(load_dir: str) -> bool:
-    from ..checkpointing import find_checkpoint
-    path, _ = find_checkpoint(load_dir)
-    return path is not None
+    """Whether ``load_dir`` holds a complete checkpoint (not yet verified: load does that). A directory with
+    interrupted saves only, or a HuggingFace model directory, is a CheckpointError naming the fix."""
+    from ..checkpointing import checkpoint_candidates
+    return bool(checkpoint_candidates(load_dir))
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
@@ -208,10 +209,13 @@ def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, gro
                 save_retain=save_retain)
 
 
-def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng):
+def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, train_cfg: TrainingConfig):
     from ..checkpointing import load_checkpoint as load
-    return load(load_dir, model_chunks, optimizer, scheduler, groups, finetune=finetune,
-                no_load_optim=no_load_optim, no_load_rng=no_load_rng)
+    t = train_cfg
+    return load(load_dir, model_chunks, optimizer, scheduler, groups, finetune=t.finetune,
+                no_load_optim=t.no_load_optim, no_load_rng=t.no_load_rng, verify=t.ckpt_verify,
+                fallback=t.ckpt_fallback, override_scheduler=t.override_opt_param_scheduler,
+                use_checkpoint_scheduler=t.use_checkpoint_opt_param_scheduler)
 
 
 def wait_for_checkpoint() -> None:

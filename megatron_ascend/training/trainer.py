@@ -33,7 +33,7 @@ from ..config import ConfigError, num_microbatches, padded_vocab_size
 from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
 from ..monitoring.flops import model_flops_per_token
 from ..monitoring.throughput import resolve_peak_tflops
-from . import parts
+from . import parts, preflight
 from .data import build_datasets, train_iterator, valid_iterator
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
@@ -67,6 +67,7 @@ class Trainer:
         if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
             raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
                               "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
+        preflight.check_paths(self.train_cfg)  # --save writable, --load present: before any work
         self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -142,8 +143,7 @@ class Trainer:
             _print_rank0(f"no checkpoint under --load {t.load}; starting from scratch")
             return
         iteration, extra = parts.load_checkpoint(t.load, self.model_chunks, self.optimizer, self.scheduler,
-                                                 self.groups, finetune=t.finetune, no_load_optim=t.no_load_optim,
-                                                 no_load_rng=t.no_load_rng)
+                                                 self.groups, t)
         if t.finetune:
             self.iteration, self.consumed_train_samples = 0, 0
         else:
