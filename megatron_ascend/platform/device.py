@@ -125,8 +125,29 @@ def init_distributed(timeout_minutes: float = 30.0) -> Platform:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if plat.kind != "cpu":
         plat.module.set_device(plat.device())
-    dist.init_process_group(backend=plat.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = _restart_store(timeout)
+    if store is not None:
+        dist.init_process_group(backend=plat.backend, timeout=timeout, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend=plat.backend, timeout=timeout)
     return plat
+
+
+def _restart_store(timeout):
+    """Under ``torchrun --max-restarts`` the agent's TCPStore is shared by every attempt (torch's default), so
+    the keys of a killed attempt (each rank's gloo / NCCL / HCCL address) are still there when the restarted
+    ranks meet, and a rank can read a dead peer's address and wait for it until the process-group timeout.
+    A store prefixed by the attempt (TORCHELASTIC_RESTART_COUNT) keeps every attempt's keys apart. None when
+    not launched by torchelastic (init_process_group's env:// store is used)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    import torch.distributed as dist
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"megatron_ascend/attempt_{attempt}", base)
 
 
 def synchronize() -> None:

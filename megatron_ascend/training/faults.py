@@ -129,3 +129,10 @@ class FaultInjector:
                for f in self.faults):
             from ..checkpointing import checkpoint
             checkpoint._FAULT_HOOK = self.checkpoint_stage
+            self._installed = True
+
+    def uninstall(self) -> None:
+        if getattr(self, "_installed", False):
+            from ..checkpointing import checkpoint
+            checkpoint._FAULT_HOOK = None
+            self._installed = False

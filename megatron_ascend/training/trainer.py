@@ -35,6 +35,7 @@ from ..monitoring.flops import model_flops_per_token
 from ..monitoring.throughput import resolve_peak_tflops
 from . import parts, preflight
 from .data import build_datasets, train_iterator, valid_iterator
+from .faults import FaultInjector
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
 
@@ -83,6 +84,9 @@ class Trainer:
                                                      self.groups, self.vp)
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
+        self.faults = FaultInjector(self.rank)  # MEGATRON_ASCEND_FAULT (tests, bench/fault_injection.py)
+        self.faults.attach(self.model_chunks)
+        self.faults.install_checkpoint_hook()
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
         parts.set_aux_loss_scale(self.num_micro, self.groups)
         self._moe_scalars: Dict[str, float] = {}
@@ -238,6 +242,7 @@ class Trainer:
         try:
             while self.iteration < t.train_iters:
                 platform.synchronize()
+                self.faults.step(self.iteration + 1)
                 t0 = time.perf_counter()
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
                 platform.synchronize()
@@ -285,4 +290,5 @@ class Trainer:
         return parts.current_lr(self.optimizer, self.scheduler)
 
     def close(self) -> None:
+        self.faults.uninstall()
         self.writer.close()
