@@ -139,6 +139,22 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
                    action="store_true",
                    help="on resume, continue on the checkpoint's learning-rate schedule when this run's flags differ")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="check the loss and the grad norm of every step for NaN / Inf and report the "
+                                      "ranks (and with --nan-trace-modules the first module); see --nan-policy")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="skip NaN / Inf steps silently (the optimizer still skips them)")
+    g.add_argument("--nan-policy", default="stop", choices=["stop", "skip"],
+                   help="on a NaN / Inf step: skip (count it and go on) or stop (after --nan-max-consecutive such "
+                        "steps in a row, save the last good state to --save and exit with code 3)")
+    g.add_argument("--nan-max-consecutive", type=int, default=1,
+                   help="--nan-policy stop: NaN / Inf steps in a row that stop the run (the earlier ones are skipped)")
+    g.add_argument("--nan-trace-modules", action="store_true",
+                   help="forward hooks on every module: name the first module whose output is non-finite (a device "
+                        "sync per module: for diagnosis)")
+    g.add_argument("--loss-spike-factor", type=float, default=None,
+                   help="report an lm loss above this factor times the mean of the last --loss-spike-window losses")
+    g.add_argument("--loss-spike-window", type=int, default=50)
 
 
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -267,7 +283,10 @@ def build_configs(args: argparse.Namespace, world_size: int
         recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops,
         ckpt_verify=args.ckpt_verify, ckpt_fallback=args.ckpt_fallback,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
-        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad, nan_policy=args.nan_policy,
+        nan_max_consecutive=args.nan_max_consecutive, nan_trace_modules=args.nan_trace_modules,
+        loss_spike_factor=args.loss_spike_factor, loss_spike_window=args.loss_spike_window)
     data = DataConfig(
         data_path=tuple(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

@@ -460,6 +460,13 @@ class TrainingConfig:
     ckpt_fallback: bool = True
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    # reliability: NaN / Inf and loss spikes (training/health.py)
+    check_for_nan_in_loss_and_grad: bool = True
+    nan_policy: str = "stop"
+    nan_max_consecutive: int = 1
+    nan_trace_modules: bool = False
+    loss_spike_factor: Optional[float] = None
+    loss_spike_window: int = 50
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
@@ -467,6 +474,12 @@ class TrainingConfig:
                  f"--ckpt-verify {self.ckpt_verify!r} is unknown; use checksum or size")
         _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
                  "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are both set; pick one")
+        _require(self.nan_policy in ("stop", "skip"), f"--nan-policy {self.nan_policy!r} is unknown; use stop or skip")
+        _require(self.nan_max_consecutive >= 1,
+                 f"--nan-max-consecutive {self.nan_max_consecutive} must be >= 1 (1 stops at the first NaN step)")
+        _require(self.loss_spike_factor is None or self.loss_spike_factor > 1.0,
+                 f"--loss-spike-factor {self.loss_spike_factor} must be > 1 (e.g. 3: a loss 3x the recent mean)")
+        _require(self.loss_spike_window >= 1, f"--loss-spike-window {self.loss_spike_window} must be >= 1")
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
         object.__setattr__(self, "recompute_modules", check_recompute(

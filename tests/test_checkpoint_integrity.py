@@ -249,3 +249,23 @@ def test_hf_import_compares_mtp_copies_with_main_embedding_and_head(tmp_path, ca
     got = torch.empty_like(head)
     read_chunks(str(tmp_path / "kept" / "release"), [Chunk("lm_head.weight", tuple(head.shape), (0, 0), got)])
     assert torch.equal(got, head)  # the main head was kept
+
+
+def test_interrupted_first_save_and_swapped_out_copy(two_checkpoints, tmp_path):
+    """A kill during the very first save leaves only ``iter_N.tmp``: with --load == --save (partial_ok) that is a
+    fresh start, otherwise an error. A kill between the two renames of a re-saved iteration leaves the complete
+    copy as ``iter_N.old``: it is loaded."""
+    from megatron_ascend.checkpointing import CheckpointError, checkpoint_candidates, load_checkpoint
+    src, params = two_checkpoints
+    root = str(tmp_path / "first")
+    os.makedirs(root)
+    shutil.copytree(os.path.join(src, "iter_0000001"), os.path.join(root, "iter_0000001.tmp"))
+    assert checkpoint_candidates(root, partial_ok=True) == []
+    with pytest.raises(CheckpointError, match="interrupted before its first commit"):
+        checkpoint_candidates(root)
+    root = str(tmp_path / "swap")
+    shutil.copytree(src, root)
+    os.rename(os.path.join(root, "iter_0000002"), os.path.join(root, "iter_0000002.old"))
+    m, opt = _toy(7)
+    assert load_checkpoint(root, [m], opt)[0] == 2
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), params[2]))

@@ -43,13 +43,23 @@ def is_complete(path: str) -> bool:
             and os.path.isfile(os.path.join(path, COMMON)) and os.path.isfile(os.path.join(path, ".metadata")))
 
 
+_OLD_RE = re.compile(r"^iter_(\d{7,})\.old$")
+
+
 def complete_checkpoints(root: str) -> Dict[int, str]:
-    out = {}
+    """{iteration: directory} of the complete checkpoints under ``root``. An ``iter_N.old`` (a re-saved
+    iteration's previous copy, kept until the new one is renamed into place) counts when ``iter_N`` is gone:
+    a kill between the two renames leaves it as the only complete copy."""
+    out, old = {}, {}
     if os.path.isdir(root):
         for name in os.listdir(root):
-            m = _ITER_RE.match(name)
+            m, o = _ITER_RE.match(name), _OLD_RE.match(name)
             if m and is_complete(os.path.join(root, name)):
                 out[int(m.group(1))] = os.path.join(root, name)
+            elif o and is_complete(os.path.join(root, name)):
+                old[int(o.group(1))] = os.path.join(root, name)
+    for it, path in old.items():
+        out.setdefault(it, path)
     return out
 
 
@@ -97,10 +107,12 @@ def read_common(path: str) -> Dict[str, Any]:
     return common
 
 
-def checkpoint_candidates(root: str) -> List[str]:
+def checkpoint_candidates(root: str, partial_ok: bool = False) -> List[str]:
     """Complete checkpoint directories under ``root`` in the order to try them: the tracker's, then the others
     newest first. ``root`` may be one checkpoint directory. [] when ``root`` holds nothing at all; a
-    CheckpointError when it holds only interrupted saves, or is a HuggingFace directory."""
+    CheckpointError when it holds only interrupted saves (``partial_ok``: a warning and [] when there is no
+    tracker either: the first save of a run that is now restarted with --load == --save), or is a HuggingFace
+    directory."""
     if is_complete(root):
         return [root]
     if not os.path.isdir(root):
@@ -125,6 +137,10 @@ def checkpoint_candidates(root: str) -> List[str]:
     leftovers = [n for n in os.listdir(root) if n.startswith("iter_") or n == "release"]
     if bad_tracker:
         raise CheckpointError(bad_tracker)
+    if partial_ok and tracked is None and all(n.endswith((".tmp", ".old")) for n in leftovers):
+        logger.warning("%s holds only interrupted saves (%s); starting from scratch", root,
+                       ", ".join(sorted(leftovers)[:3]))
+        return []
     if tracked is not None or leftovers:
         raise CheckpointError(f"{root} holds no complete checkpoint (tracker: {tracked}, found: "
                               f"{', '.join(sorted(leftovers)[:5]) or 'nothing'}); a save was interrupted before its "

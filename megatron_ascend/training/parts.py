@@ -195,11 +195,12 @@ def moe_log_values(stats: Dict[str, float], num_moe_layers: int) -> Dict[str, Di
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
-def checkpoint_exists(load_dir: str) -> bool:
-    """Whether ``load_dir`` holds a complete checkpoint (not yet verified: load does that). A directory with
-    interrupted saves only, or a HuggingFace model directory, is a CheckpointError naming the fix."""
+def checkpoint_exists(load_dir: str, partial_ok: bool = False) -> bool:
+    """Whether ``load_dir`` holds a complete checkpoint (not yet verified: load does that). A HuggingFace
+    model directory, or (unless ``partial_ok``: --load is --save) one with interrupted saves only, is a
+    CheckpointError naming the fix."""
     from ..checkpointing import checkpoint_candidates
-    return bool(checkpoint_candidates(load_dir))
+    return bool(checkpoint_candidates(load_dir, partial_ok=partial_ok))
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,

@@ -36,6 +36,7 @@ from ..monitoring.throughput import resolve_peak_tflops
 from . import parts, preflight
 from .data import build_datasets, train_iterator, valid_iterator
 from .faults import FaultInjector
+from .health import NanGuard, TrainingHalted
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
 
@@ -49,6 +50,8 @@ class TrainResult:
     validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
     exit_reason: str = ""
     saved: List[int] = field(default_factory=list)
+    nan_events: List = field(default_factory=list)  # training/health.py NanEvent per NaN / Inf step
+    loss_spikes: List = field(default_factory=list)
 
 
 def _print_rank0(msg: str) -> None:
@@ -87,12 +90,18 @@ class Trainer:
         self.faults = FaultInjector(self.rank)  # MEGATRON_ASCEND_FAULT (tests, bench/fault_injection.py)
         self.faults.attach(self.model_chunks)
         self.faults.install_checkpoint_hook()
+        t = self.train_cfg
+        self.health = NanGuard(t.check_for_nan_in_loss_and_grad, t.nan_policy, t.nan_max_consecutive,
+                               t.nan_trace_modules, t.loss_spike_factor, t.loss_spike_window, fp16=self.opt_cfg.fp16,
+                               model_chunks=self.model_chunks, print_fn=_print_rank0)
+        self._last_results = None
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
         parts.set_aux_loss_scale(self.num_micro, self.groups)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
         self._load()
+        self._last_good = (self.iteration, self.consumed_train_samples)
         self.datasets = build_datasets(self.data_cfg, self.train_cfg, self.gbs, self.model_cfg.vocab_size,
                                        self.tokenizer, sft=(stage == "sft"),
                                        pack=bool(getattr(args, "sft_packing", False)))
@@ -140,7 +149,8 @@ class Trainer:
         t = self.train_cfg
         if not t.load:
             return
-        if not parts.checkpoint_exists(t.load):
+        same = bool(t.save) and os.path.abspath(t.save) == os.path.abspath(t.load)
+        if not parts.checkpoint_exists(t.load, partial_ok=same):
             if t.finetune or self.stage == "sft":
                 raise ConfigError(f"--load {t.load!r} holds no checkpoint; --finetune / SFT needs the pretrained "
                                   f"checkpoint directory (the --save of the pretraining run)")
@@ -168,6 +178,7 @@ class Trainer:
                                         forward_only=False, num_tokens=tokens,
                                         loss_scale=parts.loss_scale(self.optimizer) or 1.0)
         parts.finalize_grads(self.model_chunks, self.groups)
+        self._last_results = results  # this rank's per-micro-batch loss sums (the NaN report reads them)
         ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
             self.scheduler.step(1)
@@ -243,6 +254,7 @@ class Trainer:
             while self.iteration < t.train_iters:
                 platform.synchronize()
                 self.faults.step(self.iteration + 1)
+                self.health.begin_step()
                 t0 = time.perf_counter()
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
                 platform.synchronize()
@@ -250,6 +262,9 @@ class Trainer:
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
+                verdict = self.health.after_step(self.iteration, losses, gn, self._last_results, self.optimizer)
+                if verdict == "ok" and ok:
+                    self._last_good = (self.iteration, self.consumed_train_samples)
                 self.result.losses[self.iteration] = losses
                 self.result.grad_norms[self.iteration] = gn
                 extra = self._moe_scalars
@@ -257,6 +272,8 @@ class Trainer:
                     self.iteration, self.consumed_train_samples, losses, self.scheduler_lr(), self.gbs, gn,
                     not ok, self.gbs * t.seq_length,
                     dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
+                if verdict == "stop":
+                    self._halt_on_nan()
                 if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                     self._run_eval()
                 if t.save and t.save_interval and self.iteration % t.save_interval == 0:
@@ -276,9 +293,26 @@ class Trainer:
         finally:
             self.signal.release()
             self.writer.flush()
+            self.result.nan_events = list(self.health.events)
+            self.result.loss_spikes = list(self.health.spikes)
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result
+
+    def _halt_on_nan(self) -> None:
+        """--nan-policy stop: the skipped steps left weights, optimizer and schedule as the last good step left
+        them; save that state under the last good iteration (and its consumed samples) and stop."""
+        it, consumed = self._last_good
+        self.iteration, self.consumed_train_samples = it, consumed
+        saved = "no --save given, nothing saved"
+        if self.train_cfg.save:
+            self.save()
+            saved = f"the last good state (iteration {it}) saved to {self.train_cfg.save}"
+        self.result.exit_reason = "nan"
+        raise TrainingHalted(f"stopped after {self.health.consecutive} NaN/Inf step(s) in a row (--nan-policy stop, "
+                             f"--nan-max-consecutive {self.train_cfg.nan_max_consecutive}); {saved}; see the NaN/Inf "
+                             f"report above, rerun with --nan-trace-modules to name the first module, or use "
+                             f"--nan-policy skip")
 
     def _run_eval(self) -> None:
         v = self.evaluate()
@@ -291,4 +325,5 @@ class Trainer:
 
     def close(self) -> None:
         self.faults.uninstall()
+        self.health.close()
         self.writer.close()
