@@ -10,7 +10,8 @@ Each trial runs ``torchrun --standalone --max-restarts 3 -m megatron_ascend.pret
 * ``step``: MEGATRON_ASCEND_FAULT kills a random rank at the start or inside the forward of a random iteration;
 * ``save``: kills a random rank (rank 0 for the commit stages) while the checkpoint of a random save iteration
   is written (after the rank wrote its files / before the rename / before the tracker);
-* ``external``: a watcher sends SIGKILL to a random worker process at a random time of the first attempt.
+* ``external``: a watcher sends SIGKILL to a random worker process at a random time (0-3 s) after the first
+  checkpoint of the first attempt was committed (a random step, possibly inside a save).
 
 After the job: exit code 0; the final checkpoint's every tensor (model, optimizer, RNG) equals the reference
 run's; every checkpoint the log says was loaded ("loaded checkpoint ... at iteration I") still verifies
@@ -74,8 +75,11 @@ def _children(pid: int) -> List[int]:
 
 
 def launch(args: List[str], nproc: int = 2, max_restarts: int = 3, fault: Optional[str] = None,
-           external_kill_after: Optional[float] = None, timeout: float = 900) -> Tuple[int, str, Optional[int]]:
-    """torchrun the entry point; returns (exit code, log, pid killed externally or None)."""
+           external_kill_after: Optional[float] = None, timeout: float = 900,
+           kill_after_file: Optional[str] = None) -> Tuple[int, str, Optional[int]]:
+    """torchrun the entry point; returns (exit code, log, pid killed externally or None). With
+    ``external_kill_after`` a watcher SIGKILLs a random worker that many seconds after ``kill_after_file``
+    appears (e.g. the checkpoint tracker: the job is past its start-up and first save) or after the start."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "megatron_ascend.pretrain", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(fault),
@@ -83,6 +87,9 @@ def launch(args: List[str], nproc: int = 2, max_restarts: int = 3, fault: Option
     killed = [None]
 
     def watcher():
+        if kill_after_file is not None:
+            while not os.path.exists(kill_after_file) and proc.poll() is None:
+                time.sleep(0.05)
         time.sleep(external_kill_after)
         workers = _children(proc.pid)
         if workers and proc.poll() is None:
@@ -162,10 +169,11 @@ def run_trial(kind: str, rng: random.Random, work: str, iters: int, nproc: int, 
         rank = rng.randrange(nproc) if stage == "after_write" else 0
         fault, desc = f"kind=kill,iter={it},rank={rank},stage={stage}", f"kill -9 rank {rank} saving iteration {it} ({stage})"
     else:
-        ext = rng.uniform(4.0, 12.0)
-        desc = f"external kill -9 of a random worker after {ext:.1f} s"
+        ext = rng.uniform(0.0, 3.0)
+        desc = f"external kill -9 of a random worker {ext:.1f} s after the first save"
     t = time.time()
-    rc, log, victim = launch(train_args(iters, save_interval, ck), nproc, 3, fault, ext)
+    rc, log, victim = launch(train_args(iters, save_interval, ck), nproc, 3, fault, ext,
+                             kill_after_file=os.path.join(ck, "latest_checkpointed_iteration.txt"))
     wall = time.time() - t
     res = {"kind": kind, "desc": desc, "rc": rc, "wall_s": wall, "victim": victim}
     if rc != 0:

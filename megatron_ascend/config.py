@@ -467,6 +467,9 @@ class TrainingConfig:
     nan_trace_modules: bool = False
     loss_spike_factor: Optional[float] = None
     loss_spike_window: int = 50
+    # reliability: hangs (training/watchdog.py)
+    distributed_timeout_minutes: float = 30.0
+    watchdog_timeout_minutes: Optional[float] = None
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
@@ -480,6 +483,10 @@ class TrainingConfig:
         _require(self.loss_spike_factor is None or self.loss_spike_factor > 1.0,
                  f"--loss-spike-factor {self.loss_spike_factor} must be > 1 (e.g. 3: a loss 3x the recent mean)")
         _require(self.loss_spike_window >= 1, f"--loss-spike-window {self.loss_spike_window} must be >= 1")
+        _require(self.distributed_timeout_minutes > 0,
+                 f"--distributed-timeout-minutes {self.distributed_timeout_minutes} must be > 0")
+        _require(self.watchdog_timeout_minutes is None or self.watchdog_timeout_minutes > 0,
+                 f"--watchdog-timeout-minutes {self.watchdog_timeout_minutes} must be > 0 (leave it out to disable)")
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
         object.__setattr__(self, "recompute_modules", check_recompute(

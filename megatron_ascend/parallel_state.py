@@ -203,8 +203,10 @@ class ProcessGroups:
 _DEFAULT: Optional[ProcessGroups] = None
 
 
-def initialize_model_parallel(config: ParallelConfig, backend_group_options=None) -> ProcessGroups:
-    """Create every group (all ranks take part in every new_group call, as torch requires)."""
+def initialize_model_parallel(config: ParallelConfig, backend_group_options=None, timeout=None) -> ProcessGroups:
+    """Create every group (all ranks take part in every new_group call, as torch requires). ``timeout``
+    (a timedelta; torch's default when None) applies to every group: new groups do not inherit the default
+    group's timeout."""
     import torch.distributed as dist
 
     global _DEFAULT
@@ -218,7 +220,8 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     for name, groups in layout.all_groups().items():
         pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group
         for ranks in groups:
-            handle = dist.new_group(ranks) if len(groups) > 1 or len(ranks) != world else dist.group.WORLD
+            handle = dist.new_group(ranks, timeout=timeout) if len(groups) > 1 or len(ranks) != world \
+                else dist.group.WORLD
             if rank in ranks:
                 pg.groups[name] = handle
                 pg.ranks[name] = list(ranks)

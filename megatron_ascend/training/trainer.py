@@ -19,6 +19,7 @@ in-process.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from . import parts, preflight
 from .data import build_datasets, train_iterator, valid_iterator
 from .faults import FaultInjector
 from .health import NanGuard, TrainingHalted
+from .watchdog import Watchdog
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
 
@@ -72,12 +74,13 @@ class Trainer:
             raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
                               "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
         preflight.check_paths(self.train_cfg)  # --save writable, --load present: before any work
-        self.plat = platform.init_distributed(getattr(args, "distributed_timeout_minutes", 30.0))
+        self.plat = platform.init_distributed(self.train_cfg.distributed_timeout_minutes)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.tokenizer = None
         self._resolve_vocab()
-        self.groups = parallel_state.initialize_model_parallel(self.par)
+        self.groups = parallel_state.initialize_model_parallel(
+            self.par, timeout=datetime.timedelta(minutes=self.train_cfg.distributed_timeout_minutes))
         self.device = self.plat.device()
         self.gbs = self.train_cfg.global_batch_size or self.train_cfg.micro_batch_size * self.par.dp
         self.num_micro = num_microbatches(self.train_cfg, self.par)
@@ -95,6 +98,8 @@ class Trainer:
                                t.nan_trace_modules, t.loss_spike_factor, t.loss_spike_window, fp16=self.opt_cfg.fp16,
                                model_chunks=self.model_chunks, print_fn=_print_rank0)
         self._last_results = None
+        wd = t.watchdog_timeout_minutes
+        self.watchdog = Watchdog(wd * 60.0 if wd else None, self.rank, self.world, self.groups)
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
         parts.set_aux_loss_scale(self.num_micro, self.groups)
         self._moe_scalars: Dict[str, float] = {}
@@ -245,6 +250,7 @@ class Trainer:
     def train(self) -> TrainResult:
         t = self.train_cfg
         self.signal.install()
+        self.watchdog.start()
         start = time.time()
         _print_rank0(f"training {self.stage}: iterations {self.iteration} -> {t.train_iters}, global batch {self.gbs}, "
                      f"{self.num_micro} micro-batches of {t.micro_batch_size} per dp rank, layout tp {self.par.tp} "
@@ -253,6 +259,7 @@ class Trainer:
         try:
             while self.iteration < t.train_iters:
                 platform.synchronize()
+                self.watchdog.beat(self.iteration + 1)
                 self.faults.step(self.iteration + 1)
                 self.health.begin_step()
                 t0 = time.perf_counter()
@@ -291,6 +298,7 @@ class Trainer:
                     self._run_eval()
                 self.save()
         finally:
+            self.watchdog.stop()
             self.signal.release()
             self.writer.flush()
             self.result.nan_events = list(self.health.events)
