@@ -155,6 +155,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-spike-factor", type=float, default=None,
                    help="report an lm loss above this factor times the mean of the last --loss-spike-window losses")
     g.add_argument("--loss-spike-window", type=int, default=50)
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-repeatable runs: torch deterministic algorithms plus the platform's settings "
+                        "(CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO=Ring / HCCL_DETERMINISTIC ...; docs/USER_GUIDE.md)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=30,
                    help="timeout of every process group's collectives (torch.distributed): a hang becomes an error")
     g.add_argument("--watchdog-timeout-minutes", type=float, default=None,
@@ -293,7 +296,7 @@ def build_configs(args: argparse.Namespace, world_size: int
         nan_max_consecutive=args.nan_max_consecutive, nan_trace_modules=args.nan_trace_modules,
         loss_spike_factor=args.loss_spike_factor, loss_spike_window=args.loss_spike_window,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
-        watchdog_timeout_minutes=args.watchdog_timeout_minutes)
+        watchdog_timeout_minutes=args.watchdog_timeout_minutes, deterministic=args.deterministic)
     data = DataConfig(
         data_path=tuple(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,

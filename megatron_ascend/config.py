@@ -470,6 +470,7 @@ class TrainingConfig:
     # reliability: hangs (training/watchdog.py)
     distributed_timeout_minutes: float = 30.0
     watchdog_timeout_minutes: Optional[float] = None
+    deterministic: bool = False  # platform/determinism.py
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))

@@ -1,7 +1,8 @@
 """The only package that knows whether we run on an Ascend NPU, CUDA or CPU.
 
 Owns: device selection per local rank, backend (hccl / nccl / gloo), distributed init, RNG state
-capture/restore for the accelerator, memory statistics, the peak FLOP/s table, and the fused-kernel table
+capture/restore for the accelerator, memory statistics, the peak FLOP/s table, what --deterministic needs per
+platform (determinism.py), and the fused-kernel table
 (torch_npu / MindSpeed ops when present, plain-PyTorch references otherwise).
 
 Nothing outside this package imports torch_npu or calls torch.cuda / torch.npu directly.
@@ -9,7 +10,9 @@ Nothing outside this package imports torch_npu or calls torch.cuda / torch.npu d
 from .device import (Platform, detect_platform, get_platform, get_rng_state, init_distributed, memory_stats,
                      reset_peak_memory_stats, set_rng_state, synchronize, tune_host_allocator)
 from .peak_flops import PEAK_TFLOPS_BF16, peak_tflops
+from .determinism import enable_deterministic
 from . import kernels
 
 __all__ = ["Platform", "detect_platform", "get_platform", "init_distributed", "memory_stats",
-           "reset_peak_memory_stats", "synchronize", "tune_host_allocator", "get_rng_state", "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels"]
+           "reset_peak_memory_stats", "synchronize", "tune_host_allocator", "get_rng_state", "set_rng_state", "PEAK_TFLOPS_BF16", "peak_tflops", "kernels",
+           "enable_deterministic"]

@@ -74,10 +74,14 @@ class Trainer:
             raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
                               "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
         preflight.check_paths(self.train_cfg)  # --save writable, --load present: before any work
+        determinism = platform.enable_deterministic(platform.get_platform().kind) \
+            if self.train_cfg.deterministic else []  # before any communicator / cuBLAS handle exists
         self.plat = platform.init_distributed(self.train_cfg.distributed_timeout_minutes)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.tokenizer = None
+        if determinism:
+            _print_rank0("deterministic mode: " + ", ".join(determinism))
         self._resolve_vocab()
         self.groups = parallel_state.initialize_model_parallel(
             self.par, timeout=datetime.timedelta(minutes=self.train_cfg.distributed_timeout_minutes))
