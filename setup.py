@@ -17,6 +17,7 @@ setup(
         "safetensors",
         "tensorboard",
         "tqdm",
+        "pyarrow",  # parquet input to tools/preprocess_data.py (HuggingFace datasets' format)
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "transformers==5.24.*"],

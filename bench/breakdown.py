@@ -109,7 +109,7 @@ OPS = collections.Counter()  # (component, phase, op name) -> self us, for --ops
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--config", default="mfu", choices=("mfu", "small"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ops", default=None, metavar="COMPONENT", help="also list the top ops of this component")

@@ -121,7 +121,7 @@ def child(*args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--experts", type=int, default=32)

@@ -45,7 +45,7 @@ def make_corpus(path: str, megabytes: float) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--corpus-mb", type=float, default=16.0)
     ap.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
     ap.add_argument("--tokenizer-model", default=None, help="default: train a SentencePiece model here")

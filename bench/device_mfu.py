@@ -171,7 +171,7 @@ def mfu(dev, preset, steps, peak):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--device", default=None, help="cuda | npu | cpu (default: the platform's device)")
     ap.add_argument("--preset", default="h200", choices=sorted(PRESETS))
     ap.add_argument("--steps", type=int, default=6)

@@ -69,7 +69,7 @@ def _body(steps, bucket_elems):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--bucket-mib", type=float, default=2.0, help="bucket size in MiB of fp32 grads")

@@ -143,7 +143,7 @@ def _dist_body(kind, reps):
 
 def main():
     from megatron_ascend.monitoring.flops import model_flops_per_token
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--reps", type=int, default=6)
     ap.add_argument("--world", default="1,2")
     ap.add_argument("--threads", type=int, default=2)

@@ -104,7 +104,7 @@ def bench_weight_grad(tokens, hidden, inter, experts, reps=10):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=128)

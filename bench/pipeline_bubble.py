@@ -149,7 +149,7 @@ def simulate(orders, p, v, t_f, t_b):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--layers", type=int, default=4, help="matmul layers per rank (divisible by every v)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=512)

@@ -1,18 +1,25 @@
 """Megatron-LM / MindSpeed-LLM compatible command-line flags -> the frozen config dataclasses.
 
-``parse_args(argv)`` returns the argparse namespace; ``build_configs(args, world_size)`` returns
-(model, parallel, optimizer, training, data) after every rule in config.py has been checked.
-``--model-config PATH`` reads a HuggingFace config.json; flags given on the command line override it.
+``parse_args(argv)`` returns the argparse namespace (foreign flags resolved by arguments_compat: aliases
+applied, refused flags and contradicting values raised, ``args.compat_resolved`` holding the start-up line);
+``build_configs(args, world_size)`` returns (model, parallel, optimizer, training, data) after every rule in
+config.py has been checked.
+
+The model: ``--model-config PATH`` reads a HuggingFace config.json and flags override it; without it the
+family of ``--model-type`` gives the defaults (config.family_defaults), and a Megatron-style description
+(``--multi-latent-attention``) takes Megatron-LM's defaults for what it leaves out (MEGATRON_MODEL_DEFAULTS).
 Errors are ConfigError; entry points turn them into one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional, Tuple
 
+from . import arguments_compat as compat
 from .config import (ConfigError, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, RopeScaling,
-                     TrainingConfig, validate_all)
+                     TrainingConfig, family_defaults, validate_all)
 
 # flag -> ModelConfig field (Megatron name first; DeepSeek/HF names where Megatron has none)
 _MODEL_FLAGS = {
@@ -32,10 +39,20 @@ _MODEL_FLAGS = {
 }
 
 
+def _int_list(text: str) -> Tuple[int, ...]:
+    """'4,4,4,4' (or '4 4 4 4') -> (4, 4, 4, 4)."""
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 61,62,63")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (DeepSeek architecture; overrides --model-config)")
     g.add_argument("--model-config", default=None, help="HuggingFace config.json of a DeepSeek V2/V3/V3.2/V4 model")
-    g.add_argument("--model-type", default=None, help="deepseek_v2 | deepseek_v3 | deepseek_v32 | deepseek_v4")
+    g.add_argument("--model-type", default=None,
+                   help="deepseek_v2 | deepseek_v3 | deepseek_v32 | deepseek_v4: the family whose defaults the "
+                        "architecture flags start from (deepseek_v3 when not given)")
     g.add_argument("--num-layers", type=int, default=None, help="decoder layers (num_hidden_layers)")
     g.add_argument("--hidden-size", type=int, default=None)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="dense FFN width (intermediate_size)")
@@ -59,7 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm-topk-prob", dest="norm_topk_prob", action="store_true", default=None)
     g.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
     g.add_argument("--first-k-dense-replace", type=int, default=None, help="leading dense-FFN layers")
-    g.add_argument("--moe-layer-freq", type=int, default=None)
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="MoE every N-th layer after --first-k-dense-replace, or Megatron's per-layer list "
+                        "'([0]*3+[1]*58)' (read without eval)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="sequence-wise balance loss alpha")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
                    help="aux-loss-free expert-bias step gamma (0 disables)")
@@ -89,7 +108,23 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1, help="(reserved; context parallel comes later)")
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="place every part by hand (Megatron-Core's string): stages split by '|', E embedding, t decoder "
+                        "layer, m MTP layer, L loss, X*n and (...)*n repeat; VP = stages / PP. DeepSeek-V3 at PP 16 x "
+                        "VP 2: 'Et*3|(tt|)*29,m|L'. docs/PARALLELISM.md, 'Layer placement'")
+    g.add_argument("--num-layer-list", type=_int_list, default=(),
+                   help="layer slots per pipeline stage, comma-separated (MindSpeed-LLM), e.g. 4,4,4,4; or one per "
+                        "virtual stage (pp x vp numbers, model order); sums to --num-layers")
+    g.add_argument("--noop-layers", type=_int_list, default=(),
+                   help="layer slots (in --num-layers numbering) that are identity layers padding the split "
+                        "(MindSpeed-LLM): --num-layers 64 --noop-layers 61,62,63 is a 61-layer model split as 64; "
+                        "they hold no parameters and the real layers keep their ids 0..60")
+    g.add_argument("--microbatch-group-size-per-virtual-pipeline-stage", dest="microbatch_group_size_per_vp_stage",
+                   type=int, default=None,
+                   help="interleaved schedule: micro-batches per group (default PP); lets a micro-batch count that "
+                        "is not a multiple of PP interleave (e.g. the count itself)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="only 1 for training: context parallelism is not built yet (a larger value is refused)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="default: same as TP")
     g.add_argument("--sequence-parallel", action="store_true")
@@ -158,8 +193,6 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="bitwise-repeatable runs: torch deterministic algorithms plus the platform's settings "
                         "(CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO=Ring / HCCL_DETERMINISTIC ...; docs/USER_GUIDE.md)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=30,
-                   help="timeout of every process group's collectives (torch.distributed): a hang becomes an error")
     g.add_argument("--watchdog-timeout-minutes", type=float, default=None,
                    help="report a step (with its eval / save) that runs longer: which rank waits in which collective "
                         "and which never joined; then exit with code 4 so torchrun --max-restarts restarts the job")
@@ -200,7 +233,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reset-attention-mask", action="store_true")
 
 
-def build_parser(prog: str = "megatron_ascend", description: str = "") -> argparse.ArgumentParser:
+def build_parser(prog: str = "megatron_ascend", description: str = "", extra_args=None) -> argparse.ArgumentParser:
+    """Our flags, then ``extra_args(p)``, then the foreign flags of arguments_compat (docs/MIGRATING.md)."""
     p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
@@ -208,30 +242,141 @@ def build_parser(prog: str = "megatron_ascend", description: str = "") -> argpar
     _add_training_args(p)
     _add_optimizer_args(p)
     _add_data_args(p)
+    if extra_args is not None:
+        extra_args(p)
+    compat.add_train_flags(p)
     return p
+
+
+def parser_defaults(p: argparse.ArgumentParser) -> dict:
+    return {a.dest: a.default for a in p._actions}
 
 
 def parse_args(argv: Optional[List[str]] = None, prog: str = "megatron_ascend", description: str = "",
                extra_args=None) -> argparse.Namespace:
-    p = build_parser(prog, description)
-    if extra_args is not None:
-        extra_args(p)
-    return p.parse_args(argv)
+    """Parse and resolve the foreign flags (ConfigError for a refused flag or a contradicting value)."""
+    p = build_parser(prog, description, extra_args)
+    args = p.parse_args(argv)
+    compat.resolve(args, parser_defaults(p))
+    return args
+
+
+def _resolved(args: argparse.Namespace) -> compat.Resolved:
+    """Namespaces built without parse_args (tools that extend the parser) are resolved here."""
+    res = getattr(args, "compat_resolved", None)
+    return res if res is not None else compat.resolve(args, parser_defaults(build_parser()))
+
+
+# Megatron-LM's defaults for what a Megatron-style model description (--multi-latent-attention) leaves out
+MEGATRON_MODEL_DEFAULTS = dict(
+    q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=0, n_shared_experts=0, num_experts_per_tok=2, n_group=1, topk_group=1, scoring_func="softmax",
+    routed_scaling_factor=1.0, first_k_dense_replace=0, moe_layer_freq=1, aux_loss_alpha=0.0,
+    moe_router_load_balancing_type="aux_loss", rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+    tie_word_embeddings=True, num_nextn_predict_layers=0, mtp_loss_scaling_factor=0.1, init_method_std=0.02)
+
+
+def _megatron_routing(args, merged: dict, over: dict, res: compat.Resolved) -> None:
+    """Megatron / MindSpeed router flags -> (topk_method, norm_topk_prob, balance loss), for what the command
+    line did not say with our own flags. Raises where our DeepSeek routers cannot compute Megatron's."""
+    given = res.given
+    lb = getattr(args, "compat_balance_type", None)
+    if lb == "pai_megatron_aux_loss":  # MindSpeed: softmax over all experts, greedy top-k, switch balance loss
+        for fld, v in (("scoring_func", "softmax"), ("topk_method", "greedy"), ("norm_topk_prob", False)):
+            if fld in over and over[fld] != v:
+                raise ConfigError(f"--moe-router-load-balancing-type pai_megatron_aux_loss routes with softmax, "
+                                  f"greedy top-k, no normalisation; it contradicts {fld} {over[fld]!r}")
+            over[fld] = v
+        over["moe_router_load_balancing_type"] = "aux_loss"
+        return
+    if lb is not None:
+        if lb in ("noaux_tc", "group_limited_greedy"):  # MindSpeed's router names given as the balance type
+            over.setdefault("topk_method", lb)
+            lb = "none"
+        over["moe_router_load_balancing_type"] = "seq_aux_loss" if (lb == "none" and "--seq-aux" in given) else lb
+    elif "--seq-aux" in given:
+        over["moe_router_load_balancing_type"] = "seq_aux_loss"
+    bias = "--moe-router-enable-expert-bias" in given
+    if bias:
+        if over.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise ConfigError(f"--moe-router-enable-expert-bias means --moe-router-topk-method noaux_tc, not "
+                              f"{over['topk_method']}; drop one")
+        over["topk_method"] = "noaux_tc"
+    pre_softmax = "--moe-router-pre-softmax" in given
+    if args.model_config:  # the config file holds the routing; only what the flags say explicitly changes it
+        if pre_softmax:
+            over.setdefault("norm_topk_prob", False)
+        return
+    if not compat.megatron_style(args) and not bias and not pre_softmax:
+        return
+    m = {**merged, **over}
+    n_group = m.get("n_group", 1) or 1
+    if "topk_method" not in over:
+        over["topk_method"] = "noaux_tc" if bias else ("group_limited_greedy" if n_group > 1 else "greedy")
+    if "norm_topk_prob" not in over:
+        over["norm_topk_prob"] = (not pre_softmax) if m.get("scoring_func") == "softmax" else True
+    method, k = over["topk_method"], m.get("num_experts_per_tok", 1)
+    scaling = m.get("routed_scaling_factor", 1.0)
+    if method in ("greedy", "group_limited_greedy") and over["norm_topk_prob"] and k > 1 and scaling != 1.0:
+        raise ConfigError(f"--moe-router-topk-scaling-factor {scaling} with normalised {method} routing: "
+                          f"Megatron-LM scales the normalised weights, DeepSeek-V2's router (ours) does not; use "
+                          f"--moe-router-pre-softmax or a factor of 1")
+    group_topk = m.get("topk_group", 1) or 1
+    if n_group > 1 and method != "greedy":
+        per = k // group_topk
+        if (method == "noaux_tc" and per != 2) or (method == "group_limited_greedy" and per != 1):
+            raise ConfigError(f"Megatron-LM scores an expert group by its top-{per} experts (topk {k} // "
+                              f"group-topk {group_topk}); our {method} router uses the top-"
+                              f"{2 if method == 'noaux_tc' else 1}; give --moe-router-topk-method explicitly or "
+                              f"a matching --moe-router-group-topk")
 
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    base = {}
+    res = _resolved(args)
+    model_type = args.model_type
+    base = family_defaults(model_type if model_type else None)
     if args.model_config:
         base = ModelConfig.from_json_file(args.model_config).__dict__.copy()
+        if model_type and model_type != base["model_type"]:
+            raise ConfigError(f"--model-type {model_type} disagrees with --model-config's model_type "
+                              f"{base['model_type']}; drop --model-type")
+    elif compat.megatron_style(args):
+        base.update(MEGATRON_MODEL_DEFAULTS)
+        if getattr(args, "hidden_size", None) and getattr(args, "ffn_hidden_size", None) is None:
+            base["intermediate_size"] = 4 * args.hidden_size
+        if getattr(args, "seq_length", None) and getattr(args, "max_position_embeddings", None) is None:
+            base["max_position_embeddings"] = args.seq_length
     over = {}
     for flag, fld in _MODEL_FLAGS.items():
         v = getattr(args, flag, None)
         if v is not None:
             over[fld] = v
+    if "moe_layer_freq" in over:
+        try:
+            over["moe_layer_freq"] = compat.parse_moe_layer_freq(over["moe_layer_freq"])
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(str(e))
+    if isinstance(over.get("moe_layer_freq"), list):
+        first, freq = compat.moe_pattern_to_ours(over["moe_layer_freq"], over.get("num_hidden_layers",
+                                                                                  base.get("num_hidden_layers")))
+        if "first_k_dense_replace" in over and over["first_k_dense_replace"] != first:
+            raise ConfigError(f"--moe-layer-freq starts MoE at layer {first} but --first-k-dense-replace is "
+                              f"{over['first_k_dense_replace']}; give one")
+        over["first_k_dense_replace"], over["moe_layer_freq"] = first, freq
+    if compat.megatron_style(args) and not args.model_config and "moe_intermediate_size" not in over:
+        base["moe_intermediate_size"] = over.get("intermediate_size", base.get("intermediate_size"))
     if args.norm_topk_prob is not None:
         over["norm_topk_prob"] = args.norm_topk_prob
     if args.untie_embeddings_and_output_weights:
         over["tie_word_embeddings"] = False
+    if getattr(args, "compat_indexer_loss_coeff", None) is not None:
+        over["dsa_indexer_loss_coeff"] = args.compat_indexer_loss_coeff
+    _megatron_routing(args, base, over, res)
+    if compat.megatron_style(args) and not args.model_type and not args.model_config:
+        # Megatron-LM has no model type: the routing says the family (HF export names its architecture)
+        m = {**base, **over}
+        over["model_type"] = ("deepseek_v32" if m.get("index_topk") else
+                              "deepseek_v3" if m.get("topk_method") == "noaux_tc" else "deepseek_v2")
     if args.n_shared_experts is not None:
         over["n_shared_experts"] = args.n_shared_experts
     elif args.moe_shared_expert_intermediate_size is not None:
@@ -240,10 +385,22 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
             raise ConfigError(f"--moe-shared-expert-intermediate-size {args.moe_shared_expert_intermediate_size} "
                               f"is not a multiple of --moe-ffn-hidden-size {width}; give a multiple")
         over["n_shared_experts"] = args.moe_shared_expert_intermediate_size // width
-    if args.rope_scaling_factor is not None:
+    yarn_keys = ("rope_scaling_factor", "rope_scaling_original_max_position_embeddings", "rope_scaling_mscale",
+                 "rope_scaling_mscale_all_dim", "rope_scaling_beta_fast", "rope_scaling_beta_slow")
+    if args.rope_scaling_factor is None and any(getattr(args, k, None) is not None for k in yarn_keys) \
+            and base.get("rope_scaling") is None:
+        raise ConfigError("YaRN settings are given without --rope-scaling-factor (or Megatron's "
+                          "--rotary-scaling-factor); give the factor or drop them")
+    if args.rope_scaling_factor is not None or (base.get("rope_scaling") is not None and any(
+            getattr(args, k, None) is not None for k in yarn_keys)):
         rs = base.get("rope_scaling") or RopeScaling()
+        rs = RopeScaling(**rs) if isinstance(rs, dict) else rs
         kw = dict(rs.__dict__)
-        kw["factor"] = args.rope_scaling_factor
+        if args.rope_scaling_factor is not None:
+            kw["factor"] = args.rope_scaling_factor
+        for key, fld in (("rope_scaling_beta_fast", "beta_fast"), ("rope_scaling_beta_slow", "beta_slow")):
+            if getattr(args, key, None) is not None:
+                kw[fld] = getattr(args, key)
         if args.rope_scaling_original_max_position_embeddings is not None:
             kw["original_max_position_embeddings"] = args.rope_scaling_original_max_position_embeddings
         if args.rope_scaling_mscale is not None:
@@ -255,9 +412,49 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(**merged)
 
 
+def _schedule_lengths(args, gbs: int):
+    """(train_iters, lr_warmup_iters, lr_decay_iters) from the iteration- or sample-based flags (Megatron's
+    rules). Samples become iterations of ``gbs`` samples, as floats: Megatron's schedule in samples at a
+    constant global batch is the iteration schedule with warm-up / decay lengths divided by the batch."""
+    train_samples = getattr(args, "train_samples", None)
+    warm_s, decay_s = getattr(args, "lr_warmup_samples", None), getattr(args, "lr_decay_samples", None)
+    fraction = getattr(args, "lr_warmup_fraction", None)
+    warm, decay, iters = args.lr_warmup_iters, args.lr_decay_iters, args.train_iters
+    if train_samples is not None:
+        if iters is not None:
+            raise ConfigError(f"--train-samples {train_samples} and --train-iters {iters} are both given; "
+                              f"training is counted in iterations or in samples, give one")
+        if warm or decay is not None:
+            raise ConfigError("--train-samples counts the LR schedule in samples: use --lr-warmup-samples / "
+                              "--lr-decay-samples (or --lr-warmup-fraction), not --lr-warmup-iters / "
+                              "--lr-decay-iters")
+        iters = train_samples // gbs
+        if iters < 1:
+            raise ConfigError(f"--train-samples {train_samples} is less than one global batch of {gbs}")
+        warm = (warm_s or 0) / gbs
+        decay = decay_s / gbs if decay_s is not None else None
+    elif warm_s is not None or decay_s is not None:
+        raise ConfigError("--lr-warmup-samples / --lr-decay-samples need --train-samples (the schedule is counted "
+                          "in iterations otherwise: use --lr-warmup-iters / --lr-decay-iters)")
+    if fraction is not None:
+        if warm or warm_s:
+            raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples are both given; "
+                              "give one")
+        warm = fraction * (decay if decay is not None else (iters or 0))
+    return iters or 0, warm, decay
+
+
 def build_configs(args: argparse.Namespace, world_size: int
                   ) -> Tuple[ModelConfig, ParallelConfig, OptimizerConfig, TrainingConfig, DataConfig]:
+    _resolved(args)
     model = model_config_from_args(args)
+    padded = getattr(args, "compat_padded_vocab_size", None)
+    if padded is not None:
+        if args.vocab_size is not None and args.vocab_size > padded:
+            raise ConfigError(f"--vocab-size {args.vocab_size} exceeds --padded-vocab-size {padded}; the padded size "
+                              f"must hold the vocabulary")
+        args.vocab_size = padded
+        model = ModelConfig(**{**model.__dict__, "vocab_size": padded})
     par = ParallelConfig(
         world_size=world_size, tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -269,10 +466,20 @@ def build_configs(args: argparse.Namespace, world_size: int
         use_distributed_optimizer=args.use_distributed_optimizer,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type)
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout, num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers, microbatch_group_size_per_vp_stage=args.microbatch_group_size_per_vp_stage)
+    if par.noop_layers and args.num_layers is not None:  # --num-layers counts the noop slots (MindSpeed)
+        real = args.num_layers - len(par.noop_layers)
+        if real < 1:
+            raise ConfigError(f"--noop-layers lists {len(par.noop_layers)} of the {args.num_layers} --num-layers; "
+                              f"keep at least one real layer")
+        model = dataclasses.replace(model, num_hidden_layers=real)
+    gbs = args.global_batch_size or args.micro_batch_size * par.dp
+    train_iters, warmup, decay = _schedule_lengths(args, gbs)
     opt = OptimizerConfig(
         optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
-        lr_warmup_iters=args.lr_warmup_iters, lr_decay_iters=args.lr_decay_iters,
+        lr_warmup_iters=warmup, lr_decay_iters=decay, lr_warmup_init=getattr(args, "lr_warmup_init", None) or 0.0,
         lr_wsd_decay_iters=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, bf16=args.bf16, fp16=args.fp16,
@@ -281,7 +488,7 @@ def build_configs(args: argparse.Namespace, world_size: int
         overlap_grad_reduce=args.overlap_grad_reduce, gradient_accumulation_fusion=args.gradient_accumulation_fusion)
     train = TrainingConfig(
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
-        seq_length=args.seq_length or min(4096, model.max_position_embeddings), train_iters=args.train_iters or 0,
+        seq_length=args.seq_length or min(4096, model.max_position_embeddings), train_iters=train_iters,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
         save_interval=args.save_interval, save=args.save, load=args.load, save_retain=args.save_retain,
         finetune=args.finetune, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
@@ -295,13 +502,16 @@ def build_configs(args: argparse.Namespace, world_size: int
         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad, nan_policy=args.nan_policy,
         nan_max_consecutive=args.nan_max_consecutive, nan_trace_modules=args.nan_trace_modules,
         loss_spike_factor=args.loss_spike_factor, loss_spike_window=args.loss_spike_window,
-        distributed_timeout_minutes=args.distributed_timeout_minutes,
-        watchdog_timeout_minutes=args.watchdog_timeout_minutes, deterministic=args.deterministic)
+        distributed_timeout_minutes=float(getattr(args, "distributed_timeout_minutes", None) or 30.0),
+        watchdog_timeout_minutes=args.watchdog_timeout_minutes, deterministic=args.deterministic,
+        train_samples=getattr(args, "train_samples", None), save_optim=not getattr(args, "no_save_optim", False),
+        save_rng=not getattr(args, "no_save_rng", False), async_save=bool(getattr(args, "async_save", False)))
     data = DataConfig(
         data_path=tuple(args.data_path), split=args.split, tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         mock_data=args.mock_data, num_workers=args.num_workers, reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask)
+        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=bool(getattr(args, "eod_mask_loss", False)),
+        data_cache_path=getattr(args, "data_cache_path", None))
     validate_all(model, par, train, opt, data)
     return model, par, opt, train, data
 

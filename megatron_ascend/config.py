@@ -312,6 +312,33 @@ class ModelConfig:
         return d
 
 
+# The defaults of a model family when the architecture comes from flags (no --model-config): ModelConfig's own
+# defaults are DeepSeek-V3's; DeepSeek-V2's are its smallest release, V2-Lite (config.json on the hub):
+# no query LoRA, softmax scores, greedy top-6 of 64 experts without expert bias or top-k normalisation,
+# 2 shared experts, one dense layer, the sequence-wise balance loss with alpha 0.001, no MTP, YaRN x40.
+FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "deepseek_v3": {},
+    "deepseek_v2": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+                        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+                        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+                        routed_scaling_factor=1.0, first_k_dense_replace=1, aux_loss_alpha=0.001,
+                        max_position_embeddings=163840, num_nextn_predict_layers=0,
+                        rope_scaling=dict(type="yarn", factor=40.0, original_max_position_embeddings=4096,
+                                          beta_fast=32.0, beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707)),
+    "deepseek_v32": dict(model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048,
+                         max_position_embeddings=163840),
+    "deepseek_v4": dict(model_type="deepseek_v4"),
+}
+
+
+def family_defaults(model_type: Optional[str]) -> Dict[str, Any]:
+    """ModelConfig fields a family starts from when its architecture is given by flags."""
+    mt = model_type or "deepseek_v3"
+    _require(mt in MODEL_TYPES, f"--model-type {mt!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
+    return dict(FAMILY_DEFAULTS[mt], model_type=mt)
+
+
 # ----------------------------------------------------------------------------------------------
 # Parallelism
 # ----------------------------------------------------------------------------------------------
@@ -330,10 +357,20 @@ class ParallelConfig:
     decoder_first_pipeline_num_layers: Optional[int] = None
     decoder_last_pipeline_num_layers: Optional[int] = None
     moe_token_dispatcher_type: str = "alltoall"
+    # layer placement (placement.py): Megatron-Core's layout string, MindSpeed's per-stage layer counts and
+    # noop (identity, padding-only) layer slots in --num-layers numbering
+    pipeline_model_parallel_layout: Optional[str] = None
+    num_layer_list: Tuple[int, ...] = ()
+    noop_layers: Tuple[int, ...] = ()
+    # interleaved schedule: micro-batches run per virtual stage in groups of this many (None = pp; Megatron's
+    # --microbatch-group-size-per-virtual-pipeline-stage)
+    microbatch_group_size_per_vp_stage: Optional[int] = None
 
     def __post_init__(self):
         if self.expert_tensor_parallel_size is None:
             object.__setattr__(self, "expert_tensor_parallel_size", self.tensor_model_parallel_size)
+        object.__setattr__(self, "num_layer_list", tuple(self.num_layer_list))
+        object.__setattr__(self, "noop_layers", tuple(self.noop_layers))
         self.validate()
 
     @property
@@ -387,6 +424,10 @@ class ParallelConfig:
                  f"use one of {', '.join(DISPATCHER_TYPES)}")
         if self.virtual_pipeline_model_parallel_size is not None or self.num_layers_per_virtual_pipeline_stage:
             _require(self.pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1 (it is 1)")
+        g = self.microbatch_group_size_per_vp_stage
+        _require(g is None or g >= self.pp,
+                 f"--microbatch-group-size-per-virtual-pipeline-stage {g} is below pipeline-model-parallel-size "
+                 f"{self.pp}; use at least {self.pp}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +439,9 @@ class OptimizerConfig:
     lr: float = 1e-4
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None
+    lr_warmup_iters: float = 0  # a float when given in samples (--lr-warmup-samples / global batch)
+    lr_decay_iters: Optional[float] = None
+    lr_warmup_init: float = 0.0  # lr at the start of warm-up (Megatron's --lr-warmup-init)
     lr_wsd_decay_iters: Optional[int] = None
     lr_wsd_decay_style: str = "linear"
     weight_decay: float = 0.01
@@ -426,6 +468,8 @@ class OptimizerConfig:
         _require(self.lr >= 0 and self.min_lr >= 0, f"--lr {self.lr} and --min-lr {self.min_lr} must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
         _require(self.lr_warmup_iters >= 0, f"--lr-warmup-iters {self.lr_warmup_iters} must be >= 0")
+        _require(0.0 <= self.lr_warmup_init <= self.lr,
+                 f"--lr-warmup-init {self.lr_warmup_init} must be between 0 and --lr {self.lr}")
         _require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
                  f"--adam-beta1 {self.adam_beta1} / --adam-beta2 {self.adam_beta2} must be in [0, 1)")
 
@@ -455,6 +499,10 @@ class TrainingConfig:
     recompute_num_layers: Optional[int] = None
     recompute_modules: Tuple[str, ...] = ()
     peak_tflops: Optional[float] = None
+    train_samples: Optional[int] = None  # --train-samples: train_iters = train_samples // global batch
+    save_optim: bool = True  # False: --no-save-optim
+    save_rng: bool = True  # False: --no-save-rng
+    async_save: bool = False
     # reliability: checkpoint checks on load
     ckpt_verify: str = "checksum"
     ckpt_fallback: bool = True
@@ -525,6 +573,8 @@ class DataConfig:
     sft: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    eod_mask_loss: bool = False  # no loss where the input token is eod
+    data_cache_path: Optional[str] = None  # dataset index caches (default: next to the data)
 
     def __post_init__(self):
         object.__setattr__(self, "data_path", tuple(self.data_path))
@@ -578,16 +628,32 @@ def pipeline_layer_split(num_layers: int, pp: int, vp: int = 1, first: Optional[
 
 
 def virtual_stages(model: ModelConfig, par: ParallelConfig) -> int:
-    if par.virtual_pipeline_model_parallel_size:
-        return par.virtual_pipeline_model_parallel_size
-    if par.num_layers_per_virtual_pipeline_stage:
-        n = par.num_layers_per_virtual_pipeline_stage
-        total = n * par.pp
-        _require(model.num_hidden_layers % total == 0,
-                 f"num-layers {model.num_hidden_layers} is not a multiple of num-layers-per-virtual-pipeline-stage "
-                 f"{n} x pipeline-model-parallel-size {par.pp} = {total}; pick a divisor")
-        return model.num_hidden_layers // total
-    return 1
+    """Virtual pipeline stages per rank (from the layout string, --virtual-pipeline-model-parallel-size or
+    --num-layers-per-virtual-pipeline-stage; 1 without)."""
+    from .placement import placement_of
+    return placement_of(model, par).vp
+
+
+def microbatch_group_problem(num_micro: int, pp: int, group: Optional[int]) -> Optional[str]:
+    """Why the interleaved schedule cannot run ``num_micro`` micro-batches in groups of ``group`` (default pp), or
+    None. Megatron's rules: a group holds between pp and num_micro micro-batches, the last one (num_micro % N) 0
+    or at least pp. The schedule (pipeline_parallel.schedules) and validate_all both use this one rule."""
+    n = group or pp
+    if pp <= n <= num_micro and (num_micro % n == 0 or num_micro % n >= pp):
+        return None
+    fix = (f"raise the global batch to at least {pp} micro-batches per data-parallel rank" if num_micro < pp else
+           f"use --microbatch-group-size-per-virtual-pipeline-stage {num_micro} (or a multiple of {pp} "
+           f"micro-batches per data-parallel rank)")
+    return (f"the interleaved schedule runs {num_micro} micro-batches in groups of {n}; a group must hold between "
+            f"pipeline-model-parallel-size {pp} and {num_micro} micro-batches and the last one 0 or at least {pp}; "
+            f"{fix}")
+
+
+def check_microbatch_groups(num_micro: int, par: ParallelConfig, vp: int) -> None:
+    """ConfigError when interleaving (vp > 1) cannot run these micro-batches (microbatch_group_problem)."""
+    if vp > 1 and par.pp > 1:
+        problem = microbatch_group_problem(num_micro, par.pp, par.microbatch_group_size_per_vp_stage)
+        _require(problem is None, problem or "")
 
 
 def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[TrainingConfig] = None,
@@ -613,13 +679,19 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
         _require(ep == 1, f"expert-model-parallel-size {ep} needs a MoE model (num-experts is 0); set it to 1")
     _require(model.intermediate_size % tp == 0 or model.first_k_dense_replace == 0 and model.is_moe,
              f"ffn-hidden-size {model.intermediate_size} is not divisible by tensor-model-parallel-size {tp}")
+    if model.model_type == "deepseek_v4":  # mirrors models/deepseek_v4/attention.check_config
+        _require(model.o_groups % tp == 0,
+                 f"o_groups {model.o_groups} is not divisible by tensor-model-parallel-size {tp}: each rank holds "
+                 f"whole output groups; pick a TP size that divides {model.o_groups}")
     if model.has_indexer:
         _require(model.index_n_heads % tp == 0,
                  f"index_n_heads {model.index_n_heads} is not divisible by tensor-model-parallel-size {tp}")
-    vp = virtual_stages(model, par)
-    pipeline_layer_split(model.num_hidden_layers, par.pp, vp, par.decoder_first_pipeline_num_layers,
-                         par.decoder_last_pipeline_num_layers)
+    vp = virtual_stages(model, par)  # places every layer (placement.py): one ConfigError per placement rule
     if train is not None:
+        _require(par.cp == 1,
+                 f"--context-parallel-size {par.cp}: context parallelism is not built yet (nothing would split the "
+                 f"sequence, and the loss would be normalised over the wrong ranks); use --context-parallel-size 1 "
+                 f"and give those ranks to data or tensor parallelism")
         gbs = train.global_batch_size
         if gbs is not None:
             unit = train.micro_batch_size * par.dp
@@ -633,6 +705,7 @@ def validate_all(model: ModelConfig, par: ParallelConfig, train: Optional[Traini
         _require(train.seq_length <= model.max_position_embeddings or model.rope_scaling is not None,
                  f"seq-length {train.seq_length} exceeds max-position-embeddings {model.max_position_embeddings}; "
                  f"lower --seq-length or raise --max-position-embeddings")
+        check_microbatch_groups(num_microbatches(train, par), par, vp)
 
 
 def num_microbatches(train: TrainingConfig, par: ParallelConfig) -> int:

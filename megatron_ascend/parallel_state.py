@@ -19,11 +19,15 @@ model code). ``get_process_groups()`` returns the default instance for scripts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ParallelConfig
 
 DENSE_AXES = ("tp", "cp", "dp", "pp")
+# The group one loss is averaged over: the ranks that hold different tokens of the same model replica (data x
+# context parallel). The global token count, the DDP reduction of dense gradients and the aux-loss scale all use
+# it (``groups.loss``), so context parallelism changes nothing but this group's meaning.
+LOSS_GROUP = "dp_cp"
 EXPERT_AXES = ("etp", "ep", "edp", "pp")
 
 
@@ -60,9 +64,12 @@ def _orthogonal_groups(world: int, sizes: Sequence[int], mask: Sequence[bool]) -
 
 @dataclass(frozen=True)
 class RankLayout:
-    """All group memberships for one ParallelConfig, computed without processes."""
+    """All group memberships for one ParallelConfig, computed without processes. ``embedding_pp_ranks``: the
+    pipeline ranks holding a copy of the word embedding (``placement.Placement.embedding_pp_ranks``; default the
+    first and the last)."""
 
     config: ParallelConfig
+    embedding_pp_ranks: Optional[Tuple[int, ...]] = None
 
     def _dense(self, *axes: str) -> List[List[int]]:
         c = self.config
@@ -120,7 +127,9 @@ class RankLayout:
 
     @property
     def embedding(self):
-        return [sorted({g[0], g[-1]}) for g in self.pp]
+        if self.embedding_pp_ranks is None:
+            return [sorted({g[0], g[-1]}) for g in self.pp]
+        return [sorted({g[i] for i in self.embedding_pp_ranks}) for g in self.pp]
 
     def all_groups(self) -> Dict[str, List[List[int]]]:
         if self._expert("pp") != self.pp:  # both generators must agree on pipeline groups
@@ -178,6 +187,8 @@ class ProcessGroups:
     edp = property(lambda self: self.groups["edp"])
     tp_dp_cp = property(lambda self: self.groups["tp_dp_cp"])
     embedding = property(lambda self: self.groups["embedding"])
+    loss = property(lambda self: self.groups[LOSS_GROUP])  # the ranks one loss averages over (LOSS_GROUP)
+    loss_size = property(lambda self: self.size(LOSS_GROUP))
     tp_rank = property(lambda self: self.index("tp"))
     tp_size = property(lambda self: self.size("tp"))
     pp_rank = property(lambda self: self.index("pp"))
@@ -203,10 +214,12 @@ class ProcessGroups:
 _DEFAULT: Optional[ProcessGroups] = None
 
 
-def initialize_model_parallel(config: ParallelConfig, backend_group_options=None, timeout=None) -> ProcessGroups:
-    """Create every group (all ranks take part in every new_group call, as torch requires). ``timeout``
-    (a timedelta; torch's default when None) applies to every group: new groups do not inherit the default
-    group's timeout."""
+def initialize_model_parallel(config: ParallelConfig, backend_group_options=None,
+                              embedding_pp_ranks: Optional[Sequence[int]] = None, timeout=None) -> ProcessGroups:
+    """Create every group (all ranks take part in every new_group call, as torch requires). The embedding group
+    joins the pipeline ranks ``embedding_pp_ranks`` (the placement's; default the first and the last).
+    ``timeout`` (a timedelta; torch's default when None) applies to every group: new groups do not inherit the
+    default group's timeout."""
     import torch.distributed as dist
 
     global _DEFAULT
@@ -215,7 +228,7 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != config.world_size:
         raise ValueError(f"ParallelConfig.world_size {config.world_size} != torch.distributed world size {world}")
-    layout = RankLayout(config)
+    layout = RankLayout(config, None if embedding_pp_ranks is None else tuple(embedding_pp_ranks))
     pg = ProcessGroups(config=config, rank=rank)
     for name, groups in layout.all_groups().items():
         pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group

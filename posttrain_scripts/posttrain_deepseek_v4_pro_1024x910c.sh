@@ -17,7 +17,12 @@
 #   replicated over DP128 with the distributed optimizer (~6.1 B/param, ~12 GB per device).
 # * GBS 1024 = 8 micro-batches of 1 x 8K tokens per DP rank ... too few for PP16 (bubble 15/23), so the recipe
 #   uses GBS 4096 (32 per DP rank, bubble 15/47 = 32%; interleaving with --num-layers-per-virtual-pipeline-stage
-#   would cut it, but 61 layers do not split evenly into virtual stages, hence not used here).
+#   would cut it, but 61 layers do not split evenly into virtual stages; --pipeline-model-parallel-layout can
+#   place them, not measured here).
+#
+# Knobs (environment; the defaults are the recipe): LR_WARMUP_ITERS, PP, EP, FIRST_STAGE_LAYERS, LAST_STAGE_LAYERS, SEQ_LEN, MBS,
+# GBS, TRAIN_ITERS, LOG_DIR, plus the paths below. tests/test_launch_scripts.py checks that its flags parse and
+# build the configs and the layout (SHOW_LAYOUT=1, shrunk): the trainer does not build V4 models yet.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEVICE_TYPE=${DEVICE_TYPE:-npu}
@@ -31,14 +36,18 @@ DATA_PATH=${DATA_PATH:-/data/sft/v4pro}
 CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-/ckpt/v4_pro_base}
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-/ckpt/v4_pro_sft}
 TB_DIR=${TB_DIR:-$CKPT_SAVE_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-.}
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-100}
+PP=${PP:-16}; EP=${EP:-64}; FIRST_STAGE_LAYERS=${FIRST_STAGE_LAYERS:-3}; LAST_STAGE_LAYERS=${LAST_STAGE_LAYERS:-2}
+SEQ_LEN=${SEQ_LEN:-8192}; MBS=${MBS:-1}; GBS=${GBS:-4096}; TRAIN_ITERS=${TRAIN_ITERS:-3000}
 
 MODEL_ARGS="--model-config $HF_CONFIG --mtp-num-layers 1 --mtp-loss-scaling-factor 0.1"
-PARALLEL_ARGS="--tensor-model-parallel-size 1 --pipeline-model-parallel-size 16 \
-    --decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2 \
-    --expert-model-parallel-size 64 --expert-tensor-parallel-size 1 --use-distributed-optimizer \
+PARALLEL_ARGS="--tensor-model-parallel-size 1 --pipeline-model-parallel-size $PP \
+    --decoder-first-pipeline-num-layers $FIRST_STAGE_LAYERS --decoder-last-pipeline-num-layers $LAST_STAGE_LAYERS \
+    --expert-model-parallel-size $EP --expert-tensor-parallel-size 1 --use-distributed-optimizer \
     --overlap-grad-reduce --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-TRAIN_ARGS="--stage sft --load $CKPT_LOAD_DIR --seq-length 8192 --micro-batch-size 1 --global-batch-size 4096 \
-    --train-iters 3000 --bf16 --lr 5e-6 --min-lr 5e-7 --lr-warmup-iters 100 --lr-decay-style cosine \
+TRAIN_ARGS="--stage sft --load $CKPT_LOAD_DIR --seq-length $SEQ_LEN --micro-batch-size $MBS --global-batch-size $GBS \
+    --train-iters $TRAIN_ITERS --bf16 --lr 5e-6 --min-lr 5e-7 --lr-warmup-iters $LR_WARMUP_ITERS --lr-decay-style cosine \
     --weight-decay 0.0 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 --moe-router-bias-update-rate 0"
 DATA_ARGS="--data-path $DATA_PATH --split 99,1,0 --sft-packing --tokenizer-type HuggingFaceTokenizer \
     --tokenizer-model $TOKENIZER_PATH --make-vocab-size-divisible-by 1 --prompt-type auto"
@@ -47,4 +56,4 @@ OUTPUT_ARGS="--log-interval 1 --eval-interval 500 --eval-iters 5 --save $CKPT_SA
 
 # shellcheck disable=SC2086
 run_or_show megatron_ascend.posttrain $MODEL_ARGS $PARALLEL_ARGS $TRAIN_ARGS $DATA_ARGS $OUTPUT_ARGS \
-    2>&1 | tee "logs_deepseek_v4_pro_sft_node${NODE_RANK}.log"
+    2>&1 | tee "$LOG_DIR/logs_deepseek_v4_pro_sft_node${NODE_RANK}.log"

@@ -10,6 +10,10 @@
 # * No TP: h = 2048 and 16 heads make TP GEMMs too small to pay for their all-reduces inside one node; no PP:
 #   27 layers fit, and PP would add a bubble for nothing. Selective recompute of the MLA up-projections and the
 #   expert activations keeps a 4K micro-batch well inside the remaining ~20 GB.
+#
+# Knobs (environment; the defaults are the recipe): LR_WARMUP_ITERS, EP, SEQ_LEN, MBS, GBS, TRAIN_ITERS, EVAL_INTERVAL,
+# EVAL_ITERS, SAVE_INTERVAL, LOG_INTERVAL, LOG_DIR, DEVICES_PER_NODE, plus the paths below.
+# tests/test_launch_scripts.py runs this script shrunk (2 CPU processes, a tiny config).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEVICE_TYPE=${DEVICE_TYPE:-npu}
@@ -20,19 +24,24 @@ TOKENIZER_PATH=${TOKENIZER_PATH:-/data/DeepSeek-V2-Lite}
 DATA_PATH=${DATA_PATH:-/data/pretrain/corpus_text_document}
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-/ckpt/deepseek_v2_lite}
 TB_DIR=${TB_DIR:-$CKPT_SAVE_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-.}
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-2000}
+EP=${EP:-8}; SEQ_LEN=${SEQ_LEN:-4096}; MBS=${MBS:-1}; GBS=${GBS:-256}; TRAIN_ITERS=${TRAIN_ITERS:-50000}
+EVAL_INTERVAL=${EVAL_INTERVAL:-1000}; EVAL_ITERS=${EVAL_ITERS:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
+LOG_INTERVAL=${LOG_INTERVAL:-10}
 
 MODEL_ARGS="--model-config $HF_CONFIG --moe-aux-loss-coeff 1e-3"
-PARALLEL_ARGS="--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size 8 \
+PARALLEL_ARGS="--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --expert-model-parallel-size $EP \
     --expert-tensor-parallel-size 1 --use-distributed-optimizer --overlap-grad-reduce \
     --recompute-granularity selective --recompute-modules mla_up_proj moe_act"
-TRAIN_ARGS="--seq-length 4096 --micro-batch-size 1 --global-batch-size 256 --train-iters 50000 --bf16 \
-    --lr 4.2e-4 --min-lr 4.2e-5 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
+TRAIN_ARGS="--seq-length $SEQ_LEN --micro-batch-size $MBS --global-batch-size $GBS --train-iters $TRAIN_ITERS --bf16 \
+    --lr 4.2e-4 --min-lr 4.2e-5 --lr-warmup-iters $LR_WARMUP_ITERS --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
     --adam-beta1 0.9 --adam-beta2 0.95"
 DATA_ARGS="--data-path $DATA_PATH --split 999,1,0 --tokenizer-type HuggingFaceTokenizer \
     --tokenizer-model $TOKENIZER_PATH --make-vocab-size-divisible-by 1"
-OUTPUT_ARGS="--log-interval 10 --eval-interval 1000 --eval-iters 10 --save $CKPT_SAVE_DIR --load $CKPT_SAVE_DIR \
-    --save-interval 1000 --save-retain 3 --tensorboard-dir $TB_DIR"
+OUTPUT_ARGS="--log-interval $LOG_INTERVAL --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS \
+    --save $CKPT_SAVE_DIR --load $CKPT_SAVE_DIR --save-interval $SAVE_INTERVAL --save-retain 3 --tensorboard-dir $TB_DIR"
 
 # shellcheck disable=SC2086
 run_or_show megatron_ascend.pretrain $MODEL_ARGS $PARALLEL_ARGS $TRAIN_ARGS $DATA_ARGS $OUTPUT_ARGS \
-    2>&1 | tee logs_deepseek_v2_lite.log
+    2>&1 | tee "$LOG_DIR/logs_deepseek_v2_lite.log"

@@ -16,6 +16,10 @@
 # * GBS 3840 = 240 micro-batches per DP rank, so the 1F1B bubble is (p-1)/(m+p-1) = 7/247 = 2.8%.
 # This mirrors MindSpeed-LLM's published 512-device V3 layout (TP4 PP8 EP32) minus its DualPipe / swap
 # optimizer features, which this library does not have.
+#
+# Knobs (environment; the defaults are the recipe): LR_WARMUP_ITERS, TP, PP, EP, FIRST_STAGE_LAYERS, LAST_STAGE_LAYERS, SEQ_LEN,
+# MBS, GBS, TRAIN_ITERS, EVAL_INTERVAL, EVAL_ITERS, SAVE_INTERVAL, LOG_DIR, plus the paths below.
+# tests/test_launch_scripts.py runs this script shrunk (4 CPU processes, a tiny config).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEVICE_TYPE=${DEVICE_TYPE:-npu}
@@ -27,21 +31,27 @@ TOKENIZER_PATH=${TOKENIZER_PATH:-/data/DeepSeek-V3}           # tokenizer.json +
 DATA_PATH=${DATA_PATH:-/data/pretrain/corpus_text_document}   # tools/preprocess_data.py output prefix
 CKPT_SAVE_DIR=${CKPT_SAVE_DIR:-/ckpt/deepseek_v3_671b}
 TB_DIR=${TB_DIR:-$CKPT_SAVE_DIR/tensorboard}
+LOG_DIR=${LOG_DIR:-.}
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-2000}
+TP=${TP:-4}; PP=${PP:-8}; EP=${EP:-32}
+FIRST_STAGE_LAYERS=${FIRST_STAGE_LAYERS:-7}; LAST_STAGE_LAYERS=${LAST_STAGE_LAYERS:-6}
+SEQ_LEN=${SEQ_LEN:-4096}; MBS=${MBS:-1}; GBS=${GBS:-3840}; TRAIN_ITERS=${TRAIN_ITERS:-200000}
+EVAL_INTERVAL=${EVAL_INTERVAL:-2000}; EVAL_ITERS=${EVAL_ITERS:-10}; SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
 
 MODEL_ARGS="--model-config $HF_CONFIG --mtp-num-layers 1 --mtp-loss-scaling-factor 0.3 \
     --moe-aux-loss-coeff 1e-4 --moe-router-bias-update-rate 1e-3 --init-method-std 0.006"
-PARALLEL_ARGS="--tensor-model-parallel-size 4 --sequence-parallel --pipeline-model-parallel-size 8 \
-    --decoder-first-pipeline-num-layers 7 --decoder-last-pipeline-num-layers 6 \
-    --expert-model-parallel-size 32 --expert-tensor-parallel-size 1 --use-distributed-optimizer \
+PARALLEL_ARGS="--tensor-model-parallel-size $TP --sequence-parallel --pipeline-model-parallel-size $PP \
+    --decoder-first-pipeline-num-layers $FIRST_STAGE_LAYERS --decoder-last-pipeline-num-layers $LAST_STAGE_LAYERS \
+    --expert-model-parallel-size $EP --expert-tensor-parallel-size 1 --use-distributed-optimizer \
     --overlap-grad-reduce --recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
-TRAIN_ARGS="--seq-length 4096 --micro-batch-size 1 --global-batch-size 3840 --train-iters 200000 --bf16 \
-    --lr 2.2e-4 --min-lr 2.2e-5 --lr-warmup-iters 2000 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
+TRAIN_ARGS="--seq-length $SEQ_LEN --micro-batch-size $MBS --global-batch-size $GBS --train-iters $TRAIN_ITERS --bf16 \
+    --lr 2.2e-4 --min-lr 2.2e-5 --lr-warmup-iters $LR_WARMUP_ITERS --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
     --adam-beta1 0.9 --adam-beta2 0.95"
 DATA_ARGS="--data-path $DATA_PATH --split 999,1,0 --tokenizer-type HuggingFaceTokenizer \
     --tokenizer-model $TOKENIZER_PATH --make-vocab-size-divisible-by 1"
-OUTPUT_ARGS="--log-interval 1 --eval-interval 2000 --eval-iters 10 --save $CKPT_SAVE_DIR --load $CKPT_SAVE_DIR \
-    --save-interval 1000 --save-retain 3 --tensorboard-dir $TB_DIR"
+OUTPUT_ARGS="--log-interval 1 --eval-interval $EVAL_INTERVAL --eval-iters $EVAL_ITERS --save $CKPT_SAVE_DIR \
+    --load $CKPT_SAVE_DIR --save-interval $SAVE_INTERVAL --save-retain 3 --tensorboard-dir $TB_DIR"
 
 # shellcheck disable=SC2086
 run_or_show megatron_ascend.pretrain $MODEL_ARGS $PARALLEL_ARGS $TRAIN_ARGS $DATA_ARGS $OUTPUT_ARGS \
-    2>&1 | tee "logs_deepseek_v3_671b_node${NODE_RANK}.log"
+    2>&1 | tee "$LOG_DIR/logs_deepseek_v3_671b_node${NODE_RANK}.log"

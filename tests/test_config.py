@@ -31,7 +31,6 @@ RULES = [
       "--moe-ffn-hidden-size", "64"], 8, ["num-attention-heads 4", "tensor-model-parallel-size 8"]),
     (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, ["global-batch-size 6", "micro-batch-size 2",
                                                                  "data-parallel-size 2", "multiple of 4"]),
-    (["--sequence-parallel"], 1, ["--sequence-parallel", "tensor-model-parallel-size > 1"]),
     (["--moe-router-topk-method", "top2_magic"], 1, ["unknown router type", "top2_magic"]),
     (["--moe-router-score-function", "relu"], 1, ["unknown router scoring function", "relu"]),
     (["--moe-router-topk", "9"], 1, ["num_experts_per_tok 9", "n_routed_experts 8"]),
@@ -46,7 +45,7 @@ RULES = [
     (["--min-lr", "1.0", "--lr", "0.1"], 1, ["--min-lr 1.0", "--lr 0.1"]),
     (["--split", "a,b"], 1, ["--split 'a,b'"]),
     (["--recompute-modules", "everything"], 1, ["--recompute-modules everything"]),
-    (["--moe-token-dispatcher-type", "flex"], 1, ["moe-token-dispatcher-type 'flex'"]),
+    (["--moe-token-dispatcher-type", "deepep_magic"], 1, ["moe-token-dispatcher-type 'deepep_magic'"]),
 ]
 
 

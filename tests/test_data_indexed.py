@@ -244,7 +244,7 @@ def test_cli_one_line_error_no_traceback(tmp_path, sp_model):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: --input {str(tmp_path / 'missing.jsonl')!r} matches no file; "
-                                             f"pass JSONL files, a glob or a directory"]
+                                             f"pass JSONL / JSON / parquet files, a glob or a directory"]
 
 
 def test_train_tokenizer_tool(tmp_path, texts):

@@ -160,16 +160,18 @@ def published_1f1b_order(p, r, m):
     return _merge(fwd, bwd, min(p - r - 1, m))
 
 
-def published_interleaved_order(p, r, m, v):
+def published_interleaved_order(p, r, m, v, n=None):
     """Megatron interleaved 1F1B (Narayanan et al. 2021, Fig. 4 bottom; Megatron-Core's schedule table):
-    microbatches go in groups of p; a group runs through chunk 0, then chunk 1, ... (forward) and through chunk
-    v-1 down to chunk 0 (backward). Warm-up is 2(p-r-1) + (v-1)p forwards (capped at m v), then 1F1B."""
+    microbatches go in groups of n (default p; Megatron's microbatch_group_size_per_vp_stage), the last group
+    taking whatever is left; a group runs through chunk 0, then chunk 1, ... (forward) and through chunk v-1 down
+    to chunk 0 (backward). Warm-up is 2(p-r-1) + (v-1)n forwards (capped at m v), then 1F1B."""
+    n = n or p
     fwd, bwd = [], []
-    for g0 in range(0, m, p):
-        group = range(g0, g0 + p)
+    for g0 in range(0, m, n):
+        group = range(g0, m) if g0 + n >= m else range(g0, g0 + n)
         fwd += [("F", j, c) for c in range(v) for j in group]
         bwd += [("B", j, c) for c in reversed(range(v)) for j in group]
-    return _merge(fwd, bwd, min(2 * (p - r - 1) + (v - 1) * p, m * v))
+    return _merge(fwd, bwd, min(2 * (p - r - 1) + (v - 1) * n, m * v))
 
 
 def _merge(fwd, bwd, warmup):
@@ -226,6 +228,13 @@ def test_published_orders_hand_checked():
     assert published_interleaved_order(2, 0, 4, 2) == [
         (F_, 0, 0), (F_, 1, 0), (F_, 0, 1), (F_, 1, 1), (F_, 2, 0), (B_, 0, 1), (F_, 3, 0), (B_, 1, 1),
         (F_, 2, 1), (B_, 0, 0), (F_, 3, 1), (B_, 1, 0), (B_, 2, 1), (B_, 3, 1), (B_, 2, 0), (B_, 3, 0)]
+    # p=2, m=3 (not a multiple of p), v=2, groups of n=3: one group; warm-up 2 + 3 on rank 0, 3 on rank 1
+    assert published_interleaved_order(2, 0, 3, 2, 3) == [
+        (F_, 0, 0), (F_, 1, 0), (F_, 2, 0), (F_, 0, 1), (F_, 1, 1), (F_, 2, 1), (B_, 0, 1), (B_, 1, 1),
+        (B_, 2, 1), (B_, 0, 0), (B_, 1, 0), (B_, 2, 0)]
+    assert published_interleaved_order(2, 1, 3, 2, 3) == [
+        (F_, 0, 0), (F_, 1, 0), (F_, 2, 0), (F_, 0, 1), (B_, 0, 1), (F_, 1, 1), (B_, 1, 1), (F_, 2, 1),
+        (B_, 2, 1), (B_, 0, 0), (B_, 1, 0), (B_, 2, 0)]
     assert published_interleaved_order(2, 1, 4, 2) == [
         (F_, 0, 0), (F_, 1, 0), (F_, 0, 1), (B_, 0, 1), (F_, 1, 1), (B_, 1, 1), (F_, 2, 0), (B_, 0, 0),
         (F_, 3, 0), (B_, 1, 0), (F_, 2, 1), (B_, 2, 1), (F_, 3, 1), (B_, 3, 1), (B_, 2, 0), (B_, 3, 0)]

@@ -23,7 +23,7 @@ def _close(a, b, dtype, what):
 
 
 def _case(pg, L, vp, m, tie=False, mtp=False, dtype=torch.float64, fixed=None, forward_only=False,
-          first=None, last=None, list_iter=False, seed=0):
+          first=None, last=None, list_iter=False, seed=0, group=None):
     """Run one configuration on this rank, compare with the single-process model, return the trace order."""
     pp, dp = pg.pp_size, pg.dp_size
     tag = f"L{L} pp{pp} vp{vp} m{m} dp{dp} tie{tie} mtp{mtp} {dtype} fixed{fixed} fwd_only{forward_only}"
@@ -49,7 +49,7 @@ def _case(pg, L, vp, m, tie=False, mtp=False, dtype=torch.float64, fixed=None, f
     trace = ScheduleTrace()
     shape = dict(tensor_shape=(fixed, 2, H), dtype=dtype) if fixed else {}
     it = [iter(mine) for _ in range(vp)] if list_iter else iter(mine)
-    fb = get_forward_backward_func(pp, vp)
+    fb = get_forward_backward_func(pp, vp, microbatch_group_size=group)
     losses = fb(toy_forward_step, it, chunks, m, pg, forward_only=forward_only,
                 num_tokens=ntok if pg.is_last_stage else None, trace=trace, **shape)
 
@@ -76,16 +76,16 @@ def _case(pg, L, vp, m, tie=False, mtp=False, dtype=torch.float64, fixed=None, f
     return trace.order()
 
 
-def _expected(p, r, m, v, forward_only):
+def _expected(p, r, m, v, forward_only, group=None):
     if forward_only:
         if v == 1:
             return [("F", j, 0) for j in range(m)]
-        return [e for e in published_interleaved_order(p, r, m, v) if e[0] == "F"]
-    return published_1f1b_order(p, r, m) if v == 1 else published_interleaved_order(p, r, m, v)
+        return [e for e in published_interleaved_order(p, r, m, v, group) if e[0] == "F"]
+    return published_1f1b_order(p, r, m) if v == 1 else published_interleaved_order(p, r, m, v, group)
 
 
-def _check_order(pg, got, m, v, forward_only=False):
-    want = _expected(pg.pp_size, pg.pp_rank, m, v, forward_only)
+def _check_order(pg, got, m, v, forward_only=False, group=None):
+    want = _expected(pg.pp_size, pg.pp_rank, m, v, forward_only, group)
     assert got == want, f"pp{pg.pp_size} rank {pg.pp_rank} m{m} v{v}: order\n{got}\n!= published\n{want}"
 
 
@@ -96,15 +96,21 @@ def _world2_body():
              dict(L=4, vp=1, m=3, fixed=5), dict(L=4, vp=1, m=3, forward_only=True),
              dict(L=8, vp=2, m=4, tie=True, mtp=True), dict(L=8, vp=2, m=2), dict(L=8, vp=2, m=6, list_iter=True),
              dict(L=6, vp=3, m=4, tie=True), dict(L=8, vp=2, m=4, fixed=6, dtype=torch.float32),
-             dict(L=8, vp=2, m=4, forward_only=True, mtp=True)]
+             dict(L=8, vp=2, m=4, forward_only=True, mtp=True),
+             # micro-batch counts that are not a multiple of PP interleave in groups of N (Megatron's
+             # microbatch_group_size_per_vp_stage): one group of 3, groups of 3 + 2, groups of 5
+             dict(L=8, vp=2, m=3, group=3, tie=True, mtp=True), dict(L=8, vp=2, m=5, group=3),
+             dict(L=6, vp=3, m=5, group=5, mtp=True), dict(L=8, vp=2, m=5, group=3, forward_only=True)]
     for case in cases:
         order = _case(pg, **case)
-        _check_order(pg, order, case["m"], case["vp"], case.get("forward_only", False))
+        _check_order(pg, order, case["m"], case["vp"], case.get("forward_only", False), case.get("group"))
     # sizes the interleaved schedule cannot run: every rank raises before any communication
     fb = get_forward_backward_func(2, 2)
     chunks = build_chunks(8, 2, pg.pp_rank, 2, False, False, torch.float64)
-    with pytest.raises(PipelineScheduleError, match="num_microbatches 3 to be a multiple of"):
+    with pytest.raises(PipelineScheduleError, match="runs 3 micro-batches in groups of 2.*group-size-per-virtual"):
         fb(toy_forward_step, iter(make_batches(3)), chunks, 3, pg, num_tokens=10.0)
+    with pytest.raises(PipelineScheduleError, match="runs 7 micro-batches in groups of 3"):  # last group of 1
+        get_forward_backward_func(2, 2, 3)(toy_forward_step, iter(make_batches(7)), chunks, 7, pg, num_tokens=10.0)
     with pytest.raises(PipelineScheduleError, match="runs 1 model chunk"):
         get_forward_backward_func(2, 1)(toy_forward_step, iter(make_batches(2)), chunks, 2, pg, num_tokens=1.0)
     # a copy of the embedding on the last stage that the first stage does not mark: both ranks get the error
@@ -120,9 +126,10 @@ def _world4_body():
     pg = initialize_model_parallel(ParallelConfig(world_size=4, pipeline_model_parallel_size=4))
     cases = [dict(L=4, vp=1, m=8), dict(L=4, vp=1, m=1), dict(L=4, vp=1, m=2, tie=True, mtp=True),
              dict(L=8, vp=1, m=3, first=1, last=3, tie=True), dict(L=8, vp=2, m=4, mtp=True),
-             dict(L=8, vp=2, m=8, tie=True, mtp=True), dict(L=12, vp=3, m=4, dtype=torch.float32)]
+             dict(L=8, vp=2, m=8, tie=True, mtp=True), dict(L=12, vp=3, m=4, dtype=torch.float32),
+             dict(L=8, vp=2, m=6, group=6, tie=True, mtp=True), dict(L=8, vp=2, m=10, group=6)]
     for case in cases:
-        _check_order(pg, _case(pg, **case), case["m"], case["vp"])
+        _check_order(pg, _case(pg, **case), case["m"], case["vp"], group=case.get("group"))
     # PP 2 x DP 2: the token count is global over dp, grads summed over dp equal the single process
     pg = initialize_model_parallel(ParallelConfig(world_size=4, pipeline_model_parallel_size=2))
     for case in [dict(L=4, vp=1, m=3, mtp=True, seed=3), dict(L=8, vp=2, m=4, tie=True, mtp=True, seed=4)]:

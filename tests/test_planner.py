@@ -107,7 +107,7 @@ def test_model_state_formula_matches_optimizer_table(bf16, dist, d):
 
 def test_bubble_and_tokens_per_second_bookkeeping():
     cfg = ModelConfig(**{k: v for k, v in V3_TINY.items() if k != "num_key_value_heads"})
-    cl = Cluster(num_devices=8, devices_per_node=8)
+    cl = Cluster.from_device("H800", 8)
     for pp, vp, dp in ((1, 1, 8), (2, 1, 4), (4, 1, 2)):
         lay = Layout(pp=pp, vp=vp, dp=dp, first_stage_layers=None if 3 % pp == 0 else 1,
                      last_stage_layers=None if 3 % pp == 0 else (2 if pp == 2 else 0))

@@ -90,6 +90,47 @@ def test_grouped_wgrad_single_launch_path_agrees(fused, monkeypatch):
     assert torch.allclose(w.main_grad, 2 * ref, atol=1e-5) and w.grad_added_to_main_grad
 
 
+def _recompute_forms():
+    from megatron_ascend.tensor_parallel.random import checkpoint, checkpoint_discard_output
+    return {"plain": lambda fn, x: fn(x),
+            "checkpoint": lambda fn, x: checkpoint(fn, x),
+            "discard output": lambda fn, x: checkpoint_discard_output(lambda t: t * 1.0, x, fn)}
+
+
+@pytest.mark.parametrize("form", ["checkpoint", "discard output"])
+def test_fused_wgrad_under_recompute_writes_the_parameters_main_grad(form):
+    """Under activation recompute (torch's non-reentrant checkpoint, the discard-output hooks) a tensor saved for
+    backward comes back as a detached alias without the parameter's attributes: the fused linear, embedding and
+    grouped linear must still write into the *parameter's* main_grad, exactly as without recompute. (Before the
+    fix: AttributeError 'Tensor' object has no attribute 'main_grad' for the linear / embedding, and the grouped
+    weight gradient silently left the fusion.)"""
+    from megatron_ascend.moe.experts import grouped_linear
+    g = torch.Generator().manual_seed(5)
+    lin_w = torch.nn.Parameter(torch.randn(5, 8, generator=g))
+    emb_w = torch.nn.Parameter(torch.randn(11, 8, generator=g))
+    grp_w = torch.nn.Parameter(torch.randn(3, 4, 8, generator=g))  # rows of 32 bytes: grouped_mm
+    ids = torch.randint(0, 11, (7,), generator=g)
+    counts = [3, 0, 4]
+
+    def fn(x):
+        h = x + wgrad.embedding(ids, emb_w)
+        return wgrad.linear(h, lin_w).sum() + grouped_linear(h, grp_w, counts).square().sum()
+
+    results = {}
+    for name in ("plain", form):
+        for w in (lin_w, emb_w, grp_w):
+            _fake_ddp_param(w)
+            w.grad = None
+        x = torch.randn(7, 8, generator=torch.Generator().manual_seed(9), requires_grad=True)
+        _recompute_forms()[name](fn, x).backward()
+        for w in (lin_w, emb_w, grp_w):
+            assert w.grad_added_to_main_grad, (name, tuple(w.shape))  # the fused backward ran on the param
+            assert not torch.isnan(w.main_grad).any(), (name, tuple(w.shape))
+        results[name] = [w.main_grad.clone() for w in (lin_w, emb_w, grp_w)] + [x.grad.clone()]
+    for a, b in zip(results[form], results["plain"]):
+        assert torch.equal(a, b)  # recompute replays the same ops on the same values
+
+
 def _tiny_cfg():
     from megatron_ascend.config import ModelConfig
     return ModelConfig(model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=64,

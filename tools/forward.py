@@ -33,7 +33,7 @@ from megatron_ascend.arguments import exit_on_config_error  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="tools/forward.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tools/forward.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="our checkpoint (a --save directory or one iter_XXXXXXX / release directory)")
     src.add_argument("--hf-dir", help="a HuggingFace DeepSeek directory (config.json + safetensors)")

@@ -34,7 +34,7 @@ from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all  # 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="tools/reshard.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tools/reshard.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", default=None)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)

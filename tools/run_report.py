@@ -187,7 +187,7 @@ def _html(summary, panels) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="tools/run_report.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="tools/run_report.py", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="TensorBoard log directories (--tensorboard-dir of each run)")
     p.add_argument("--labels", nargs="*", default=None, help="one name per run (default: directory names)")
     p.add_argument("--out", default="run_report", help="output directory for index.html and the PNGs")

@@ -5,8 +5,10 @@
         --pipeline-model-parallel-size 2 --expert-model-parallel-size 2
 
 Takes the same parallel flags as the training entry points (and optionally the model flags / --model-config,
-so the model-dependent rules — heads divisible by TP, experts by EP, layers by PP — are checked too).
+so the model-dependent rules — heads divisible by TP, experts by EP, layers by PP — are checked too, and the layer
+placement is printed: which pipeline rank / virtual stage holds the embedding, which layers, MTP and the loss).
 """
+import dataclasses
 import os
 import sys
 
@@ -15,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ascend.arguments import exit_on_config_error, model_config_from_args, build_parser  # noqa: E402
 from megatron_ascend.config import ParallelConfig, validate_all  # noqa: E402
 from megatron_ascend.parallel_state import RankLayout  # noqa: E402
+from megatron_ascend.placement import placement_of  # noqa: E402
 
 
 @exit_on_config_error
@@ -30,11 +33,22 @@ def main(argv=None):
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel)
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size, sequence_parallel=args.sequence_parallel,
+        decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout, num_layer_list=args.num_layer_list,
+        noop_layers=args.noop_layers)
+    placement = None
     if args.model_config or args.num_layers:
-        validate_all(model_config_from_args(args), par)
-    layout = RankLayout(par)
+        model = model_config_from_args(args)
+        if par.noop_layers and args.num_layers is not None:  # --num-layers counts the noop slots
+            model = dataclasses.replace(model, num_hidden_layers=args.num_layers - len(par.noop_layers))
+        validate_all(model, par)
+        placement = placement_of(model, par)
+    layout = RankLayout(par, None if placement is None else placement.embedding_pp_ranks)
     print(layout.format())
+    if placement is not None:
+        print(placement.format())
     if args.rank is not None:
         print(f"rank {args.rank}: {layout.coords(args.rank)}")
     return 0

@@ -21,7 +21,7 @@ from megatron_ascend.data import tokenizer_training as tt  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="text files (one sentence per line) or JSONL files")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys read from .jsonl/.json inputs")
     p.add_argument("--library", choices=("sentencepiece", "huggingface"), default="sentencepiece")

@@ -1,6 +1,8 @@
 """Chat templates: turn role/content messages into token ids plus a loss mask on assistant tokens.
 
-Owns: the named templates (``deepseek``), rendering a tokenizer's own jinja ``chat_template`` (as
+Owns: the named templates (``deepseek`` = ``deepseek3``, DeepSeek-V3's format; ``deepseek2`` =
+``deepseek2-lite``, DeepSeek-V2's, as MindSpeed-LLM's --prompt-type names them), rendering a tokenizer's
+own jinja ``chat_template`` (as
 ``transformers`` does: sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``) and
 :func:`encode_chat`. Does not own: reading JSONL records (sft_format.py) or tokenizers (tokenizer.py).
 
@@ -69,7 +71,36 @@ class DeepSeekTemplate:
         return segs
 
 
-NAMED_TEMPLATES = {"deepseek": DeepSeekTemplate()}
+class DeepSeekV2Template:
+    """DeepSeek-V2 / V2-Lite chat format, as MindSpeed-LLM's ``--prompt-type deepseek2`` renders it::
+
+        <bos>{system}\n\nUser: {user}\n\nAssistant:{assistant}<eos>User: ...
+
+    Trainable: each assistant content and the eos after it.
+    """
+
+    name = "deepseek2"
+
+    def segments(self, messages, bos: Optional[int], eos: int, add_generation_prompt: bool = False) -> List[Segment]:
+        segs: List[Segment] = []
+        if bos is not None:
+            segs.append(([bos], False))
+        for m in messages:
+            if m["role"] == "system":
+                segs.append((m["content"] + "\n\n", False))
+            elif m["role"] == "user":
+                segs.append(("User: " + m["content"] + "\n\nAssistant:", False))
+            else:
+                segs.append((m["content"], True))
+                segs.append(([eos], True))
+        if add_generation_prompt and messages and messages[-1]["role"] != "user":
+            segs.append(("Assistant:", False))
+        return segs
+
+
+# our names, and MindSpeed-LLM's --prompt-type names for the same formats
+NAMED_TEMPLATES = {"deepseek": DeepSeekTemplate(), "deepseek3": DeepSeekTemplate(), "deepseek2": DeepSeekV2Template(),
+                   "deepseek2-lite": DeepSeekV2Template()}
 
 
 class JinjaTemplate:

@@ -4,8 +4,9 @@ Owns: ``DistributedDataParallel`` (one per model chunk): it groups the chunk's t
 GradBuffers keyed by (param dtype, dense | expert), gives every param a ``main_grad`` view into its buffer,
 registers post-accumulate-grad hooks that move ``param.grad`` into ``main_grad``, and reduces the buffers:
 
-* dense params over dp x cp (``pg.dp_cp``; equal to ``pg.dp`` while cp = 1), expert params
-  (``param.is_expert``) over expert-dp (``pg.edp``);
+* dense params over the loss group (``pg.loss``, parallel_state.LOSS_GROUP: dp x cp, the ranks whose tokens
+  the trainer's global token count sums over), expert params (``param.is_expert``) over expert-dp
+  (``pg.edp``);
 * all-reduce, or reduce-scatter into the rank's shard when ``use_distributed_optimizer`` (ZeRO-1; the
   optimizer then all-gathers the updated params through ``start_param_sync``);
 * with ``overlap_grad_reduce`` a bucket's reduction is launched asynchronously from the backward hook as
@@ -18,7 +19,7 @@ registers post-accumulate-grad hooks that move ``param.grad`` into ``main_grad``
 
 Gradient scaling: ``'sum'`` (default) sums over dp, because the schedule already divides the loss by the
 global-batch token count (docs/ARCHITECTURE.md "Loss normalisation"); ``'average'`` multiplies by 1/(dp x cp)
-before the reduction (dense and expert alike: an expert's grad summed over expert-dp already holds the
+before the reduction (the loss group's size; dense and expert alike: an expert's grad summed over expert-dp already holds the
 contributions of all dp ranks' tokens), for losses that are averaged per dp rank.
 
 Gradient-accumulation fusion (``gradient_accumulation_fusion=True``, the default; Megatron's flag): params a
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..parallel_state import LOSS_GROUP
 from ..tensor_parallel.utils import allreduce_sequence_parallel_grads
 from ..tensor_parallel.wgrad import accumulate_main_grad
 from .grad_buffer import Bucket, GradBuffer
@@ -77,7 +79,7 @@ class DistributedDataParallel(nn.Module):
         self.grad_dtype = grad_dtype
         self.gradient_scaling = gradient_scaling
 
-        dp_size = 1 if groups is None else groups.size("dp_cp")
+        dp_size = 1 if groups is None else groups.loss_size
         if bucket_size is None and overlap_grad_reduce:
             bucket_size = max(DEFAULT_BUCKET_SIZE, 1_000_000 * dp_size)
         self.bucket_size = bucket_size
@@ -89,7 +91,7 @@ class DistributedDataParallel(nn.Module):
             keys.setdefault((p.dtype, bool(getattr(p, "is_expert", False))), []).append((n, p))
         self.grad_buffers: List[GradBuffer] = []
         for (dtype, is_expert), params in keys.items():
-            gname = "edp" if is_expert else "dp_cp"
+            gname = "edp" if is_expert else LOSS_GROUP
             if groups is None:
                 group, gsize, grank = None, 1, 0
             else:

@@ -73,13 +73,14 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, counts, offs):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        wgrad.keep_weight(ctx, weight)  # the parameter itself: recompute's saved tensors lose main_grad
         ctx.counts, ctx.offs = counts, offs
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, wgrad.kept_weight(ctx)
         dy = dy.contiguous()
         dx = torch._grouped_mm(dy, weight, offs=ctx.offs) if ctx.needs_input_grad[0] else None
         dw = wgrad.grouped_wgrad(dy, x, ctx.counts, weight, ctx.offs) if ctx.needs_input_grad[1] else None

@@ -4,9 +4,13 @@ Owns:
 * ``balance_loss`` -- one function for the sequence-wise loss (V3: per sequence) and the classic batch-level
   loss (Switch/Megatron ``aux_loss``: the whole micro-batch is one segment), ``z_loss``;
 * ``MoEAuxLossAutoScaler`` -- attaches an aux loss to the activations: forward returns the activation
-  unchanged, backward injects ``scale * d(aux)/d(params)``. ``set_aux_loss_scale(s)`` sets ``scale``
-  (e.g. 1 / (num_microbatches x data-parallel size) when the trainer sums grads over micro-batches and
-  data-parallel ranks); pipeline schedules need to know nothing about it;
+  unchanged, backward injects ``scale * loss_scale * d(aux)/d(params)``. ``set_aux_loss_scale(s, loss_scale)``
+  sets both: ``scale`` normalises (1 / (num_microbatches x size of the "loss" group) when the trainer sums
+  grads over micro-batches and data-parallel ranks), ``loss_scale`` is the fp16 dynamic loss scale the
+  schedule multiplies the LM loss by (1.0 otherwise): the optimizer divides every gradient by it, so the aux
+  losses must carry it too or they vanish under fp16 (Megatron's ``MoEAuxLossAutoScaler.set_loss_scale``).
+  The trainer sets both at one place before each step; pipeline schedules need to know nothing about it.
+  Every injected loss goes through here: the balance losses, the z-loss and the DSA indexer loss;
 * ``update_expert_bias(model, groups, rate)`` -- after each optimizer step:
   ``b += rate * sign(mean(load) - load)`` with the loads all-reduced over the tp-dp-cp group (every rank routes
   over all E experts, so this is the global-batch count), identical on every rank;
@@ -30,10 +34,12 @@ from .router import TopKRouter
 
 
 class MoEAuxLossAutoScaler(torch.autograd.Function):
-    """forward(output, aux_loss, scale) -> output; backward gives aux_loss the gradient ``scale``, or the class
-    value ``MoEAuxLossAutoScaler.scale`` (read at backward time) when ``scale`` is None."""
+    """forward(output, aux_loss, scale) -> output; backward gives aux_loss the gradient ``scale`` (or the class
+    value ``MoEAuxLossAutoScaler.scale`` when ``scale`` is None) times the class value ``loss_scale``, both read
+    at backward time."""
 
     scale: float = 1.0
+    loss_scale: float = 1.0
 
     @staticmethod
     def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: Optional[float] = None):
@@ -45,12 +51,16 @@ class MoEAuxLossAutoScaler(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
         scale = MoEAuxLossAutoScaler.scale if ctx.scale is None else ctx.scale
-        return grad_output, torch.full_like(aux_loss, scale), None
+        return grad_output, torch.full_like(aux_loss, scale * MoEAuxLossAutoScaler.loss_scale), None
 
 
-def set_aux_loss_scale(scale: float) -> None:
-    """Gradient scale of every attached aux loss, e.g. 1/num_microbatches. Set once by the trainer."""
+def set_aux_loss_scale(scale: float, loss_scale: float = 1.0) -> None:
+    """Gradient scale of every attached aux loss (e.g. 1 / (micro-batches x loss-group size)) and the loss
+    scale the LM loss is multiplied by this step (fp16; 1.0 otherwise). The trainer sets both before each step."""
+    if not loss_scale > 0:
+        raise ValueError(f"loss_scale {loss_scale} must be > 0 (the fp16 dynamic loss scale, 1.0 without one)")
     MoEAuxLossAutoScaler.scale = float(scale)
+    MoEAuxLossAutoScaler.loss_scale = float(loss_scale)
 
 
 def attach_aux_loss(output: torch.Tensor, aux_loss: Optional[torch.Tensor], scale: Optional[float] = None

@@ -2,8 +2,9 @@
 
 ``Throughput(flops_per_token, world_size, peak_tflops)``; ``.compute(tokens, seconds)`` returns tokens/s (whole job),
 TFLOP/s per device (Megatron's "throughput per GPU") and MFU = achieved / peak (PaLM definition, model FLOPs, so
-recomputation is not credited). The peak comes from --peak-tflops, else platform.peak_tflops(device name) (dense
-bf16 datasheet figures), else -- on CPU -- a matmul ceiling measured once at startup by
+recomputation is not credited). The peak comes from --peak-tflops, else platform.peak_tflops(device name) (the
+dense bf16 figure of the device table, platform/devices.py, the entry tools/plan.py --device uses), else -- on
+CPU -- a matmul ceiling measured once at startup by
 ``measure_matmul_tflops`` (so "MFU" on CPU means "fraction of what this CPU's GEMM reaches"), else n/a.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Throughput:
 
 
 def resolve_peak_tflops(override: Optional[float], measure_on_cpu: bool = True) -> Optional[float]:
-    """--peak-tflops, else the platform's table entry, else (CPU) a measured matmul ceiling, else None."""
+    """--peak-tflops, else the device table's entry for this device, else (CPU) a measured matmul ceiling, else None."""
     from .. import platform
     if override:
         return float(override)

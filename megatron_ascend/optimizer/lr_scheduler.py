@@ -2,7 +2,8 @@
 
 lr(n) for step count n (0 before the first ``step``):
 
-* warm-up, n <= warmup (warmup > 0): lr = max_lr * n / warmup (so the first update uses lr 0, as Megatron);
+* warm-up, n <= warmup (warmup > 0): lr = init + (max_lr - init) * n / warmup, init = --lr-warmup-init
+  (default 0, so the first update uses lr 0, as Megatron);
 * n > decay_iters: lr = min_lr (decay_iters = --lr-decay-iters, default train_iters);
 * otherwise coeff by --lr-decay-style, lr = min_lr + coeff * (max_lr - min_lr), with
   r = (n - warmup) / (decay_iters - warmup):
@@ -11,10 +12,13 @@ lr(n) for step count n (0 before the first ``step``):
   q = (n - (decay_iters - wsd_decay_iters)) / wsd_decay_iters, --lr-wsd-decay-style linear: 1 - q,
   cosine: (cos(pi q) + 1) / 2, exponential: 2 * 0.5 ** q - 1, minus_sqrt: 1 - sqrt(q).
 
-The trainer calls ``step(1)`` after each successful optimizer step. ``state_dict`` holds the step count and
-the settings; ``load_state_dict`` restores the step count and keeps the current run's settings, or takes the
-checkpoint's with ``use_checkpoint_settings``. ``settings_diff`` lists what differs: the checkpoint package
-refuses a difference unless --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler decides.
+Warm-up and decay lengths may be fractional: a schedule given in samples (--train-samples with
+--lr-warmup-samples / --lr-decay-samples) is this one with the lengths divided by the global batch size, which
+at a constant batch is Megatron's sample-counted schedule. The trainer calls ``step(1)`` after each successful
+optimizer step. ``state_dict`` holds the step count and the settings; ``load_state_dict`` restores the step
+count and keeps the current run's settings, or takes the checkpoint's with ``use_checkpoint_settings``.
+``settings_diff`` lists what differs: the checkpoint package refuses a difference unless
+--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler decides.
 """
 from __future__ import annotations
 
@@ -24,13 +28,20 @@ from typing import Dict, List, Optional
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 
 
+def _whole(x):
+    """An int when the length is whole (iteration-based flags, checkpoints as before), else the float."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
 class OptimizerParamScheduler:
     def __init__(self, optimizer, opt_cfg, train_iters: Optional[int], lr_decay_iters: Optional[int] = None):
         """``lr_decay_iters`` (optional) overrides opt_cfg.lr_decay_iters; both default to train_iters."""
         self.optimizer = optimizer
         self.max_lr, self.min_lr = float(opt_cfg.lr), float(opt_cfg.min_lr)
         self.decay_style = opt_cfg.lr_decay_style
-        self.warmup_steps = int(opt_cfg.lr_warmup_iters)
+        self.warmup_steps = _whole(opt_cfg.lr_warmup_iters)
+        self.warmup_init = float(getattr(opt_cfg, "lr_warmup_init", 0.0) or 0.0)
         decay = lr_decay_iters if lr_decay_iters is not None else opt_cfg.lr_decay_iters
         decay = decay if decay is not None else train_iters
         if self.decay_style != "constant":
@@ -40,7 +51,7 @@ class OptimizerParamScheduler:
             if decay <= self.warmup_steps:
                 raise ValueError(f"--lr-decay-iters {decay} must exceed --lr-warmup-iters {self.warmup_steps}; "
                                  f"lower the warm-up or raise the decay iterations")
-        self.decay_steps = int(decay) if decay is not None else 0
+        self.decay_steps = _whole(decay) if decay is not None else 0
         self.wsd_decay_steps = opt_cfg.lr_wsd_decay_iters
         self.wsd_decay_style = opt_cfg.lr_wsd_decay_style
         if self.decay_style == "WSD":
@@ -57,7 +68,7 @@ class OptimizerParamScheduler:
     def get_lr(self, num_steps: Optional[int] = None) -> float:
         n = self.num_steps if num_steps is None else num_steps
         if self.warmup_steps > 0 and n <= self.warmup_steps:
-            return self.max_lr * n / self.warmup_steps
+            return self.warmup_init + (self.max_lr - self.warmup_init) * n / self.warmup_steps
         if self.decay_style == "constant":
             return self.max_lr
         if n > self.decay_steps:
@@ -91,6 +102,7 @@ class OptimizerParamScheduler:
 
     def _settings(self) -> Dict:
         return {"max_lr": self.max_lr, "min_lr": self.min_lr, "lr_warmup_steps": self.warmup_steps,
+                "lr_warmup_init": self.warmup_init,
                 "lr_decay_steps": self.decay_steps, "lr_decay_style": self.decay_style,
                 "lr_wsd_decay_steps": self.wsd_decay_steps, "lr_wsd_decay_style": self.wsd_decay_style}
 
@@ -107,8 +119,8 @@ class OptimizerParamScheduler:
         changed = self.settings_diff(sd)
         if use_checkpoint_settings:
             self.max_lr, self.min_lr = float(sd.get("max_lr", self.max_lr)), float(sd.get("min_lr", self.min_lr))
-            self.warmup_steps = int(sd.get("lr_warmup_steps", self.warmup_steps))
-            self.decay_steps = int(sd.get("lr_decay_steps", self.decay_steps))
+            self.warmup_steps = _whole(sd.get("lr_warmup_steps", self.warmup_steps))
+            self.decay_steps = _whole(sd.get("lr_decay_steps", self.decay_steps))
             self.decay_style = sd.get("lr_decay_style", self.decay_style)
             self.wsd_decay_steps = sd.get("lr_wsd_decay_steps", self.wsd_decay_steps)
             self.wsd_decay_style = sd.get("lr_wsd_decay_style", self.wsd_decay_style)

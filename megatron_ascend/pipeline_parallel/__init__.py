@@ -9,10 +9,10 @@ from .embedding_sync import (allreduce_embedding_grads, mark_shared_embedding, s
 from .p2p import P2PCommunicator
 from .schedules import (PipelineScheduleError, count_global_tokens, forward_backward_1f1b,
                         forward_backward_interleaved, forward_backward_no_pipelining, get_forward_backward_func)
-from .stage_split import ChunkSpec, is_first_chunk, is_last_chunk, model_chunk_specs, stage_layer_ids
+from .stage_split import ChunkSpec, chunk_specs, is_first_chunk, is_last_chunk, model_chunk_specs, stage_layer_ids
 from .trace import ScheduleTrace, TraceEvent
 
-__all__ = ["stage_layer_ids", "model_chunk_specs", "ChunkSpec", "is_first_chunk", "is_last_chunk",
+__all__ = ["stage_layer_ids", "model_chunk_specs", "chunk_specs", "ChunkSpec", "is_first_chunk", "is_last_chunk",
            "get_forward_backward_func", "forward_backward_no_pipelining", "forward_backward_1f1b",
            "forward_backward_interleaved", "count_global_tokens", "PipelineScheduleError", "P2PCommunicator",
            "ScheduleTrace", "TraceEvent", "allreduce_embedding_grads", "sync_embedding_weights",

@@ -25,19 +25,23 @@ Model chunks that offer ``no_sync()`` (the DDP wrapper) run every backward insid
 their last microbatch, so the grad reduction can start (and overlap) only once.
 
 Published orders reproduced here: 1F1B (Narayanan et al. 2021, PipeDream-flush): rank r runs min(p-r-1, m)
-warm-up forwards, then pairs of one forward and one backward, then the remaining backwards. Interleaved:
-m*v virtual microbatches; virtual id k is microbatch (k // (p v)) * p + k % p on chunk (k // p) % v (backward:
-chunk v - 1 - that); warm-up (p-r-1)*2 + (v-1)*p forwards (capped at m v), then 1F1B, then cool-down. It needs
-m to be a multiple of p.
+warm-up forwards, then pairs of one forward and one backward, then the remaining backwards. Interleaved
+(Megatron-Core's schedule table): microbatches go in groups of N (``microbatch_group_size``, default p; the
+last group takes the rest); a group runs through chunk 0, 1, ..., v-1 (forward) and v-1 down to 0 (backward);
+warm-up (p-r-1)*2 + (v-1)*N forwards (capped at m v), then 1F1B, then cool-down. Megatron's rules: p <= N <= m
+and the last group m % N is 0 or at least p (m not a multiple of p runs with N = m, say). Every chunk still
+runs its microbatches in order, so the gradients are accumulated in the same order as without a pipeline.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..config import microbatch_group_problem
 from .p2p import P2PCommunicator
 
 
@@ -172,18 +176,16 @@ def _check_common(model, num_microbatches, expected_chunks: Optional[int], sched
 
 
 def count_global_tokens(loss_masks: Iterable[torch.Tensor], groups=None) -> torch.Tensor:
-    """Sum of the loss masks of this rank's microbatches, all-reduced over data-parallel (and context-parallel)
-    ranks: the ``num_tokens`` the schedules divide by. Call it on every rank of the dp group."""
+    """Sum of the loss masks of this rank's microbatches, all-reduced over the loss group (``groups.loss``: data x
+    context parallel ranks): the ``num_tokens`` the schedules divide by. Call it on every rank of that group."""
     total = None
     for mask in loss_masks:
         s = mask.detach().to(torch.float64).sum()
         total = s if total is None else total + s
     if total is None:
         raise PipelineScheduleError("count_global_tokens got no loss masks; pass the masks of every microbatch")
-    if groups is not None:
-        name = "dp_cp" if "dp_cp" in groups.groups else "dp"
-        if groups.size(name) > 1:
-            dist.all_reduce(total, group=groups.groups[name])
+    if groups is not None and groups.loss_size > 1:
+        dist.all_reduce(total, group=groups.loss)
     return total
 
 
@@ -250,25 +252,36 @@ def forward_backward_1f1b(forward_step_func, data_iterator, model, num_microbatc
 # ----------------------------------------------------------------------------------------------
 # interleaved 1F1B (virtual pipeline stages)
 # ----------------------------------------------------------------------------------------------
-def interleaved_chunk(k: int, p: int, v: int, forward: bool) -> int:
-    """Model chunk run by virtual microbatch ``k`` (Megatron's table with groups of p microbatches)."""
-    c = (k // p) % v
-    return c if forward else v - 1 - c
+def schedule_table(m: int, v: int, group: int) -> List[tuple]:
+    """(microbatch, chunk) of each forward virtual microbatch k (Megatron-Core's table): microbatches in groups of
+    ``group``, the last group takes the rest; each group runs through chunks 0 .. v-1. Backward k runs the same
+    microbatch on chunk v - 1 - chunk."""
+    table = []
+    for g0 in range(0, m, group):
+        end = m if g0 + group >= m else g0 + group
+        table += [(j, c) for c in range(v) for j in range(g0, end)]
+    return table
+
+
+def check_microbatch_group(m: int, p: int, group: Optional[int]) -> int:
+    """The group size N (default p), after Megatron's rules (config.microbatch_group_problem)."""
+    problem = microbatch_group_problem(m, p, group)
+    if problem:
+        raise PipelineScheduleError(problem)
+    return group or p
 
 
 def forward_backward_interleaved(forward_step_func, data_iterator, model, num_microbatches, groups,
                                  forward_only=False, num_tokens=None, loss_scale=1.0, trace=None,
-                                 tensor_shape=None, dtype=None) -> List[Dict[str, Any]]:
+                                 tensor_shape=None, dtype=None, microbatch_group_size=None
+                                 ) -> List[Dict[str, Any]]:
     _check_common(model, num_microbatches, None, "interleaved")
     p, r, m, v = groups.pp_size, groups.pp_rank, num_microbatches, len(model)
     if v < 2:
         raise PipelineScheduleError(f"the interleaved schedule needs at least 2 model chunks per rank (got {v}); "
                                     f"use the 1F1B schedule (virtual-pipeline-model-parallel-size 1)")
-    if m % p != 0:
-        raise PipelineScheduleError(
-            f"the interleaved schedule needs num_microbatches {m} to be a multiple of "
-            f"pipeline-model-parallel-size {p}; use a global batch of a multiple of {p} microbatches or drop the "
-            f"virtual pipeline stages")
+    n = check_microbatch_group(m, p, microbatch_group_size)
+    table = schedule_table(m, v, n)
     if trace is not None:
         trace.rank = r
 
@@ -282,8 +295,8 @@ def forward_backward_interleaved(forward_step_func, data_iterator, model, num_mi
     run = _Runner(forward_step_func, _per_chunk_iterators(data_iterator, v), model, m, groups, forward_only,
                   num_tokens, loss_scale, trace, is_last)
     total = m * v
-    fchunk = lambda k: interleaved_chunk(k, p, v, True)  # noqa: E731
-    bchunk = lambda k: interleaved_chunk(k, p, v, False)  # noqa: E731
+    fchunk = lambda k: table[k][1]  # noqa: E731
+    bchunk = lambda k: v - 1 - table[k][1]  # noqa: E731
     inputs = [[] for _ in range(v)]  # FIFO of received activations per chunk
     grads = [[] for _ in range(v)]  # FIFO of received output grads per chunk
 
@@ -306,7 +319,7 @@ def forward_backward_interleaved(forward_step_func, data_iterator, model, num_mi
     if forward_only:
         warmup = total
     else:
-        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+        warmup = min((p - r - 1) * 2 + (v - 1) * n, total)
     remaining = total - warmup
 
     if wants_input(0):
@@ -348,8 +361,10 @@ def forward_backward_interleaved(forward_step_func, data_iterator, model, num_mi
 
 
 # ----------------------------------------------------------------------------------------------
-def get_forward_backward_func(pp_size: int, vp_size: Optional[int] = 1) -> Callable[..., List[Dict[str, Any]]]:
-    """The schedule for these sizes: no pipeline (pp 1), 1F1B (vp 1) or interleaved (vp > 1)."""
+def get_forward_backward_func(pp_size: int, vp_size: Optional[int] = 1, microbatch_group_size: Optional[int] = None
+                              ) -> Callable[..., List[Dict[str, Any]]]:
+    """The schedule for these sizes: no pipeline (pp 1), 1F1B (vp 1) or interleaved (vp > 1; with
+    ``microbatch_group_size`` N, Megatron's --microbatch-group-size-per-virtual-pipeline-stage)."""
     vp = vp_size or 1
     if pp_size < 1 or vp < 1:
         raise PipelineScheduleError(f"pipeline size {pp_size} / virtual size {vp_size} must be >= 1")
@@ -358,4 +373,8 @@ def get_forward_backward_func(pp_size: int, vp_size: Optional[int] = 1) -> Calla
             raise PipelineScheduleError(f"virtual pipeline size {vp} needs pipeline-model-parallel-size > 1 (it is "
                                         f"1); drop --virtual-pipeline-model-parallel-size")
         return forward_backward_no_pipelining
-    return forward_backward_interleaved if vp > 1 else forward_backward_1f1b
+    if vp > 1:
+        if microbatch_group_size:
+            return functools.partial(forward_backward_interleaved, microbatch_group_size=microbatch_group_size)
+        return forward_backward_interleaved
+    return forward_backward_1f1b

@@ -14,10 +14,11 @@ Per micro-batch of T = micro_batch_size x seq_length tokens (beta = activation b
   EP:          per MoE layer dispatch + combine all-to-all forward and the same backward, each sending
                T_local x top-k x h x beta (dropless: exact for dispatch; combine equals it summed over the group).
   PP:          each boundary sends [T/tp if SP else T, h] forward and its gradient backward, per micro-batch
-               and per virtual chunk.
+               and per virtual chunk (dualpipev: the turn of the V, stage pp-1 -> pp, stays on one rank).
 Per step: DP grads all-reduce (or reduce-scatter + param all-gather with the distributed optimizer) over dp
 (dense) and expert-dp (experts); the embedding group all-reduces the embedding grad between the first and the
-last stage when both hold a copy (MTP or tied embeddings with PP > 1).
+last stage when both hold a copy (MTP or tied embeddings with PP > 1; not under dualpipev, where rank 0 holds
+both ends).
 
 Time: ring factors 2(n-1)/n (all-reduce), (n-1)/n (all-gather / reduce-scatter / all-to-all) over the
 bandwidth of the group's placement (inside one node: intra-node; otherwise the inter-node NIC, with the
@@ -72,15 +73,16 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
                      o: CommOptions) -> Dict[Key, float]:
     """Payload bytes per (group, op) that one rank of pipeline stage ``p`` moves in one optimizer step, for the
     library's own implementation (models/deepseek, moe all-to-all dispatcher with expert-TP 1, distributed/,
-    pipeline_parallel/p2p). Group names are ProcessGroups names. Scalars (loss, token count, grad norm, expert
-    load counts) are not modelled; they are a few bytes."""
+    pipeline_parallel/p2p). Group names are ProcessGroups names. The token count and the logged losses are
+    counted (they share the loss group with the dense gradients); other scalars (grad norm, expert load counts)
+    are not modelled, they are a few bytes."""
     v: Dict[Key, float] = defaultdict(float)
     t, e, edp = layout.tp, layout.ep, layout.edp
     T = layout.micro_batch_size * o.seq_length
     h, a = cfg.hidden_size, o.act_bytes
     m = o.num_microbatches
     layers = split.rank_layers(p)
-    first, last = p == 0, p == layout.pp - 1
+    first, last = split.is_first(p), split.is_last(p)
     D = cfg.num_nextn_predict_layers if last else 0
     v4 = cfg.model_type == "deepseek_v4"
     moe_flags = [v4 or cfg.is_moe_layer(i) for i in layers]
@@ -111,9 +113,7 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
     # pipeline: one header + payload per transfer; forward to the next stage, grads back
     if layout.pp > 1:
         boundary = (T / t if layout.sp else T) * h * a + o.p2p_header_bytes
-        chunks = layout.vp
-        fwd = m * chunks - (m if last else 0)
-        bwd = m * chunks - (m if first else 0)
+        fwd, bwd = split.p2p_transfers(p, m)
         v[("pp", "send")] += (fwd + bwd) * boundary
         v[("pp", "recv")] += (fwd + bwd) * boundary
     # data parallel: grads over dp x cp (dense) and expert-dp (experts), params back with the distributed optimizer
@@ -128,7 +128,10 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
     else:
         _add(v, "dp_cp", "all_reduce", dense * o.grad_bytes, d)
         _add(v, "edp", "all_reduce", expert * o.grad_bytes, edp)
-    if layout.pp > 1 and (first or last) and (cfg.num_nextn_predict_layers or cfg.tie_word_embeddings):
+    # the loss group (dp x cp, parallel_state.LOSS_GROUP) also carries the trainer's global token count (one
+    # float64, every rank) and, on the loss stage, the logged loss sums (lm; per MTP depth its sum and token count)
+    _add(v, "dp_cp", "all_reduce", 8 * (1 + ((1 + 2 * D) if last else 0)), d)
+    if layout.pp > 1 and (first != last) and (cfg.num_nextn_predict_layers or cfg.tie_word_embeddings):
         V = padded_vocab(cfg, t) // t
         # the grad sum, plus embedding_sync's int64 [2 x 2] agreement check before it
         v[("embedding", "all_reduce")] += V * h * o.grad_bytes + 2 * 2 * 8

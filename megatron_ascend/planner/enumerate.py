@@ -99,13 +99,13 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
     if layout.world != cluster.num_devices:
         raise ConfigError(f"layout {layout.short()} uses {layout.world} devices but the cluster has "
                           f"{cluster.num_devices}; make tp x pp x dp equal --num-devices")
-    par = layout.to_parallel_config()
-    validate_all(cfg, par)
+    _validate(cfg, layout)
     unit = layout.micro_batch_size * layout.dp
     if global_batch_size % unit:
         raise ConfigError(f"global batch {global_batch_size} is not a multiple of micro-batch x dp = {unit}")
     m = global_batch_size // unit
-    split = stage_split(cfg, layout.pp, layout.vp, layout.first_stage_layers, layout.last_stage_layers)
+    split = stage_split(cfg, layout.pp, layout.vp, layout.first_stage_layers, layout.last_stage_layers,
+                        layout.layer_counts, layout.schedule)
     counts = [_rank_params(cfg, split, p, layout.tp, layout.ep, layout.etp) for p in range(layout.pp)]
     ao = ActivationOptions(seq_length=seq_length, micro_batch_size=layout.micro_batch_size, tp=layout.tp,
                            sp=layout.sp, ep=layout.ep, etp=layout.etp, recompute=layout.recompute,
@@ -114,16 +114,20 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
     vocab_local = padded_vocab(cfg, layout.tp) // layout.tp
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
 
-    def stage_act(p: int, o: ActivationOptions) -> Tuple[float, List[float]]:
-        last = p == layout.pp - 1
-        ids = split.rank_layers(p)
-        per_layer = [_layer_act(cfg, i, o) for i in ids] + ([_layer_act(cfg, L, o, True)] * D if last else [])
+    def chunk_act(p: int, v: int, o: ActivationOptions) -> Tuple[float, List[float]]:
+        head = (p, v) == split.head_chunk
+        per_layer = [_layer_act(cfg, i, o) for i in split.layers[p][v]]
+        per_layer += [_layer_act(cfg, L, o, True)] * D if head else []
         act = sum(per_layer)
-        if last:
+        if head:
             act += head_activation_bytes(cfg, o, vocab_local, D)
-        if p == 0:
+        if (p, v) == (0, 0):
             act += embedding_activation_bytes(o, cfg)
         return act, per_layer
+
+    def stage_act(p: int, o: ActivationOptions) -> Tuple[float, List[float]]:
+        parts = [chunk_act(p, v, o) for v in range(len(split.layers[p]))]
+        return sum(a for a, _ in parts), [x for _, pl in parts for x in pl]
 
     dual = layout.schedule == "dualpipe"
     if dual:  # rank p holds stage p and its mirror
@@ -134,6 +138,10 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
         if dual:  # forward direction holds pp - p micro-batches of stage p, the reverse one p + 1 of its mirror
             inflight = float(layout.pp + 1)
             total_act = act * (layout.pp - p) + stage_act(layout.pp - 1 - p, ao)[0] * (p + 1)
+        elif layout.schedule == "dualpipev":  # the V's stage p holds 2pp - p micro-batches, stage 2pp-1-p p + 1
+            S = 2 * layout.pp
+            inflight = (S + 1) / 2.0  # in units of the rank's two chunks
+            total_act = chunk_act(p, 0, ao)[0] * (S - p) + chunk_act(p, 1, ao)[0] * (p + 1)
         else:
             inflight = inflight_microbatches(layout.pp, layout.vp, p, m)
             total_act = act * inflight
@@ -159,9 +167,21 @@ def _layer_act(cfg, i, ao, mtp=False):
 
 
 @functools.lru_cache(maxsize=4096)
-def _rank_params_cached(cfg, layers_key, pp, p, tp, ep, etp, first, last, vp):
-    split = stage_split(cfg, pp, vp, first, last)
+def _rank_params_cached(cfg, split, p, tp, ep, etp):
     return rank_params(cfg, split, p, tp, ep, etp)
+
+
+def _validate(cfg: ModelConfig, layout: Layout) -> None:
+    """config.validate_all's rules for this layout. A split ParallelConfig cannot express (layer_counts,
+    dualpipev) is checked by stage_split instead, so the rest is validated with the pipeline folded into dp."""
+    if not layout.custom_split:
+        validate_all(cfg, layout.to_parallel_config())
+        return
+    flat = layout.replace(pp=1, vp=1, dp=layout.dp * layout.pp, schedule="1f1b", layer_counts=None)
+    validate_all(cfg, flat.to_parallel_config())
+    if (layout.tp * layout.dp) % (layout.ep * layout.etp):
+        raise ConfigError(f"expert-model-parallel-size {layout.ep} x expert-tensor-parallel-size {layout.etp} "
+                          f"does not divide tp x dp = {layout.tp * layout.dp}")
 
 
 def _add_counts(a: ParamCount, b: ParamCount) -> ParamCount:
@@ -172,7 +192,7 @@ def _add_counts(a: ParamCount, b: ParamCount) -> ParamCount:
 
 
 def _rank_params(cfg, split: StageSplit, p, tp, ep, etp) -> ParamCount:
-    return _rank_params_cached(cfg, None, split.pp, p, tp, ep, etp, split.first, split.last, split.vp)
+    return _rank_params_cached(cfg, split, p, tp, ep, etp)
 
 
 def candidate_layouts(cfg: ModelConfig, cluster: Cluster, seq_length: int, global_batch_size: int,
@@ -210,8 +230,10 @@ def candidate_layouts(cfg: ModelConfig, cluster: Cluster, seq_length: int, globa
 
 def search(cfg: ModelConfig, cluster: Cluster, seq_length: int, global_batch_size: int,
            prec: Precision = Precision(), topts: TimeOptions = TimeOptions(),
-           mopts: MemoryOptions = MemoryOptions(), **space) -> Tuple[List[Plan], int, int]:
-    """All feasible plans, fastest first, plus (number evaluated, number rejected by config rules)."""
+           mopts: MemoryOptions = MemoryOptions(), keep_infeasible: bool = False,
+           **space) -> Tuple[List[Plan], int, int]:
+    """All feasible plans (every valid one with ``keep_infeasible``), fastest first, plus (number evaluated,
+    number rejected by config rules)."""
     plans, n, bad = [], 0, 0
     for lay in candidate_layouts(cfg, cluster, seq_length, global_batch_size, **space):
         n += 1
@@ -220,7 +242,7 @@ def search(cfg: ModelConfig, cluster: Cluster, seq_length: int, global_batch_siz
         except (ConfigError, ValueError):
             bad += 1
             continue
-        if plan.feasible:
+        if plan.feasible or keep_infeasible:
             plans.append(plan)
     plans.sort(key=lambda p: -p.time.tokens_per_s_per_device)
     return plans, n, bad

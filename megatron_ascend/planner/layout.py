@@ -6,29 +6,52 @@ edp, pp), so a group's stride in rank space says whether it stays inside one nod
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..config import ConfigError, ParallelConfig
-from ..platform.peak_flops import peak_tflops
+from ..platform.devices import DeviceSpec, device_spec
 
 
 @dataclass(frozen=True)
 class Cluster:
+    """The machine: every figure comes from one platform.devices entry (``from_device``); ``overrides`` names the
+    fields a caller replaced (plan.py's --hbm-gib etc.), so a report can mark them."""
+
     num_devices: int
-    devices_per_node: int = 8
-    tflops: float = 989.0  # dense bf16 peak per device
-    hbm_gib: float = 80.0
-    intra_node_gbps: float = 160.0  # GB/s per device, one direction (NVLink / HCCS)
-    inter_node_gbps: float = 50.0  # GB/s per device (IB / RoCE NIC)
-    hbm_tbps: float = 3.35  # HBM bandwidth, TB/s (optimizer step)
+    devices_per_node: int
+    tflops: float  # dense bf16 peak per device
+    hbm_gib: float
+    intra_node_gbps: float  # GB/s per device, one direction (NVLink / HCCS / UB)
+    inter_node_gbps: float  # GB/s per device, one direction (IB / RoCE NIC)
+    hbm_tbps: float  # HBM bandwidth, TB/s (optimizer step)
     name: str = "custom"
+    overrides: Tuple[str, ...] = ()
+
+    FIGURES = DeviceSpec.FIGURES
+
+    def __post_init__(self):
+        for k in self.FIGURES:
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"cluster {k} = {getattr(self, k)} must be positive")
 
     @classmethod
-    def from_device(cls, device: str, num_devices: int, **kw) -> "Cluster":
-        tf = kw.pop("tflops", None) or peak_tflops(device)
-        if tf is None:
-            raise ConfigError(f"device {device!r} is not in platform.peak_flops; pass --tflops explicitly")
-        return cls(num_devices=num_devices, tflops=tf, name=device, **kw)
+    def from_device(cls, device: str, num_devices: int, **overrides) -> "Cluster":
+        """Every figure from the device table; each keyword that is not None replaces one (ConfigError for an
+        unknown device or field)."""
+        spec = device_spec(device)
+        vals = spec.values()
+        bad = sorted(set(overrides) - set(vals))
+        if bad:
+            raise ConfigError(f"{bad} are not device figures; use {', '.join(cls.FIGURES)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        vals.update(given)
+        vals["devices_per_node"] = int(vals["devices_per_node"])
+        return cls(num_devices=num_devices, name=spec.name, overrides=tuple(sorted(given)), **vals)
+
+    def replace(self, **kw) -> "Cluster":
+        """Replace figures (recorded in ``overrides``) or num_devices / name."""
+        figs = tuple(sorted(set(self.overrides) | {k for k in kw if k in self.FIGURES}))
+        return replace(self, overrides=figs, **kw)
 
 
 @dataclass(frozen=True)
@@ -45,16 +68,36 @@ class Layout:
     micro_batch_size: int = 1
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
-    # 1f1b (interleaved when vp > 1) is what pipeline_parallel runs; "dualpipe" (DeepSeek-V3's bidirectional
-    # schedule: each rank holds stages p and pp-1-p, bubble (pp/2-1)(F&B+B-3W), activations pp+1 micro-batches,
-    # all-to-all hidden behind the overlapped chunk) is modelled only to compare with DeepSeek's report
+    # 1f1b (interleaved when vp > 1) is what pipeline_parallel runs. Modelled only to compare with published runs:
+    # "dualpipe" (DeepSeek-V3's bidirectional schedule: each rank holds stages p and pp-1-p, bubble
+    # (pp/2-1)(F&B+B-3W), activations pp+1 micro-batches, all-to-all hidden behind the overlapped chunk) and
+    # "dualpipev" (its V-shaped half, MindSpeed's --schedules-method dualpipev: pp ranks hold 2 pp stages,
+    # rank p stages p and 2pp-1-p, no parameter copy; with --moe-fb-overlap the all-to-all is hidden the same way)
     schedule: str = "1f1b"
+    # decoder layers of every pipeline stage in pipeline order (pp x vp stages; 2 x pp for dualpipev), when the
+    # split is not Megatron's even / first-last one (e.g. Megatron-Bridge's "Et|(tt|)*30mL" = 1, 2 x 30, 0)
+    layer_counts: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
-        if self.schedule not in ("1f1b", "dualpipe"):
-            raise ValueError(f"schedule {self.schedule!r} is unknown; use 1f1b or dualpipe")
+        if self.schedule not in ("1f1b", "dualpipe", "dualpipev"):
+            raise ValueError(f"schedule {self.schedule!r} is unknown; use 1f1b, dualpipe or dualpipev")
         if self.schedule == "dualpipe" and (self.vp != 1 or self.pp % 2):
             raise ValueError(f"dualpipe needs an even pipeline size and no virtual stages (pp {self.pp}, vp {self.vp})")
+        if self.schedule == "dualpipev" and (self.vp != 1 or self.pp < 2):
+            raise ValueError(f"dualpipev needs pipeline size >= 2 and no virtual stages (pp {self.pp}, vp {self.vp}); "
+                             f"it makes 2 x pp stages itself")
+        if self.layer_counts is not None:
+            object.__setattr__(self, "layer_counts", tuple(int(c) for c in self.layer_counts))  # hashable
+            stages = 2 * self.pp if self.schedule == "dualpipev" else self.pp * self.vp
+            if len(self.layer_counts) != stages:
+                raise ValueError(f"layer_counts has {len(self.layer_counts)} entries; this layout has {stages} stages")
+            if self.first_stage_layers is not None or self.last_stage_layers is not None:
+                raise ValueError("give layer_counts or first/last stage layers, not both")
+
+    @property
+    def custom_split(self) -> bool:
+        """True when the stage split is not one ParallelConfig can express (layer_counts or dualpipev)."""
+        return self.layer_counts is not None or self.schedule == "dualpipev"
 
     @property
     def world(self) -> int:
@@ -95,12 +138,42 @@ class Layout:
         s += f" rc={self.recompute} mbs{self.micro_batch_size}"
         if self.first_stage_layers is not None or self.last_stage_layers is not None:
             s += f" first/last={self.first_stage_layers}/{self.last_stage_layers}"
+        if self.layer_counts is not None:
+            s += " layers=" + format_layer_counts(self.layer_counts)
         if self.schedule != "1f1b":
             s += f" [{self.schedule}]"
         return s
 
     def replace(self, **kw) -> "Layout":
         return replace(self, **kw)
+
+
+def format_layer_counts(counts) -> str:
+    """Run-length form of per-stage layer counts: (1, 2, 2, 2, 0) -> '1:2*3:0' (plan.py --layout layers=)."""
+    out, i = [], 0
+    while i < len(counts):
+        j = i
+        while j < len(counts) and counts[j] == counts[i]:
+            j += 1
+        out.append(f"{counts[i]}*{j - i}" if j - i > 1 else str(counts[i]))
+        i = j
+    return ":".join(out)
+
+
+def parse_layer_counts(text: str) -> Tuple[int, ...]:
+    """Inverse of format_layer_counts ('4*15:1' -> fifteen 4s and a 1)."""
+    out = []
+    for part in text.split(":"):
+        try:
+            if "*" in part:
+                a, n = part.split("*")
+                out += [int(a)] * int(n)
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ConfigError(f"layers={text!r}: write per-stage layer counts as N or N*repeat joined by ':', "
+                              f"e.g. 1:2*30:0") from None
+    return tuple(out)
 
 
 # strides in rank space (Megatron order tp-cp-dp-pp; expert order etp-ep-edp-pp)

@@ -7,16 +7,17 @@ the library yet), split into what one rank holds under TP / EP / ETP and a pipel
 Sharding rules (ARCHITECTURE.md, deepseek_architecture.md §5.1 / §9): column-parallel by heads / FFN width
 (q_b_proj, kv_b_proj, q_proj, gate/up), row-parallel o_proj / down_proj, replicated q_a / kv_a projections,
 norms and the router; vocab-parallel embedding and head; routed experts whole per EP rank, split over ETP.
-MTP sits on the last stage and (with PP > 1) holds its own copy of the word embedding (Megatron-Core's rule).
+MTP sits on the last stage and, on a rank without the first stage, holds its own copy of the word embedding
+(Megatron-Core's rule; under dualpipev rank 0 holds both ends of the V, so one copy).
 
 Does not own: bytes per parameter (memory.py), FLOPs (monitoring/flops.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..config import ModelConfig, padded_vocab_size, pipeline_layer_split
+from ..config import ConfigError, ModelConfig, padded_vocab_size, pipeline_layer_split
 
 
 @dataclass
@@ -172,31 +173,86 @@ def mtp_params(cfg: ModelConfig, tp: int = 1, ep: int = 1, etp: int = 1) -> Para
     return c
 
 
+SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+
+
 @dataclass(frozen=True)
 class StageSplit:
-    """Which decoder layers each (pp rank, virtual chunk) holds: layers[p][v] = list of global indices."""
+    """Which decoder layers each (pp rank, chunk) holds: layers[p][v] = tuple of global indices.
+
+    1f1b / dualpipe: virtual stage k = v * pp + p (Megatron's interleaving; dualpipe's mirror is handled by the
+    caller). dualpipev: 2 pp stages in a V, stage k < pp on rank k (chunk 0), stage k >= pp on rank 2 pp - 1 - k
+    (chunk 1), so rank 0 holds the embedding *and* the head / MTP."""
 
     pp: int
     vp: int
-    layers: List[List[List[int]]]
+    layers: Tuple[Tuple[Tuple[int, ...], ...], ...]
     first: Optional[int] = None
     last: Optional[int] = None
+    schedule: str = "1f1b"
+    layer_counts: Optional[Tuple[int, ...]] = None
 
     def rank_layers(self, p: int) -> List[int]:
         return [i for chunk in self.layers[p] for i in chunk]
 
+    @property
+    def head_rank(self) -> int:
+        return 0 if self.schedule == "dualpipev" else self.pp - 1
+
+    @property
+    def head_chunk(self) -> Tuple[int, int]:
+        """(rank, chunk) of the last pipeline stage: final norm, head, MTP."""
+        return (0, 1) if self.schedule == "dualpipev" else (self.pp - 1, self.vp - 1)
+
+    def is_first(self, p: int) -> bool:
+        return p == 0
+
+    def is_last(self, p: int) -> bool:
+        return p == self.head_rank
+
+    def p2p_transfers(self, p: int, m: int) -> Tuple[int, int]:
+        """Activations this rank sends forward and gradients it sends backward in one step of m micro-batches."""
+        if self.pp == 1:
+            return 0, 0
+        if self.schedule == "dualpipev":  # stage pp-1 -> pp stays on rank pp-1; stage 0 / 2pp-1 end the V
+            n = m * (2 - (p == 0) - (p == self.pp - 1))
+            return n, n
+        return m * self.vp - (m if self.is_last(p) else 0), m * self.vp - (m if self.is_first(p) else 0)
+
 
 def stage_split(cfg: ModelConfig, pp: int, vp: int = 1, first: Optional[int] = None,
-                last: Optional[int] = None) -> StageSplit:
-    """Megatron's assignment: virtual stage k = v * pp + p holds the k-th contiguous block of layers."""
-    counts = pipeline_layer_split(cfg.num_hidden_layers, pp, vp, first, last)  # counts[v][p]
-    layers = [[[] for _ in range(vp)] for _ in range(pp)]
+                last: Optional[int] = None, layer_counts: Optional[Sequence[int]] = None,
+                schedule: str = "1f1b") -> StageSplit:
+    """Megatron's assignment (virtual stage k = v * pp + p holds the k-th contiguous block of layers), or the
+    V of dualpipev; ``layer_counts`` gives the decoder layers of every stage in pipeline order explicitly (a
+    --pipeline-model-parallel-layout, or MindSpeed's --noop-layers with the noop layers left out)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    v_shape = schedule == "dualpipev"
+    stages = 2 * pp if v_shape else pp * vp
+    L = cfg.num_hidden_layers
+    if layer_counts is not None:
+        counts = [int(c) for c in layer_counts]
+        if len(counts) != stages or min(counts) < 0 or sum(counts) != L:
+            raise ConfigError(f"layer counts give {len(counts)} stages summing to {sum(counts)} layers (min "
+                              f"{min(counts, default=0)}); this layout needs {stages} stages "
+                              f"({'2 x pp' if v_shape else 'pp x vp'}) of >= 0 layers summing to num_hidden_layers {L}")
+    elif v_shape:
+        counts = pipeline_layer_split(L, stages, 1, first, last)[0]
+    else:
+        per = pipeline_layer_split(L, pp, vp, first, last)  # per[v][p]
+        counts = [per[k // pp][k % pp] for k in range(stages)]
+    layers = [[() for _ in range(2 if v_shape else vp)] for _ in range(pp)]
     nxt = 0
-    for v in range(vp):
-        for p in range(pp):
-            layers[p][v] = list(range(nxt, nxt + counts[v][p]))
-            nxt += counts[v][p]
-    return StageSplit(pp, vp, layers, first, last)
+    for k, c in enumerate(counts):
+        if v_shape:
+            p, v = (k, 0) if k < pp else (stages - 1 - k, 1)
+        else:
+            p, v = k % pp, k // pp
+        layers[p][v] = tuple(range(nxt, nxt + c))
+        nxt += c
+    return StageSplit(pp, 2 if v_shape else vp, tuple(tuple(r) for r in layers), first, last, schedule,
+                      tuple(counts) if layer_counts is not None else None)
 
 
 def rank_params(cfg: ModelConfig, split: StageSplit, p: int, tp: int = 1, ep: int = 1, etp: int = 1,
@@ -205,7 +261,7 @@ def rank_params(cfg: ModelConfig, split: StageSplit, p: int, tp: int = 1, ep: in
     c = ParamCount()
     h = cfg.hidden_size
     V = padded_vocab(cfg, tp, vocab_divisible_by) // tp
-    first, last = p == 0, p == split.pp - 1
+    first, last = split.is_first(p), split.is_last(p)
     mtp = cfg.num_nextn_predict_layers
     if first:
         c.add("embedding", V * h)

@@ -1,11 +1,13 @@
 """Named planning questions: model + cluster + batch + assumptions (tools/plan.py --preset NAME).
 
-* ``v3-2048-h800``: DeepSeek-V3 671B pretraining on 2,048 H800 80 GB (8 per node, NVLink 160 GB/s, IB 50 GB/s
-  per GPU; deepseek_architecture.md §7), seq 4096, global batch 15,360 sequences (the report's final batch),
-  AdamW moments in BF16 as in the report. DeepSeek's own layout: TP1 PP16 EP64 DP128 + ZeRO-1.
+* ``v3-2048-h800``: DeepSeek-V3 671B pretraining on 2,048 H800 (every device figure from platform.devices),
+  seq 4096, global batch 15,360 sequences (the report's final batch), AdamW moments in BF16 as in the report.
+  DeepSeek's own layout: TP1 PP16 EP64 DP128 + ZeRO-1.
 * ``v4pro-1024-910c``: full-parameter post-training of DeepSeek-V4-Pro (§6.1 numbers) on 1,024 Ascend 910C
-  logical devices (one die each: 64 GB HBM, 376 TFLOP/s bf16, 16 per A3 node; ascend_npu.md §10), seq 8192,
-  global batch 512. V4 attention is not in the library: its parameters and FLOPs come from the §6 formulas.
+  logical devices (one die each, platform.devices' Ascend910C entry), seq 8192, global batch 512. V4 attention
+  is not in the library: its parameters and FLOPs come from the §6 formulas.
+
+The cluster of a preset is ``Cluster.from_device``: the same table ``plan.py --device`` reads.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from typing import Dict, Optional
 from ..config import ModelConfig, RopeScaling
 from .layout import Cluster, Layout
 from .step_time import TimeOptions
+
+
+# DeepSeek-V3 technical report (arXiv 2412.19437) §1 / Table 1: 14.8T pre-training tokens, 2,664K H800 GPU-hours
+V3_REPORT_TOKENS = 14.8e12
+V3_REPORT_GPU_HOURS = 2.664e6
 
 
 def deepseek_v3() -> ModelConfig:
@@ -57,8 +64,7 @@ class Preset:
 
 def preset(name: str) -> Preset:
     if name == "v3-2048-h800":
-        cl = Cluster(num_devices=2048, devices_per_node=8, tflops=989.0, hbm_gib=80.0, intra_node_gbps=160.0,
-                     inter_node_gbps=50.0, hbm_tbps=3.35, name="H800")
+        cl = Cluster.from_device("H800", 2048)
         base = Layout(tp=1, pp=16, ep=64, dp=128, distributed_optimizer=True, recompute="full",
                       first_stage_layers=4, last_stage_layers=1)
         return Preset(
@@ -71,16 +77,19 @@ def preset(name: str) -> Preset:
                 "full recompute": base.replace(schedule="dualpipe"),
                 "same, selective recompute": base.replace(schedule="dualpipe", recompute="selective"),
             },
-            reference_tokens_per_s=1e12 / (180e3 * 3600))
+            reference_tokens_per_s=V3_REPORT_TOKENS / V3_REPORT_GPU_HOURS / 3600)
     if name == "v4pro-1024-910c":
-        cl = Cluster(num_devices=1024, devices_per_node=16, tflops=376.0, hbm_gib=64.0, intra_node_gbps=196.0,
-                     inter_node_gbps=25.0, hbm_tbps=1.6, name="Ascend910C (one die)")
+        cl = Cluster.from_device("Ascend910C", 1024)
         return Preset(name, "Which layouts fit full-parameter post-training of DeepSeek-V4-Pro on 1,024 Ascend "
                             "910C devices (64 GB each)?", deepseek_v4_pro(), cl, 8192, 512,
                       reference_layouts={
                           "MindSpeed-style TP2 PP8 EP32-like scaled: TP2 PP16 EP64, distopt, full recompute":
                               Layout(tp=2, pp=16, ep=64, etp=1, dp=32, sp=True, distributed_optimizer=True,
-                                     recompute="full", first_stage_layers=4, last_stage_layers=1)})
+                                     recompute="full", first_stage_layers=4, last_stage_layers=1),
+                          "MindSpeed's V3 A3 recipe shape: TP2 PP8 EP32, DualPipeV + fb-overlap (16 stages of "
+                          "4 layers, the last 1), distopt, full recompute":
+                              Layout(tp=2, pp=8, ep=32, etp=1, dp=64, sp=True, distributed_optimizer=True,
+                                     recompute="full", schedule="dualpipev", layer_counts=(4,) * 15 + (1,))})
     raise ValueError(f"preset {name!r} is unknown; use v3-2048-h800 or v4pro-1024-910c")
 
 

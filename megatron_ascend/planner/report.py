@@ -21,9 +21,7 @@ def assumptions(cfg: ModelConfig, cluster: Cluster, seq: int, gbs: int, prec: Pr
         f"model: {cfg.model_type}, {total_params(cfg, include_mtp=False) / 1e9:.2f}B params "
         f"({total_params(cfg) / 1e9:.2f}B with MTP), {active_params(cfg) / 1e9:.2f}B active; "
         f"{model_flops_per_token(cfg, seq) / 1e9:.1f} GFLOP/token (fwd+bwd, Megatron formula, causal halved)",
-        f"cluster: {cluster.num_devices} x {cluster.name}, {cluster.tflops:g} TFLOP/s bf16 peak, {cluster.hbm_gib:g} GiB, "
-        f"{cluster.devices_per_node}/node, intra {cluster.intra_node_gbps:g} GB/s, inter {cluster.inter_node_gbps:g} GB/s, "
-        f"HBM {cluster.hbm_tbps:g} TB/s",
+        cluster_line(cluster),
         f"batch: seq {seq}, global batch {gbs} sequences ({seq * gbs / 1e6:.1f}M tokens/step)",
         f"bytes/param: param {prec.param}, grad {prec.grad}, main {prec.main_param}, optimizer {prec.optim} "
         f"(main+optimizer / dp with the distributed optimizer; experts / expert-dp); activations {prec.activation} B",
@@ -39,6 +37,27 @@ def assumptions(cfg: ModelConfig, cluster: Cluster, seq: int, gbs: int, prec: Pr
         lines.append("V4 attention (CSA/HCA, mHC) is not implemented in the library yet: its parameters and FLOPs "
                      "are modelled from deepseek_architecture.md §6; TP splits heads / o_groups, kv/compressor replicated")
     return lines
+
+
+def cluster_line(cluster: Cluster) -> str:
+    def mark(k: str) -> str:
+        return "*" if k in cluster.overrides else ""
+    src = "device table, platform/devices.py" if cluster.name != "custom" else "flags"
+    over = "; * = set by a flag, not the table" if cluster.overrides and cluster.name != "custom" else ""
+    return (f"cluster: {cluster.num_devices} x {cluster.name}, {cluster.tflops:g}{mark('tflops')} TFLOP/s bf16 peak, "
+            f"{cluster.hbm_gib:g}{mark('hbm_gib')} GiB, {cluster.devices_per_node}{mark('devices_per_node')}/node, "
+            f"intra {cluster.intra_node_gbps:g}{mark('intra_node_gbps')} GB/s, inter "
+            f"{cluster.inter_node_gbps:g}{mark('inter_node_gbps')} GB/s, HBM {cluster.hbm_tbps:g}{mark('hbm_tbps')} "
+            f"TB/s (from the {src}{over})")
+
+
+def no_fit_line(plans: List[Plan], cluster: Cluster, mopts: MemoryOptions) -> str:
+    """The one line plan.py prints when nothing fits: the smallest peak found against the usable HBM."""
+    best = min(plans, key=lambda q: q.peak.total)
+    usable = cluster.hbm_gib * mopts.usable_fraction
+    return (f"no layout fits in {cluster.hbm_gib:g} GiB per device ({usable:.1f} GiB usable): the smallest peak is "
+            f"{best.peak.total / GIB:.1f} GiB ({best.layout.short()}, stage {best.peak.stage}); add devices "
+            f"(--num-devices) or use a device with more HBM")
 
 
 def plan_row(p: Plan) -> str:

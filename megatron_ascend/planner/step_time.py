@@ -8,6 +8,9 @@ for V2-Lite, V3, V3.2 and V4 configs (two independent implementations of one for
 Model:
   t_mb(p)  = F_mb(p) / (peak x efficiency) + exposed TP / EP / PP time of one micro-batch on stage p
   t_pipe   = (m + (pp - 1) / vp) x max_p t_mb(p)          (bubble fraction (p-1)/(v m + p - 1))
+             DualPipe (pp ranks, stages p and pp-1-p, m/2 micro-batches each way): (m + (pp/2 - 1) 2/3) x t_mb
+             DualPipeV (pp ranks, 2 pp stages in a V, t_mb = both chunks): (m + (pp - 1) / 3) x t_mb; both
+             with the expert all-to-all hidden behind the overlapped forward & backward chunks
   t_dp     = grad reduce not hidden behind the last micro-batch's backward (2/3 t_mb) + the param all-gather
              not hidden behind the next first forward (1/3 t_mb); both fully exposed when overlap is off
   t_opt    = bytes the Adam step touches / HBM bandwidth
@@ -129,7 +132,7 @@ def stage_flops_per_token(cfg: ModelConfig, s: int, split: StageSplit, p: int, r
     f = 0.0
     for i in split.rank_layers(p):
         f += layer_flops(cfg, s, i) + recompute_flops(cfg, s, i, recompute)
-    if p == split.pp - 1:
+    if split.is_last(p):
         D = cfg.num_nextn_predict_layers
         L = cfg.num_hidden_layers
         f += D * (layer_flops(cfg, s, L, True) + recompute_flops(cfg, s, L, recompute, True) + mtp_extra_flops(cfg))
@@ -164,7 +167,7 @@ class StepTime:
 
 def _moe_layers(cfg: ModelConfig, split: StageSplit, p: int) -> int:
     n = sum(1 for i in split.rank_layers(p) if cfg.model_type == "deepseek_v4" or cfg.is_moe_layer(i))
-    if p == split.pp - 1 and cfg.num_nextn_predict_layers and (
+    if split.is_last(p) and cfg.num_nextn_predict_layers and (
             cfg.model_type == "deepseek_v4" or cfg.is_moe_layer(cfg.num_hidden_layers - 1)):
         n += cfg.num_nextn_predict_layers
     return n
@@ -211,6 +214,19 @@ def step_time(cfg: ModelConfig, layout: Layout, split: StageSplit, counts: List[
         slow = max(range(pp), key=lambda p: per_stage[p])
         t_mb = per_stage[slow]
         bubble_units = (pp / 2 - 1) * (2.0 / 3.0)
+        t_pipe = (m + bubble_units) * t_mb
+        bubble = bubble_units / (m + bubble_units)
+    elif layout.schedule == "dualpipev":
+        # rank p runs stages p and 2pp-1-p for every micro-batch (per_stage holds both); one chunk's forward
+        # overlaps another's backward, hiding the all-to-all (MindSpeed --moe-fb-overlap); DualPipe's bubble
+        # (S/2 - 1)(F&B + B - 3W) with S = 2 pp stages of half a rank's time each, F = 1/3, B = 2/3, W = 1/3
+        exposed_stage = [({**secs_p, "ep": 0.0}, comp_p) for secs_p, comp_p in exposed_stage]
+        per_stage = [comp_p + ((1 - opts.overlap_tp) * secs_p.get("tp", 0.0)
+                               + (1 - opts.overlap_pp) * secs_p.get("pp", 0.0)) / m
+                     for secs_p, comp_p in exposed_stage]
+        slow = max(range(layout.pp), key=lambda p: per_stage[p])
+        t_mb = per_stage[slow]
+        bubble_units = (layout.pp - 1) * (2.0 / 3.0) / 2.0
         t_pipe = (m + bubble_units) * t_mb
         bubble = bubble_units / (m + bubble_units)
     else:

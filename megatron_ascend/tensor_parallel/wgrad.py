@@ -20,6 +20,12 @@ Protocol (the DDP wrapper, distributed/ddp.py, is the other side):
 * ``p.grad_added_to_main_grad`` -- set by a fused backward, which returns an uninitialised placeholder as the
   weight's autograd gradient so that the post-accumulate-grad hook (bucket readiness for overlapped
   reduction) still fires; the hook sees the flag, drops the placeholder and clears the flag.
+* A fused autograd function keeps the *parameter object* for its backward (``keep_weight`` / ``kept_weight``),
+  never through ``save_for_backward``: under activation recompute (torch's non-reentrant checkpoint, and the
+  saved-tensor hooks of ``checkpoint_discard_output``) a saved tensor comes back as a detached alias rebuilt by
+  the recomputation, which carries none of the parameter's attributes (``main_grad``, ``fuse_wgrad``, the
+  flags above). A parameter is a leaf that outlives the step, so holding it costs no memory; every recompute
+  mode then writes into the same ``main_grad`` as the plain forward.
 
 Mixed precision: when ``main_grad``'s dtype differs from the activations' (bf16 weights, fp32 grad buffer) the
 GEMM runs in the activation dtype and is then added (no out= across dtypes on CPU); the fused fp32 GEMM
@@ -71,6 +77,16 @@ def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: boo
         dst.addmm_(a, b)
 
 
+def keep_weight(ctx, weight: torch.Tensor) -> None:
+    """Hold ``weight`` (the parameter itself) for the backward; see the module docstring for why not
+    ``save_for_backward``."""
+    ctx.kept_weight = weight
+
+
+def kept_weight(ctx) -> torch.Tensor:
+    return ctx.kept_weight
+
+
 def _placeholder(p: torch.Tensor) -> torch.Tensor:
     p.grad_added_to_main_grad = True
     return torch.empty(p.shape, dtype=p.dtype, device=p.device)
@@ -81,13 +97,14 @@ class _LinearWgradFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        keep_weight(ctx, weight)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        (x,), weight = ctx.saved_tensors, kept_weight(ctx)
         dx = dy.matmul(weight) if ctx.needs_input_grad[0] else None
         dy2 = dy.reshape(-1, dy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
@@ -122,12 +139,13 @@ class _EmbeddingWgradFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, weight):
-        ctx.save_for_backward(ids, weight)
+        ctx.save_for_backward(ids)
+        keep_weight(ctx, weight)
         return F.embedding(ids, weight)
 
     @staticmethod
     def backward(ctx, dy):
-        ids, weight = ctx.saved_tensors
+        (ids,), weight = ctx.saved_tensors, kept_weight(ctx)
         zero_if_stale(weight)
         mg = weight.main_grad
         mg.index_add_(0, ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).to(mg.dtype))

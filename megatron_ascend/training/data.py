@@ -48,21 +48,21 @@ def build_datasets(data: DataConfig, train: TrainingConfig, global_batch_size: i
         from ..data.sft_dataset import build_sft_datasets
         pad = tokenizer.pad if tokenizer is not None else 0
         tr, va, te = build_sft_datasets(list(data.data_path), data.split, [n_train, n_valid or 0, n_test or 0],
-                                        train.seq_length, train.seed, pack=pack, pad=pad)
+                                        train.seq_length, train.seed, pack=pack, pad=pad,
+                                        cache_dir=data.data_cache_path)
         return Datasets(tr, va, te)
     eod = tokenizer.eod if tokenizer is not None else None
     kw = dict(vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
     if eod is not None:
         kw.update(eod=eod, pad=tokenizer.pad, reset_position_ids=data.reset_position_ids,
-                  reset_attention_mask=data.reset_attention_mask)
-    try:
-        tr, va, te = build_train_valid_test_datasets(list(data.data_path), data.split,
-                                                     [n_train, n_valid or 0, n_test or 0], train.seq_length,
-                                                     train.seed, **kw)
-    except TypeError:  # older dataset signature without the eod/pad keywords
-        tr, va, te = build_train_valid_test_datasets(list(data.data_path), data.split,
-                                                     [n_train, n_valid or 0, n_test or 0], train.seq_length,
-                                                     train.seed, vocab_size=kw["vocab_size"])
+                  reset_attention_mask=data.reset_attention_mask, eod_mask_loss=data.eod_mask_loss)
+    elif data.eod_mask_loss or data.reset_position_ids or data.reset_attention_mask:
+        from ..config import ConfigError
+        raise ConfigError("--eod-mask-loss / --reset-position-ids / --reset-attention-mask need the eod token: "
+                          "give --tokenizer-type and --tokenizer-model")
+    tr, va, te = build_train_valid_test_datasets(list(data.data_path), data.split,
+                                                 [n_train, n_valid or 0, n_test or 0], train.seq_length,
+                                                 train.seed, data.data_cache_path, **kw)
     return Datasets(tr, va, te)
 
 

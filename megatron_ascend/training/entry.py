@@ -5,6 +5,10 @@ harness.run_distributed workers, where torch.distributed is already initialised)
 command-line form: --show-layout prints the rank layout and exits 0, a configuration / data / checkpoint
 error prints one line and exits 2, a run stopped by --nan-policy stop exits 3 (after saving the last good
 state), a finished (or SIGTERM-interrupted, checkpointed) run exits 0.
+
+Before training, rank 0 prints the foreign flags accepted without effect (one line, arguments_compat) and
+any notes; with MindSpeed-LLM's ``--enable-hf2mg-convert`` the HuggingFace directory given to --load is
+converted once (to LOAD/megatron_ascend_hf2ma) and loaded from there.
 """
 from __future__ import annotations
 
@@ -12,9 +16,11 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from .. import arguments_compat
 from ..arguments import build_configs, parse_args
 from ..config import ConfigError
 from ..parallel_state import RankLayout
+from ..placement import placement_of
 
 DESCRIPTIONS = {
     "pretrain": "Pretrain a DeepSeek-family MoE model (MLA, DeepSeekMoE, MTP) with TP/SP, PP (1F1B, interleaved), "
@@ -73,20 +79,77 @@ def parse(argv: Optional[List[str]], stage: str):
     return args
 
 
+HF2MA_SUBDIR = "megatron_ascend_hf2ma"
+
+
+def convert_hf_at_load(args) -> None:
+    """--enable-hf2mg-convert: --load holds a HuggingFace checkpoint; rank 0 converts it (once) into
+    LOAD/megatron_ascend_hf2ma while the others wait, then every rank loads from there (weights only)."""
+    import subprocess
+    import torch
+    import torch.distributed as dist
+    from .. import platform
+    from ..checkpointing import find_checkpoint
+    load = args.load
+    if not load:
+        raise ConfigError("--enable-hf2mg-convert needs --load (the HuggingFace checkpoint directory)")
+    if not (os.path.isfile(os.path.join(load, "config.json")) and any(
+            f.endswith(".safetensors") for f in os.listdir(load))):
+        raise ConfigError(f"--enable-hf2mg-convert: --load {load!r} holds no HuggingFace checkpoint (config.json "
+                          f"and *.safetensors); give the HF directory, or drop the flag to load our checkpoint")
+    platform.init_distributed(getattr(args, "distributed_timeout_minutes", None) or 30.0)
+    out = os.path.join(load, HF2MA_SUBDIR)
+    failed = torch.zeros(1)
+    if dist.get_rank() == 0 and find_checkpoint(out)[0] is None:
+        # in a process of its own: the conversion writes with torch.distributed.checkpoint, which would
+        # otherwise be collective over this job's ranks
+        print(f"converting the HuggingFace checkpoint {load} to {out} (--enable-hf2mg-convert)", flush=True)
+        code = ("import sys; from megatron_ascend.checkpointing import hf; "
+                "hf.convert_hf_to_ma(sys.argv[1], sys.argv[2], progress=False)")
+        r = subprocess.run([sys.executable, "-c", code, load, out], stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            failed += 1
+    dist.all_reduce(failed)
+    if failed.item():
+        raise ConfigError(f"--enable-hf2mg-convert: converting {load} failed (the reason is printed above); "
+                          f"tools/convert_ckpt.py --load-dir {load} --save-dir DIR shows it alone")
+    args.load = out
+
+
 def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None):
     """Parse, build, train; returns the TrainResult (or None for --show-layout)."""
     from .trainer import Trainer
     args = parse(argv, stage)
+    rank = None
+    try:
+        import torch.distributed as dist
+        rank = dist.get_rank() if dist.is_initialized() else None
+    except ImportError:  # pragma: no cover
+        pass
+    arguments_compat.print_startup(args.compat_resolved, rank)
+    if getattr(args, "convert_hf_at_load", False) and not args.show_layout:
+        convert_hf_at_load(args)
     if args.show_layout:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        _, par, _, _, _ = build_configs(args, world)
-        print(RankLayout(par).format())
+        model, par, _, _, _ = build_configs(args, world)
+        placement = placement_of(model, par)
+        print(RankLayout(par, placement.embedding_pp_ranks).format())
+        print(placement.format())
         return None
+    import torch.distributed as dist
+    owns_group = not dist.is_initialized()  # the trainer initialises torch.distributed: tear it down here too
     trainer = Trainer(args, stage="pretrain" if stage == "pretrain" else args.stage, print_fn=print_fn)
     try:
-        return trainer.train()
+        result = trainer.train()
     finally:
         trainer.close()
+    if owns_group and dist.is_initialized():
+        # every rank is done (checkpoint committed) before any rank tears its communicators down: a rank that
+        # exits with live gloo / HCCL threads while a peer still talks to it can abort the job at exit
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _rank() -> int:

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     from ..config import ConfigError
     from ..data.errors import DataError
     from ..data.tokenizer import build_tokenizer
-    p = argparse.ArgumentParser(prog="python -m megatron_ascend.training.generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m megatron_ascend.training.generate",
+                                description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint directory (any training layout)")
     p.add_argument("--tokenizer-type", required=True)
     p.add_argument("--tokenizer-model", required=True)

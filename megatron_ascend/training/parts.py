@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig, virtual_stages  # noqa: F401
+from ..config import ModelConfig, OptimizerConfig, ParallelConfig, TrainingConfig
 
 
 # -- seeds ------------------------------------------------------------------------------------------------
@@ -28,19 +28,19 @@ def seed_everything(seed: int, groups) -> None:
 
 # -- model ---------------------------------------------------------------------------------------------------
 def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: OptimizerConfig,
-                       train_cfg: TrainingConfig, groups, vp: int) -> List[torch.nn.Module]:
-    """One DeepseekForCausalLM per virtual pipeline stage of this rank, each in a DistributedDataParallel."""
+                       train_cfg: TrainingConfig, groups, placement) -> List[torch.nn.Module]:
+    """One DeepseekForCausalLM per virtual pipeline stage of this rank (from the placement: layers, embedding,
+    MTP, head + loss), each in a DistributedDataParallel."""
     from ..distributed import DistributedDataParallel
     from ..models.deepseek.model import DeepseekForCausalLM
     from ..pipeline_parallel.embedding_sync import sync_embedding_weights
-    from ..pipeline_parallel.stage_split import model_chunk_specs
-    specs = model_chunk_specs(model_cfg.num_hidden_layers, par.pp, groups.pp_rank, vp,
-                              par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers)
+    from ..pipeline_parallel.stage_split import chunk_specs
     dtype = torch.bfloat16 if opt_cfg.bf16 else (torch.float16 if opt_cfg.fp16 else torch.float32)
     chunks = []
-    for spec in specs:
+    for spec in chunk_specs(placement, groups.pp_rank):
         m = DeepseekForCausalLM(model_cfg, par, groups, pre_process=spec.pre_process,
                                 post_process=spec.post_process, layer_ids=spec.layer_ids,
+                                include_mtp=spec.include_mtp, mtp_in_input=spec.mtp_in_input,
                                 padded_vocab_size=model_cfg.vocab_size, init_seed=train_cfg.seed)
         _apply_recompute(m, train_cfg)
         if dtype != torch.float32:
@@ -52,6 +52,13 @@ def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: Opt
                                               use_distributed_optimizer=par.use_distributed_optimizer))
     sync_embedding_weights(chunks, groups)
     return chunks
+
+
+def logging_rank(par: ParallelConfig, placement) -> int:
+    """The global rank that logs and writes TensorBoard: the last rank of the pipeline stage that computes the
+    loss (Megatron logs from the last rank; the stage comes from the placement, not from ``world - 1``)."""
+    from ..parallel_state import RankLayout
+    return max(g[placement.loss_pp_rank] for g in RankLayout(par).pp)
 
 
 def _apply_recompute(model, train_cfg: TrainingConfig) -> None:
@@ -94,9 +101,9 @@ def mtp_scale(cfg: ModelConfig) -> float:
 
 
 # -- schedule and grads ------------------------------------------------------------------------------------
-def get_forward_backward_func(pp: int, vp: int):
+def get_forward_backward_func(pp: int, vp: int, microbatch_group_size: Optional[int] = None):
     from ..pipeline_parallel.schedules import get_forward_backward_func as get
-    return get(pp, vp)
+    return get(pp, vp, microbatch_group_size=microbatch_group_size)
 
 
 def finalize_grads(model_chunks, groups) -> None:
@@ -147,10 +154,12 @@ def update_expert_bias(model_chunks, groups, rate: float) -> None:
         update([unwrap(c) for c in model_chunks], groups, rate)
 
 
-def set_aux_loss_scale(num_microbatches: int, groups) -> None:
-    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch."""
+def set_aux_loss_scale(num_microbatches: int, groups, loss_scale: Optional[float]) -> None:
+    """Aux losses are means per micro-batch; the single-process loss is their mean over the global batch. Their
+    injected gradients also carry this step's fp16 loss scale, as the LM loss does (the schedule multiplies it
+    in; the optimizer divides every gradient by it). Call before every step: the loss scale changes."""
     from ..moe.load_balancing import set_aux_loss_scale as set_scale
-    set_scale(1.0 / (num_microbatches * groups.size("dp_cp")))
+    set_scale(1.0 / (num_microbatches * groups.loss_size), loss_scale or 1.0)  # the token count's group
 
 
 def moe_stats(model_chunks, groups) -> Dict[str, float]:
@@ -204,10 +213,11 @@ def checkpoint_exists(load_dir: str, partial_ok: bool = False) -> bool:
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                    save_retain=None):
+                    save_retain=None, save_optim=True, save_rng=True, async_save=False):
+    """--save-retain, --no-save-optim, --no-save-rng, --async-save as checkpointing.save_checkpoint takes them."""
     from ..checkpointing import save_checkpoint as save
     return save(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
-                save_retain=save_retain)
+                save_retain=save_retain, save_optim=save_optim, save_rng=save_rng, async_save=async_save)
 
 
 def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, train_cfg: TrainingConfig):

@@ -4,10 +4,10 @@ and the reduction of the logged losses.
 Loss normalisation (ARCHITECTURE.md): the model returns per-token losses; ``loss_func`` returns the masked sum
 and the token count of one micro-batch; the trainer divides by the token count of the whole global batch.
 The global count is known before the step: every rank prefetches its ``num_microbatches`` micro-batches
-(all stages read the same batches), sums the loss masks and all-reduces the count over the data-parallel
-group. The schedule back-propagates ``loss_sum / global_tokens`` per micro-batch and the DDP wrapper sums grads
-over DP, so the gradient equals the single-process gradient of the mean loss over all tokens of the global
-batch at every PP / DP size.
+(all stages read the same batches), sums the loss masks and all-reduces the count over the loss group
+(``groups.loss``, parallel_state.LOSS_GROUP). The schedule back-propagates ``loss_sum / global_tokens`` per
+micro-batch and the DDP wrapper sums dense grads over the same loss group, so the gradient equals the
+single-process gradient of the mean loss over all tokens of the global batch at every PP / DP size.
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ def prefetch(data_iterator: Iterator[dict], n: int, device: torch.device) -> Lis
     return out
 
 
-def global_token_count(batches: Sequence[dict], dp_group) -> torch.Tensor:
-    """Loss-mask tokens of the global batch (this rank's micro-batches all-reduced over data parallel), on the
-    batches' device (NCCL / HCCL reduce device tensors only)."""
+def global_token_count(batches: Sequence[dict], loss_group) -> torch.Tensor:
+    """Loss-mask tokens of the global batch (this rank's micro-batches all-reduced over the loss group,
+    ``groups.loss``), on the batches' device (NCCL / HCCL reduce device tensors only)."""
     dev = batches[0]["loss_mask"].device if batches else get_platform().device()
     n = torch.zeros((), dtype=torch.float64, device=dev)
     for b in batches:
         n += b["loss_mask"].detach().double().sum()
-    if dp_group is not None and dist.is_initialized():
-        dist.all_reduce(n, group=dp_group)
+    if loss_group is not None and dist.is_initialized():
+        dist.all_reduce(n, group=loss_group)
     return n
 
 
@@ -86,13 +86,14 @@ class ForwardStep:
         return output, make_loss_func(batch["loss_mask"], self.mtp_scale)
 
 
-def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_group, last_stage: bool,
-                         pp_last_rank: int) -> Dict[str, float]:
-    """Sum the per-micro-batch logged sums, all-reduce over DP, divide by the global LM token count (or by the
-    entry's own ``/__count``), and broadcast from the last pipeline stage so every rank logs the same numbers."""
+def reduce_logged_losses(results, global_tokens: torch.Tensor, loss_group, pp_group, holds_loss: bool,
+                         loss_src_rank: int) -> Dict[str, float]:
+    """Sum the per-micro-batch logged sums, all-reduce over the loss group, divide by the global LM token count (or
+    by the entry's own ``/__count``), and broadcast from the rank of the pipeline stage that computes the loss
+    (``loss_src_rank``, from the placement) so every rank logs the same numbers."""
     sums: Dict[str, torch.Tensor] = {}
     names: List[str] = []
-    if last_stage:
+    if holds_loss:
         for log in results or []:
             for k, v in log.items():
                 if torch.is_tensor(v):
@@ -100,16 +101,16 @@ def reduce_logged_losses(results, global_tokens: torch.Tensor, dp_group, pp_grou
         names = sorted(sums)
     if dist.is_initialized() and pp_group is not None and dist.get_world_size(pp_group) > 1:
         obj = [names]
-        dist.broadcast_object_list(obj, src=pp_last_rank, group=pp_group)
+        dist.broadcast_object_list(obj, src=loss_src_rank, group=pp_group)
         names = obj[0]
     vec = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in names]) if names else \
         torch.zeros(0, dtype=torch.float64)
     vec = vec.to(get_platform().device())  # NCCL / HCCL reduce device tensors only
     if dist.is_initialized() and names:
-        if last_stage and dp_group is not None:
-            dist.all_reduce(vec, group=dp_group)
+        if holds_loss and loss_group is not None:
+            dist.all_reduce(vec, group=loss_group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
-            dist.broadcast(vec, src=pp_last_rank, group=pp_group)
+            dist.broadcast(vec, src=loss_src_rank, group=pp_group)
     values = {k: float(vec[i]) for i, k in enumerate(names)}
     denom = max(float(global_tokens), 1.0)
     out = {}

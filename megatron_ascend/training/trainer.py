@@ -34,6 +34,7 @@ from ..config import ConfigError, num_microbatches, padded_vocab_size
 from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
 from ..monitoring.flops import model_flops_per_token
 from ..monitoring.throughput import resolve_peak_tflops
+from ..placement import placement_of
 from . import parts, preflight
 from .data import build_datasets, train_iterator, valid_iterator
 from .faults import FaultInjector
@@ -83,15 +84,20 @@ class Trainer:
         if determinism:
             _print_rank0("deterministic mode: " + ", ".join(determinism))
         self._resolve_vocab()
+        # the one placement: chunks, embedding group, loss source and logging rank all derive from it
+        self.placement = placement_of(self.model_cfg, self.par)
         self.groups = parallel_state.initialize_model_parallel(
-            self.par, timeout=datetime.timedelta(minutes=self.train_cfg.distributed_timeout_minutes))
+            self.par, embedding_pp_ranks=self.placement.embedding_pp_ranks,
+            timeout=datetime.timedelta(minutes=self.train_cfg.distributed_timeout_minutes))
         self.device = self.plat.device()
         self.gbs = self.train_cfg.global_batch_size or self.train_cfg.micro_batch_size * self.par.dp
         self.num_micro = num_microbatches(self.train_cfg, self.par)
-        self.vp = parts.virtual_stages(self.model_cfg, self.par)
+        self.vp = self.placement.vp
+        self.holds_loss = self.groups.pp_rank == self.placement.loss_pp_rank
+        self.loss_src = self.groups.ranks["pp"][self.placement.loss_pp_rank]
         parts.seed_everything(self.train_cfg.seed, self.groups)
         self.model_chunks = parts.build_model_chunks(self.model_cfg, self.par, self.opt_cfg, self.train_cfg,
-                                                     self.groups, self.vp)
+                                                     self.groups, self.placement)
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
         self.faults = FaultInjector(self.rank)  # MEGATRON_ASCEND_FAULT (tests, bench/fault_injection.py)
@@ -104,8 +110,8 @@ class Trainer:
         self._last_results = None
         wd = t.watchdog_timeout_minutes
         self.watchdog = Watchdog(wd * 60.0 if wd else None, self.rank, self.world, self.groups)
-        self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp)
-        parts.set_aux_loss_scale(self.num_micro, self.groups)
+        self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp,
+                                                                self.par.microbatch_group_size_per_vp_stage)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
@@ -117,7 +123,7 @@ class Trainer:
         self.train_iter = train_iterator(self.datasets.train, self.consumed_train_samples,
                                          self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp,
                                          self.gbs, self.data_cfg.num_workers)
-        self.is_logging_rank = self.rank == self.world - 1  # last pp stage holds the loss (Megatron)
+        self.is_logging_rank = self.rank == parts.logging_rank(self.par, self.placement)
         self.writer = TensorBoardWriter(self.train_cfg.tensorboard_dir, enabled=self.is_logging_rank)
         peak = resolve_peak_tflops(self.train_cfg.peak_tflops)
         self.flops_per_token = model_flops_per_token(self.model_cfg, self.train_cfg.seq_length,
@@ -178,22 +184,23 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------------------
     def train_step(self):
         batches = prefetch(self.train_iter, self.num_micro, self.device)
-        tokens = global_token_count(batches, self.groups.dp)
+        tokens = global_token_count(batches, self.groups.loss)
         fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
         for c in self.model_chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
+        loss_scale = parts.loss_scale(self.optimizer) or 1.0  # fp16: LM and aux losses alike
+        parts.set_aux_loss_scale(self.num_micro, self.groups, loss_scale)
         results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
-                                        forward_only=False, num_tokens=tokens,
-                                        loss_scale=parts.loss_scale(self.optimizer) or 1.0)
+                                        forward_only=False, num_tokens=tokens, loss_scale=loss_scale)
         parts.finalize_grads(self.model_chunks, self.groups)
         self._last_results = results  # this rank's per-micro-batch loss sums (the NaN report reads them)
         ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
             self.scheduler.step(1)
             parts.update_expert_bias(self.model_chunks, self.groups, self.opt_cfg.moe_router_bias_update_rate)
-        losses = reduce_logged_losses(results, tokens, self.groups.dp, self.groups.pp, self.groups.is_last_stage,
-                                      self.groups.ranks["pp"][-1])
+        losses = reduce_logged_losses(results, tokens, self.groups.loss, self.groups.pp, self.holds_loss,
+                                      self.loss_src)
         moe = parts.moe_log_values(parts.moe_stats(self.model_chunks, self.groups), self.model_cfg.num_moe_layers)
         losses.update(moe["losses"])
         self._moe_scalars = moe["scalars"]
@@ -212,12 +219,12 @@ class Trainer:
         total_tokens = 0.0
         for _ in range(iters):
             batches = prefetch(it, self.num_micro, self.device)
-            total_tokens += float(global_token_count(batches, self.groups.dp))
+            total_tokens += float(global_token_count(batches, self.groups.loss))
             fwd = ForwardStep(parts.mtp_scale(self.model_cfg), parts.call_model)
             results += self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                              forward_only=True) or []
-        out = reduce_logged_losses(results, total_tokens, self.groups.dp, self.groups.pp,
-                                   self.groups.is_last_stage, self.groups.ranks["pp"][-1])
+        out = reduce_logged_losses(results, total_tokens, self.groups.loss, self.groups.pp, self.holds_loss,
+                                   self.loss_src)
         for c in self.model_chunks:
             c.train()
         parts.moe_stats(self.model_chunks, self.groups)  # drop the evaluation's routing statistics
@@ -233,7 +240,8 @@ class Trainer:
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
-                              save_retain=t.save_retain)
+                              save_retain=t.save_retain, save_optim=t.save_optim, save_rng=t.save_rng,
+                              async_save=t.async_save)
         self.result.saved.append(self.iteration)
         _print_rank0(f"saved checkpoint at iteration {self.iteration:8d} to {t.save}")
 
@@ -307,6 +315,8 @@ class Trainer:
             self.writer.flush()
             self.result.nan_events = list(self.health.events)
             self.result.loss_spikes = list(self.health.spikes)
+            if t.async_save:
+                parts.wait_for_checkpoint()  # --async-save: the last checkpoint is committed before we return
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result

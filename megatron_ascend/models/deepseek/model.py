@@ -2,7 +2,10 @@
 
     model = DeepseekForCausalLM(cfg, par, groups, pre_process=True, post_process=True,
                                 layer_ids=None,      # global layer indices of this chunk (default: all)
-                                include_mtp=None)    # default: post_process (and cfg.num_nextn_predict_layers > 0)
+                                include_mtp=None,    # default: post_process (and cfg.num_nextn_predict_layers > 0)
+                                mtp_in_input=False)  # the input carries MTP hidden states from an earlier chunk
+
+(``pipeline_parallel.chunk_specs(placement, pp_rank)`` gives these per chunk; placement.py decides them.)
 
 Modules (names equal HF's where the tensor exists there): ``model.embed_tokens`` (VocabParallelEmbedding,
 on the first stage, and on the last stage too when MTP or tied embeddings need it -- then its weight carries
@@ -12,6 +15,10 @@ vocab; tied to the embedding when ``tie_word_embeddings``), ``mtp.layers.{k}``.
 
 ``forward(input_ids [b, s], position_ids=None, labels=None, loss_mask=None, segment_ids=None)``:
   * not the last stage: hidden ``[s(/tp), b, h]`` (input from ``set_input_tensor`` unless pre_process)
+  * a chunk with the MTP layers but not the loss (standalone MTP, layout ``...m|L``): the final norm and the MTP
+    depths run here and the output is ``cat([h_main, h_mtp_1, ..., h_mtp_D], dim 0)`` ``[(1+D) s(/tp), b, h]``
+    (normed main hidden, then each depth's output); the loss chunk, built with ``mtp_in_input=True``, splits it
+    and applies no final norm (it has none)
   * last stage, no labels: vocab-parallel logits ``[s, b, V_pad/tp]``
   * last stage with labels: ``{'lm_loss': [b, s] fp32 per-token (unmasked), 'mtp_losses': [[b, s] per depth,
     already multiplied by that depth's mask], 'mtp_loss_masks': [[b, s] per depth], 'mtp_loss_scale':
@@ -58,7 +65,7 @@ class DeepseekForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, parallel: Optional[ParallelConfig] = None, groups=None,
                  pre_process: bool = True, post_process: bool = True, layer_ids: Optional[List[int]] = None,
                  include_mtp: Optional[bool] = None, padded_vocab_size: Optional[int] = None,
-                 init_seed: int = 1234):
+                 init_seed: int = 1234, mtp_in_input: bool = False):
         super().__init__()
         if parallel is None:
             parallel = groups.config if groups is not None else ParallelConfig(world_size=1)
@@ -76,6 +83,10 @@ class DeepseekForCausalLM(nn.Module):
         if include_mtp is None:
             include_mtp = post_process
         self.include_mtp = bool(include_mtp) and config.num_nextn_predict_layers > 0
+        self.mtp_in_input = bool(mtp_in_input) and config.num_nextn_predict_layers > 0
+        if self.mtp_in_input and (not post_process or self.include_mtp):
+            raise ValueError("mtp_in_input is for the loss chunk after a standalone MTP chunk: it needs "
+                             "post_process=True and include_mtp=False")
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = padded_vocab_size or int(math.ceil(config.vocab_size / tp) * tp)
         if self.padded_vocab_size % tp or self.padded_vocab_size < config.vocab_size:
@@ -85,7 +96,7 @@ class DeepseekForCausalLM(nn.Module):
 
         self.model = nn.Module()
         tied = config.tie_word_embeddings
-        if pre_process or (post_process and (self.include_mtp or tied)):
+        if pre_process or self.include_mtp or (post_process and tied):
             self.model.embed_tokens = VocabParallelEmbedding(self.padded_vocab_size, h, groups, self.sp)
             w = self.model.embed_tokens.weight
             if not pre_process:  # a later stage's copy: synced by the embedding group, counted once (stage 0)
@@ -93,8 +104,9 @@ class DeepseekForCausalLM(nn.Module):
             elif parallel is not None and parallel.pp > 1 and (config.num_nextn_predict_layers > 0 or tied):
                 w.shared_embedding, w.shared = True, False  # the canonical copy the last stage's copy follows
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config, parallel, groups, i) for i in self.layer_ids})
-        if post_process:
+        if self.include_mtp or (post_process and not self.mtp_in_input):  # where the decoder stack ends
             self.model.norm = RMSNorm(h, config.rms_norm_eps, sequence_parallel=self.sp)
+        if post_process:
             self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, groups, sequence_parallel=self.sp)
             if tied:
                 self.lm_head.weight = self.model.embed_tokens.weight
@@ -187,9 +199,18 @@ class DeepseekForCausalLM(nn.Module):
                 raise RuntimeError("this pipeline stage has no embedding; call set_input_tensor(hidden) first")
             hidden = self.input_tensor
         hidden, idx_losses = self._decoder(hidden, cos, sin, mask, input_ids)
-        if not self.post_process:
+        if not self.post_process and not self.include_mtp:
             return hidden
-        hidden = self.model.norm(hidden)
+        D = self.config.num_nextn_predict_layers
+        if self.mtp_in_input:  # [h_main; h_mtp_1; ...; h_mtp_D] from the standalone MTP chunk
+            hidden, *mtp_hidden = hidden.chunk(D + 1, dim=0)
+        else:
+            hidden = self.model.norm(hidden)
+            mtp_hidden = []
+            if self.include_mtp and (labels is not None or not self.post_process):
+                mtp_hidden = self._mtp(hidden, input_ids, cos, sin, mask, idx_losses)
+        if not self.post_process:
+            return torch.cat([hidden] + mtp_hidden, dim=0)
         logits = self._head(hidden)
         if labels is None:
             return logits
@@ -197,31 +218,38 @@ class DeepseekForCausalLM(nn.Module):
         out: Dict[str, object] = {
             "lm_loss": vocab_parallel_cross_entropy(logits, labels.t(), self.groups, vocab_size=V).t(),
             "mtp_losses": [], "mtp_loss_masks": [],
-            "mtp_loss_scale": self.config.mtp_loss_scaling_factor / max(self.config.num_nextn_predict_layers, 1),
+            "mtp_loss_scale": self.config.mtp_loss_scaling_factor / max(D, 1),
         }
-        if self.include_mtp:
+        if mtp_hidden:
             if loss_mask is None:
                 loss_mask = torch.ones(b, s, dtype=torch.float32, device=input_ids.device)
-            prev = hidden
-            for k in range(1, self.config.num_nextn_predict_layers + 1):
-                ids_k = _shift_left(input_ids, k, 0)
+            for k, prev in enumerate(mtp_hidden, start=1):
                 labels_k = _shift_left(labels, k, 0)
                 mask_k = _shift_left(loss_mask.float(), k, 0.0)
                 if segment_ids is not None:
                     mask_k = mask_k * (segment_ids == _shift_left(segment_ids, k, -1)).float()
-                emb = self.model.embed_tokens(ids_k)
-                layer = self.mtp.layers[str(k - 1)]
-                if self.recompute_mtp and torch.is_grad_enabled():
-                    prev, l = checkpoint(lambda e, p_, _l=layer, _ids=ids_k: _l(e, p_, cos, sin, mask, _ids), emb, prev)
-                else:
-                    prev, l = layer(emb, prev, cos, sin, mask, ids_k)
-                if l is not None:
-                    idx_losses.append(l)
                 loss_k = vocab_parallel_cross_entropy(self._head(prev), labels_k.t(), self.groups, vocab_size=V).t()
                 out["mtp_losses"].append(loss_k * mask_k)
                 out["mtp_loss_masks"].append(mask_k)
         out["indexer_loss"] = torch.stack(idx_losses).sum() if idx_losses else None
         return out
+
+    def _mtp(self, hidden, input_ids, cos, sin, mask, idx_losses) -> List[torch.Tensor]:
+        """The output of each MTP depth k = 1..D (DeepSeek-V3's sequential MTP: depth k combines the previous
+        depth's output with the embedding of the tokens shifted by k)."""
+        prev, outs = hidden, []
+        for k in range(1, self.config.num_nextn_predict_layers + 1):
+            ids_k = _shift_left(input_ids, k, 0)
+            emb = self.model.embed_tokens(ids_k)
+            layer = self.mtp.layers[str(k - 1)]
+            if self.recompute_mtp and torch.is_grad_enabled():
+                prev, l = checkpoint(lambda e, p_, _l=layer, _ids=ids_k: _l(e, p_, cos, sin, mask, _ids), emb, prev)
+            else:
+                prev, l = layer(emb, prev, cos, sin, mask, ids_k)
+            if l is not None:
+                idx_losses.append(l)
+            outs.append(prev)
+        return outs
 
 
 def _shift_left(t: torch.Tensor, k: int, fill) -> torch.Tensor:
