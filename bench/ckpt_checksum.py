@@ -41,7 +41,7 @@ def timed(fn, repeats):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--sizes-mib", type=float, nargs="+", default=[1, 256])
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()

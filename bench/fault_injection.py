@@ -151,7 +151,7 @@ def audit(log: str, ckpt_root: str) -> Dict[str, object]:
         except CheckpointError:
             bad.append(it)
     path, it = find_checkpoint(ckpt_root, verify="checksum", fallback=False)
-    return {"loads": loads, "suspicious_loads": bad, "skips": log.count("skipping checkpoint"),
+    return {"loads": loads, "suspicious_loads": bad, "skips": log.count("skipped checkpoint"),
             "attempts": log.count("training pretrain: iterations"), "final": path, "final_iter": it}
 
 
@@ -178,6 +178,8 @@ def run_trial(kind: str, rng: random.Random, work: str, iters: int, nproc: int, 
     res = {"kind": kind, "desc": desc, "rc": rc, "wall_s": wall, "victim": victim}
     if rc != 0:
         res.update(equal=False, error=log[-3000:])
+        with open(os.path.join(os.path.dirname(work), f"failed_{kind}_{int(t)}.log"), "w") as f:
+            f.write(f"{desc}\n{log}")
         return res
     a = audit(log, ck)
     diff = differing(reference, checkpoint_tensors(a["final"]))
@@ -186,7 +188,7 @@ def run_trial(kind: str, rng: random.Random, work: str, iters: int, nproc: int, 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--iters", type=int, default=8)

@@ -6,7 +6,8 @@ own checksum), ``checkpoint_candidates`` (the tracker's checkpoint first, then e
 ``iter_*`` newest first), ``validate`` (common.json, every recorded file's size and SHA-256, the DCP metadata
 through the restricted unpickler), ``find_checkpoint`` (one process: tools) and ``pick_checkpoint`` (all
 ranks, the hashing spread over them: the trainer's load). A candidate that fails validation is skipped for the
-next older one with a warning naming the bad file, unless ``fallback`` is off (``--no-ckpt-fallback``).
+next older one, with a warning naming the bad file once an older one loads (when none does, one error says
+why), unless ``fallback`` is off (``--no-ckpt-fallback``).
 
 A HuggingFace model directory given as a checkpoint is recognised and the conversion command suggested.
 """
@@ -187,13 +188,25 @@ def find_checkpoint(root: str, verify: Optional[str] = "checksum", fallback: boo
         except CheckpointError as e:
             if not fallback:
                 raise _fallback_error(path, str(e)) from None
-            logger.warning("skipping checkpoint %s: %s", path, e)
-            errors.append(str(e))
+            errors.append((path, str(e)))
             continue
+        _warn_skipped(errors, path)
         return path, _iteration_of(path, common)
     if errors:
-        raise CheckpointError(f"no intact checkpoint under {root}: {errors[0]}")
+        raise _none_intact(root, errors)
     return None, None
+
+
+def _warn_skipped(errors, loaded: str) -> None:
+    """The skipped candidates are reported once one loads (when none does, the error says it all)."""
+    for path, err in errors:
+        logger.warning("skipped checkpoint %s: %s; loading %s instead", path, err, loaded)
+
+
+def _none_intact(root: str, errors) -> CheckpointError:
+    more = f" (and {len(errors) - 1} older checkpoint(s) with problems too)" if len(errors) > 1 else ""
+    return CheckpointError(f"no intact checkpoint under {root}: {errors[0][1]}{more}; restore the file or point "
+                           f"--load at another checkpoint")
 
 
 def _src0(group) -> int:
@@ -238,13 +251,12 @@ def pick_checkpoint(root: str, verify: str = "checksum", fallback: bool = True, 
                 err = next((e for e in errs if e), None)
         if err is None:
             if rank == 0:
+                _warn_skipped(errors, path)
                 _no_records_note(path, common)
             return path, _iteration_of(path, common), common, md
         if not fallback:
             raise _fallback_error(path, err)
-        if rank == 0:
-            logger.warning("skipping checkpoint %s: %s; trying the next older one", path, err)
-        errors.append(err)
+        errors.append((path, err))
     if errors:
-        raise CheckpointError(f"no intact checkpoint under {root}: {errors[0]}")
+        raise _none_intact(root, errors)
     return None, None, None, None

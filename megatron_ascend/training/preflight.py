@@ -1,10 +1,18 @@
 """Checks of the paths a run will write or read, before any process group, model or dataset exists.
 
-Owns ``check_paths(train_cfg)``: ``--save`` and ``--tensorboard-dir`` must be writable (a probe file is
+Owns ``check_paths(train_cfg)``, ``check_data(data_cfg, sft)`` and ``check_schedule(opt_cfg, train_cfg)``.
+
+``check_paths``: ``--save`` and ``--tensorboard-dir`` must be writable (a probe file is
 created and removed in the directory, or in its nearest existing parent when the directory does not exist
 yet, so a failed check leaves nothing behind), and ``--load`` must exist unless it is also ``--save`` (the
 usual pattern, where an empty or missing directory means "first start"). A HuggingFace model directory given
 to ``--load`` is recognised by the checkpoint package (selection.py) with the conversion command.
+
+``check_data``: every ``--data-path`` prefix has its ``.bin`` and ``.idx`` (the contents are checked when the
+datasets are built), and ``--mock-data`` is not combined with ``--data-path``.
+
+``check_schedule``: the learning-rate schedule's rules (decay longer than warm-up, WSD lengths ...), checked by
+building the scheduler on a stand-in optimizer, so they fail before the model is built.
 
 Each problem is one ConfigError naming the flag, the path and the fix, so a run that cannot save is refused
 before it trains instead of failing at its first checkpoint.
@@ -15,7 +23,7 @@ import os
 import tempfile
 from typing import Optional
 
-from ..config import ConfigError, TrainingConfig
+from ..config import ConfigError, DataConfig, OptimizerConfig, TrainingConfig
 
 
 def _nearest_existing(path: str) -> str:
@@ -57,3 +65,42 @@ def check_paths(t: TrainingConfig) -> None:
                               f"scratch")
         if os.path.exists(t.load) and not os.path.isdir(t.load):
             raise ConfigError(f"--load {t.load!r} is a file; pass a checkpoint directory (the --save of a run)")
+        from ..checkpointing.selection import hf_dir_message, looks_like_hf_dir
+        if os.path.isdir(t.load) and looks_like_hf_dir(t.load):
+            raise ConfigError(hf_dir_message(t.load))
+
+
+def check_data(d: DataConfig, sft: bool = False) -> None:
+    if d.mock_data and d.data_path:
+        raise ConfigError(f"--mock-data and --data-path {' '.join(d.data_path)} contradict each other; drop one "
+                          f"(--mock-data trains on random tokens)")
+    if d.mock_data:
+        return
+    if not d.data_path:
+        raise ConfigError("no training data: pass --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
+    from ..data.blended_dataset import parse_data_path
+    from ..data.errors import DataError
+    try:
+        _, prefixes = parse_data_path(list(d.data_path))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    for p in prefixes:
+        if sft or d.sft:
+            continue  # SFT prefixes name two datasets (ids and mask); the SFT dataset checks them
+        missing = [p + ext for ext in (".bin", ".idx") if not os.path.isfile(p + ext)]
+        if missing:
+            raise ConfigError(f"--data-path {p}: {' and '.join(missing)} not found; pass the prefix "
+                              f"tools/preprocess_data.py wrote (e.g. out/corpus_text_document, without .bin/.idx)")
+
+
+class _NoParams:
+    param_groups: list = []
+
+
+def check_schedule(o: OptimizerConfig, t: TrainingConfig) -> None:
+    from ..optimizer import OptimizerParamScheduler
+    iters = t.train_iters
+    try:
+        OptimizerParamScheduler(_NoParams(), o, iters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

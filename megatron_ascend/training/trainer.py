@@ -74,16 +74,19 @@ class Trainer:
         if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
             raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
                               "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
-        preflight.check_paths(self.train_cfg)  # --save writable, --load present: before any work
+        self.tokenizer = None
+        self._resolve_vocab()
+        # before any work: paths writable / present, data files, the LR schedule's rules
+        preflight.check_paths(self.train_cfg)
+        preflight.check_data(self.data_cfg, sft=(stage == "sft"))
+        preflight.check_schedule(self.opt_cfg, self.train_cfg)
         determinism = platform.enable_deterministic(platform.get_platform().kind) \
             if self.train_cfg.deterministic else []  # before any communicator / cuBLAS handle exists
         self.plat = platform.init_distributed(self.train_cfg.distributed_timeout_minutes)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.tokenizer = None
         if determinism:
             _print_rank0("deterministic mode: " + ", ".join(determinism))
-        self._resolve_vocab()
         # the one placement: chunks, embedding group, loss source and logging rank all derive from it
         self.placement = placement_of(self.model_cfg, self.par)
         self.groups = parallel_state.initialize_model_parallel(
