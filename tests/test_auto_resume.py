@@ -36,3 +36,21 @@ def test_killed_ranks_restart_and_resume_bitwise(tmp_path):
     assert a["loads"] == [2, 4] and not a["suspicious_loads"] and a["final_iter"] == ITERS, a
     diff = differing(checkpoint_tensors(os.path.join(ref, f"iter_{ITERS:07d}")), checkpoint_tensors(a["final"]))
     assert not diff, diff[:5]
+
+
+def _finished_body(ckpt):
+    from megatron_ascend.training.entry import run
+    args = train_args(2, 2, ckpt)
+    first = run(args, print_fn=lambda s: None)
+    mtime = os.path.getmtime(os.path.join(ckpt, "iter_0000002", "common.json"))
+    again = run(args, print_fn=lambda s: None)  # restarted after the last iteration (killed while exiting)
+    return (first.saved, again.saved, sorted(again.losses), again.iteration,
+            os.path.getmtime(os.path.join(ckpt, "iter_0000002", "common.json")) == mtime)
+
+
+def test_restart_after_the_last_iteration_is_a_clean_exit(tmp_path):
+    """Found by bench/fault_injection.py: a rank killed after the final checkpoint was committed made every
+    restart fail ('consumed_samples 32 is not below the 32 samples of the dataset'), until torchrun gave up."""
+    first_saved, saved, losses, it, untouched = run_distributed(2, _finished_body, str(tmp_path / "ck"),
+                                                                timeout=300)[0]
+    assert first_saved == [2] and saved == [] and losses == [] and it == 2 and untouched

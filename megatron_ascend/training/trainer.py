@@ -118,14 +118,17 @@ class Trainer:
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
+        self._loaded_iteration = None
         self._load()
         self._last_good = (self.iteration, self.consumed_train_samples)
         self.datasets = build_datasets(self.data_cfg, self.train_cfg, self.gbs, self.model_cfg.vocab_size,
                                        self.tokenizer, sft=(stage == "sft"),
                                        pack=bool(getattr(args, "sft_packing", False)))
+        # a job restarted after its last iteration (killed while exiting) has nothing left to read or do
         self.train_iter = train_iterator(self.datasets.train, self.consumed_train_samples,
                                          self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp,
-                                         self.gbs, self.data_cfg.num_workers)
+                                         self.gbs, self.data_cfg.num_workers) \
+            if self.iteration < self.train_cfg.train_iters else iter(())
         self.is_logging_rank = self.rank == parts.logging_rank(self.par, self.placement)
         self.writer = TensorBoardWriter(self.train_cfg.tensorboard_dir, enabled=self.is_logging_rank)
         peak = resolve_peak_tflops(self.train_cfg.peak_tflops)
@@ -179,7 +182,7 @@ class Trainer:
         if t.finetune:
             self.iteration, self.consumed_train_samples = 0, 0
         else:
-            self.iteration = int(iteration)
+            self.iteration = self._loaded_iteration = int(iteration)
             self.consumed_train_samples = int((extra or {}).get("consumed_train_samples", self.iteration * self.gbs))
         _print_rank0(f"loaded checkpoint from {t.load} at iteration {iteration}"
                      + (" (finetune: iteration and optimizer reset)" if t.finetune else ""))
@@ -240,6 +243,8 @@ class Trainer:
             return
         if self.result.saved and self.result.saved[-1] == self.iteration:
             return
+        if self.iteration == self._loaded_iteration:
+            return  # the checkpoint this run resumed from holds exactly this state
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
