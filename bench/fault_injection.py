@@ -11,7 +11,9 @@ Each trial runs ``torchrun --standalone --max-restarts 3 -m megatron_ascend.pret
 * ``save``: kills a random rank (rank 0 for the commit stages) while the checkpoint of a random save iteration
   is written (after the rank wrote its files / before the rename / before the tracker);
 * ``external``: a watcher sends SIGKILL to a random worker process at a random time (0-3 s) after the first
-  checkpoint of the first attempt was committed (a random step, possibly inside a save).
+  checkpoint of the first attempt was committed (a random step, possibly inside a save);
+* ``hang``: a random rank stalls before a random iteration; the others wait in a collective until the
+  watchdog (--watchdog-timeout-minutes 0.25) reports it and exits 4, and torchrun restarts the job.
 
 After the job: exit code 0; the final checkpoint's every tensor (model, optimizer, RNG) equals the reference
 run's; every checkpoint the log says was loaded ("loaded checkpoint ... at iteration I") still verifies
@@ -168,11 +170,15 @@ def run_trial(kind: str, rng: random.Random, work: str, iters: int, nproc: int, 
         stage = rng.choice(["after_write", "before_rename", "before_tracker"])
         rank = rng.randrange(nproc) if stage == "after_write" else 0
         fault, desc = f"kind=kill,iter={it},rank={rank},stage={stage}", f"kill -9 rank {rank} saving iteration {it} ({stage})"
+    elif kind == "hang":
+        it, rank = rng.randint(2, iters), rng.randrange(nproc)
+        fault, desc = f"kind=hang,iter={it},rank={rank}", f"rank {rank} hangs before iteration {it} (watchdog)"
     else:
         ext = rng.uniform(0.0, 3.0)
         desc = f"external kill -9 of a random worker {ext:.1f} s after the first save"
     t = time.time()
-    rc, log, victim = launch(train_args(iters, save_interval, ck), nproc, 3, fault, ext,
+    args = train_args(iters, save_interval, ck) + (["--watchdog-timeout-minutes", "0.25"] if kind == "hang" else [])
+    rc, log, victim = launch(args, nproc, 3, fault, ext,
                              kill_after_file=os.path.join(ck, "latest_checkpointed_iteration.txt"))
     wall = time.time() - t
     res = {"kind": kind, "desc": desc, "rc": rc, "wall_s": wall, "victim": victim}
@@ -205,10 +211,10 @@ def main() -> int:
             return 1
         reference = checkpoint_tensors(os.path.join(ref_dir, f"iter_{a.iters:07d}"))
         print(f"reference: {a.iters} iterations on {a.nproc} ranks, {len(reference)} tensors, {time.time() - t:.1f} s")
-        kinds = ["step", "save", "external"]
+        kinds = ["step", "save", "external", "hang"]
         results = []
         for i in range(a.trials):
-            r = run_trial(kinds[i % 3], rng, work, a.iters, a.nproc, reference)
+            r = run_trial(kinds[i % len(kinds)], rng, work, a.iters, a.nproc, reference)
             results.append(r)
             print(f"trial {i + 1:2d}: {r['desc']:55s} rc {r['rc']} loads {r.get('loads')} skipped {r.get('skips')} "
                   f"suspicious {r.get('suspicious_loads')} final {r.get('final_iter')} equal {r['equal']} "

@@ -12,7 +12,7 @@ How each group runs (cheap: nothing here spawns a process per case):
 * ``tool``: tools/preprocess_data.py, tools/convert_ckpt.py, tools/reshard.py, tools/plan.py in-process.
 
 A case is (id, group, arguments / setup, words the line must contain). The catalogue (the ids below) is
-listed with the checks in docs/USER_GUIDE.md "Bad inputs".
+listed with the words each line must contain in docs/USER_GUIDE.md section 9 ("Bad inputs").
 """
 import contextlib
 import io
