@@ -10,8 +10,8 @@ does (backslash continuations joined, comments dropped) and each command is chec
 * the scripts the guide runs with ``bash`` exist.
 """
 import argparse
-import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -25,7 +25,7 @@ GUIDE = os.path.join(REPO, "docs", "USER_GUIDE.md")
 
 def guide_commands(path=GUIDE):
     """[(line number, command text)] of every command in the guide's ```bash blocks."""
-    out, block, start = [], None, 0
+    out, block = [], None
     for i, line in enumerate(open(path, encoding="utf-8").read().splitlines(), start=1):
         if line.startswith("```bash"):
             block = []

@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -47,9 +46,8 @@ from .dcp_io import Chunk, CheckpointError, agree_or_raise, is_distributed, read
 from . import compat
 from . import state as st
 from .integrity import file_record, seal_common
-from .selection import (COMMON, FORMAT, FORMAT_VERSION, TRACKER, VERIFY_MODES, _ITER_RE, checkpoint_candidates,  # noqa: F401
-                        checkpoint_dir, complete_checkpoints, find_checkpoint, is_complete, pick_checkpoint,
-                        read_common, read_tracker)
+from .selection import COMMON, TRACKER, VERIFY_MODES, checkpoint_dir, complete_checkpoints, pick_checkpoint
+from .selection import FORMAT, FORMAT_VERSION, find_checkpoint, read_common  # noqa: F401  (hf.py imports them here)
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +252,7 @@ def save_checkpoint(save_dir: str, iteration, model_chunks: Sequence[torch.nn.Mo
         chunks += st.optimizer_chunks(optimizer, model_chunks)
     if save_rng:
         chunks += st.rng_chunks(rank)
-    if model_config is None:
-        model_config = next((getattr(st.unwrap(c), "config", None) for c in model_chunks
-                             if dataclasses.is_dataclass(getattr(st.unwrap(c), "config", None))), None)
+    model_config = _model_config_of(model_chunks, model_config)
     common = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
         "layout": layout_of(groups), "has_optimizer": has_optim, "has_rng": save_rng,

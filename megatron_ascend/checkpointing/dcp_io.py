@@ -26,7 +26,6 @@ pickled ``.metadata`` is read through safe_metadata.py's restricted unpickler, b
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch.distributed as dist
 
