@@ -10,7 +10,7 @@ Each trial runs ``torchrun --standalone --max-restarts 3 -m megatron_ascend.pret
 * ``step``: MEGATRON_ASCEND_FAULT kills a random rank at the start or inside the forward of a random iteration;
 * ``save``: kills a random rank (rank 0 for the commit stages) while the checkpoint of a random save iteration
   is written (after the rank wrote its files / before the rename / before the tracker);
-* ``external``: a watcher sends SIGKILL to a random worker process at a random time (0-3 s) after the first
+* ``external``: a watcher sends SIGKILL to a random worker process at a random time (0-1 s) after the first
   checkpoint of the first attempt was committed (a random step, possibly inside a save);
 * ``hang``: a random rank stalls before a random iteration; the others wait in a collective until the
   watchdog (--watchdog-timeout-minutes 0.25) reports it and exits 4, and torchrun restarts the job.
@@ -174,7 +174,7 @@ def run_trial(kind: str, rng: random.Random, work: str, iters: int, nproc: int, 
         it, rank = rng.randint(2, iters), rng.randrange(nproc)
         fault, desc = f"kind=hang,iter={it},rank={rank}", f"rank {rank} hangs before iteration {it} (watchdog)"
     else:
-        ext = rng.uniform(0.0, 3.0)
+        ext = rng.uniform(0.0, 1.0)
         desc = f"external kill -9 of a random worker {ext:.1f} s after the first save"
     t = time.time()
     args = train_args(iters, save_interval, ck) + (["--watchdog-timeout-minutes", "0.25"] if kind == "hang" else [])

@@ -1,6 +1,6 @@
 """Soak: a 2,000-step tiny training run (the real trainer, one process) whose resident memory and step time
-must stay flat. Prints the least-squares slopes over the steady part of the run (after --warmup steps) and
-the medians of the first and last quarter, so a leak (memory growing a little every step, a list that grows,
+must stay flat. Prints the least-squares slopes over the steady part of the run (after --warmup steps) and over
+its second half, and the medians of the first and last quarter, so a leak (memory growing a little every step, a list that grows,
 a cache that is never trimmed) or a slowdown shows as a slope well above the noise.
 
     python bench/soak.py [--iters 2000] [--warmup 200] [--save-interval 500] [--json out.json]
@@ -87,6 +87,8 @@ def main() -> int:
         "rss_mib_last_quarter_median": statistics.median(mib[-q:]),
         "step_ms_first_quarter_median": statistics.median(ms[:q]),
         "step_ms_last_quarter_median": statistics.median(ms[-q:]),
+        "rss_slope_second_half_mib_per_1000_steps": slope(xs[len(xs) // 2:], mib[len(mib) // 2:]) * 1000,
+        "step_ms_slope_second_half_per_1000_steps": slope(xs[len(xs) // 2:], ms[len(ms) // 2:]) * 1000,
         "rss_mib_max": max(mib), "loss_first": res.losses[1]["lm loss"], "loss_last": res.losses[len(times)]["lm loss"],
         "nan_events": len(res.nan_events),
     }
@@ -95,12 +97,15 @@ def main() -> int:
     print(f"resident memory: slope {out['rss_slope_mib_per_1000_steps']:+.3f} MiB per 1000 steps over steps "
           f"{w}..{len(times)}; median {out['rss_mib_first_quarter_median']:.1f} MiB (first quarter) -> "
           f"{out['rss_mib_last_quarter_median']:.1f} MiB (last quarter); max {out['rss_mib_max']:.1f} MiB")
+    print(f"second half (steps {xs[len(xs) // 2]}..{len(times)}): resident memory slope "
+          f"{out['rss_slope_second_half_mib_per_1000_steps']:+.3f} MiB per 1000 steps, step time slope "
+          f"{out['step_ms_slope_second_half_per_1000_steps']:+.3f} ms per 1000 steps")
     print(f"step time: slope {out['step_ms_slope_per_1000_steps']:+.3f} ms per 1000 steps; median "
           f"{out['step_ms_first_quarter_median']:.2f} ms (first quarter) -> {out['step_ms_last_quarter_median']:.2f} "
           f"ms (last quarter)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(dict(out, step_ms=ms, rss_mib=mib, first_step=w), f, indent=1)
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     return 0
