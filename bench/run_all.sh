@@ -14,6 +14,7 @@ run() {  # name, command...
   { echo "### $name"; echo; echo '```'; echo "\$ $*"; "$@" 2>&1 | grep -v -e Warning -e 'return func' -e USDT; echo '```'; echo; } > "$TMP/$name.md"
 }
 run vs_transformers python bench/vs_transformers.py --reps "$REPS"
+run v4_vs_transformers python bench/v4_vs_transformers.py --reps "$REPS"
 run mfu python bench/mfu.py --reps "$REPS" --profile
 run breakdown_mfu python bench/breakdown.py --config mfu
 run breakdown_small python bench/breakdown.py --config small
@@ -23,6 +24,7 @@ run recompute python bench/recompute.py
 run pipeline_bubble python bench/pipeline_bubble.py
 run grad_overlap python bench/grad_overlap.py
 run scaling python bench/scaling.py --reps 3
+run grouped_fallback_memory python bench/grouped_fallback_memory.py
 run planner_v3 python tools/plan.py --preset v3-2048-h800 --top 10
 run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
 {
@@ -38,6 +40,8 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo
   cat bench/reading.md
   echo
+  cat bench/reference/results.md
+  echo
   echo "## Machine"
   echo
   echo '```'
@@ -48,7 +52,7 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo
   echo "## Results"
   echo
-  cat "$TMP"/vs_transformers.md "$TMP"/mfu.md "$TMP"/breakdown_mfu.md "$TMP"/breakdown_small.md "$TMP"/comm_volume.md "$TMP"/memory.md "$TMP"/recompute.md "$TMP"/pipeline_bubble.md "$TMP"/grad_overlap.md "$TMP"/scaling.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
+  cat "$TMP"/vs_transformers.md "$TMP"/v4_vs_transformers.md "$TMP"/mfu.md "$TMP"/breakdown_mfu.md "$TMP"/breakdown_small.md "$TMP"/comm_volume.md "$TMP"/memory.md "$TMP"/recompute.md "$TMP"/pipeline_bubble.md "$TMP"/grad_overlap.md "$TMP"/scaling.md "$TMP"/grouped_fallback_memory.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
 } > "$OUT"
 rm -rf "$TMP"
 echo "wrote $OUT" >&2

@@ -25,7 +25,7 @@ MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
 RECOMPUTE_METHODS = (None, "uniform", "block")
-RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "moe_act", "layernorm", "mlp", "moe", "shared_experts")
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "moe_act", "layernorm", "mlp", "moe", "shared_experts", "mhc")
 DISPATCHER_TYPES = ("alltoall", "allgather")
 LOAD_BALANCING_TYPES = ("seq_aux_loss", "aux_loss", "none")
 
@@ -113,7 +113,11 @@ class ModelConfig:
     index_head_dim: int = 0
     index_topk: int = 0
     dsa_indexer_loss_coeff: float = 0.0
-    # V4 (kept here so one config type describes the family; the V4 modules are a later issue)
+    # V4 (models/deepseek_v4; docs/V4.md). compress_ratios: one entry per layer (and optionally per MTP layer
+    # after them, as the released config.json lists them): 0 = sliding window only, csa_compress_ratio =
+    # compressed sparse attention (overlapping windows + lightning indexer), any other ratio = heavily
+    # compressed attention. rope_scaling is the YaRN of the compressed layers (rope base compress_rope_theta);
+    # sliding-only layers use plain RoPE at rope_theta. The first num_hash_layers MoE layers route by tid2eid.
     hc_mult: int = 0
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
@@ -121,6 +125,7 @@ class ModelConfig:
     sliding_window: int = 0
     compress_ratios: Tuple[int, ...] = ()
     compress_rope_theta: float = 0.0
+    csa_compress_ratio: int = 4
     o_groups: int = 0
     o_lora_rank: int = 0
     num_hash_layers: int = 0
@@ -153,6 +158,20 @@ class ModelConfig:
         """HF remote-code rule: MoE iff experts exist, idx >= first_k_dense_replace and idx % freq == 0."""
         return (self.is_moe and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
+
+    def compress_ratio(self, layer_idx: int) -> int:
+        """V4: the compression ratio of layer ``layer_idx`` (an MTP layer is ``num_hidden_layers + k``); layers the
+        config lists no ratio for (MTP layers of a transformers-style config) are sliding-only, as in DeepSeek's
+        released configs."""
+        return self.compress_ratios[layer_idx] if layer_idx < len(self.compress_ratios) else 0
+
+    def attention_type(self, layer_idx: int) -> str:
+        """V4 attention kind of a layer, in transformers' names: sliding_attention, compressed_sparse_attention
+        (ratio == csa_compress_ratio) or heavily_compressed_attention."""
+        r = self.compress_ratio(layer_idx)
+        if r == 0:
+            return "sliding_attention"
+        return "compressed_sparse_attention" if r == self.csa_compress_ratio else "heavily_compressed_attention"
 
     @property
     def num_moe_layers(self) -> int:
@@ -201,16 +220,56 @@ class ModelConfig:
             _require(self.index_head_dim >= self.qk_rope_head_dim,
                      f"index_head_dim {self.index_head_dim} must be >= qk_rope_head_dim {self.qk_rope_head_dim}")
         _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        if self.model_type == "deepseek_v4":
+            self._validate_v4()
+
+    def _validate_v4(self) -> None:
+        L, D = self.num_hidden_layers, self.num_nextn_predict_layers
+        for name in ("hc_mult", "hc_sinkhorn_iters", "head_dim", "o_groups", "o_lora_rank", "sliding_window"):
+            _require(getattr(self, name) >= 1, f"deepseek_v4 needs {name} >= 1 (it is {getattr(self, name)}); "
+                                               f"set it in config.json")
+        _require(self.q_lora_rank is not None, "deepseek_v4 needs q_lora_rank > 0 (its queries are low-rank)")
+        _require(self.qk_rope_head_dim <= self.head_dim,
+                 f"qk_rope_head_dim {self.qk_rope_head_dim} exceeds head_dim {self.head_dim}; RoPE covers the last "
+                 f"qk_rope_head_dim dims of a head")
+        _require(self.num_attention_heads % self.o_groups == 0,
+                 f"o_groups {self.o_groups} does not divide num_attention_heads {self.num_attention_heads}; pick a "
+                 f"divisor")
+        _require(len(self.compress_ratios) in (0, L, L + D),
+                 f"compress_ratios has {len(self.compress_ratios)} entries; give one per layer ({L}) or per layer and "
+                 f"MTP layer ({L + D})")
+        _require(all(r == 0 or r >= 2 for r in self.compress_ratios),
+                 f"compress_ratios {list(self.compress_ratios)} must be 0 (sliding window only) or >= 2")
+        _require(self.csa_compress_ratio >= 2, f"csa_compress_ratio {self.csa_compress_ratio} must be >= 2")
+        if any(self.attention_type(i) == "compressed_sparse_attention" for i in range(L + D)):
+            _require(self.index_topk > 0 and self.index_n_heads > 0 and self.index_head_dim > 0,
+                     "deepseek_v4 compressed sparse attention layers need index_n_heads, index_head_dim and "
+                     "index_topk > 0")
+        _require(self.is_moe, "deepseek_v4 layers are all MoE; set n_routed_experts > 0")
+        _require(self.first_k_dense_replace == 0 and self.moe_layer_freq == 1,
+                 f"deepseek_v4 has no dense-MLP layers (first_k_dense_replace {self.first_k_dense_replace}, "
+                 f"moe_layer_freq {self.moe_layer_freq}); set them to 0 and 1")
+        _require(0 <= self.num_hash_layers <= L,
+                 f"num_hash_layers {self.num_hash_layers} must be between 0 and num_hidden_layers {L}")
 
     # -- HuggingFace config.json ------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: Dict[str, Any], **overrides) -> "ModelConfig":
-        """Build from a HuggingFace DeepSeek config dict (hub style or transformers-5 style)."""
+        """Build from a HuggingFace DeepSeek config dict (hub style or transformers-5 style), or from DeepSeek-V4's
+        inference ``config.json`` (``ModelArgs`` keys: dim, n_layers, n_heads, ...)."""
         d = dict(d)
-        model_type = d.get("model_type", "deepseek_v3")
+        if "model_type" not in d and _is_v4_inference_args(d):
+            d = _v4_inference_args_to_hf(d)
+        model_type = d.get("model_type")
+        if model_type is None:
+            arch = " ".join(d.get("architectures") or [])
+            model_type = "deepseek_v4" if ("DeepseekV4" in arch or "hc_mult" in d) else "deepseek_v3"
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"config.json model_type {model_type!r} is not a DeepSeek model we support; "
                               f"use one of {', '.join(MODEL_TYPES)}")
+        if float(d.get("attention_dropout") or 0.0) != 0.0:
+            raise ConfigError(f"config.json sets attention_dropout {d['attention_dropout']}; dropout is not "
+                              f"implemented (DeepSeek trains without it): set it to 0.0")
         kw: Dict[str, Any] = {"model_type": model_type}
         names = {f.name for f in dataclasses.fields(cls)}
         for k, v in d.items():
@@ -218,11 +277,17 @@ class ModelConfig:
                 kw[k] = v
         # rope: hub style {rope_theta, rope_scaling{type|rope_type, ...}} or rope_parameters
         rope = d.get("rope_parameters")
-        if isinstance(rope, dict) and "main" in rope:  # V4 keeps per-attention-kind parameters
-            if "rope_theta" in rope.get("compress", {}):
-                kw.setdefault("compress_rope_theta", rope["compress"]["rope_theta"])
-            rope = rope["main"]
         scaling = d.get("rope_scaling")
+        if isinstance(rope, dict) and "main" in rope:  # V4: per-attention-kind parameters (transformers style)
+            main, comp = rope.get("main") or {}, rope.get("compress") or {}
+            if "rope_theta" in comp:
+                kw.setdefault("compress_rope_theta", float(comp["rope_theta"]))
+            if "rope_theta" in main:
+                kw["rope_theta"] = float(main["rope_theta"])
+            # only the compressed layers are YaRN-scaled in V4 (both references); ModelConfig.rope_scaling is theirs
+            if scaling is None and comp.get("rope_type", comp.get("type", "default")) not in ("default", None):
+                scaling = comp
+            rope = None
         if rope is not None and scaling is None:
             if "rope_theta" in rope:
                 kw["rope_theta"] = float(rope["rope_theta"])
@@ -247,18 +312,7 @@ class ModelConfig:
             kw.setdefault("topk_method", "greedy")
             kw.setdefault("num_nextn_predict_layers", 0)
         if model_type == "deepseek_v4":
-            kw.setdefault("topk_method", "noaux_tc")
-            if "layer_types" in d and "compress_rates" in d:
-                rates = d["compress_rates"]
-                kw["compress_ratios"] = tuple(int(rates.get(t, 0)) for t in d["layer_types"])
-            elif "compress_ratios" in d:
-                kw["compress_ratios"] = tuple(d["compress_ratios"])
-            if "mlp_layer_types" in d:
-                kw["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
-            kw.setdefault("first_k_dense_replace", 0)
-            kw.setdefault("qk_nope_head_dim", int(d.get("head_dim", 512)) - int(d.get("qk_rope_head_dim", 64)))
-            kw.setdefault("v_head_dim", int(d.get("head_dim", 512)))
-            kw.setdefault("kv_lora_rank", int(d.get("head_dim", 512)))
+            _v4_fields_from_hf(d, kw)
         for key in ("n_group", "topk_group"):
             if kw.get(key) is None:
                 kw[key] = 1
@@ -286,6 +340,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> Dict[str, Any]:
         """The hub-style config.json that `transformers` loads for this model."""
+        if self.model_type == "deepseek_v4":
+            return _v4_to_hf(self)
         arch = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
                 "deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}[self.model_type]
         d = {
@@ -340,6 +396,143 @@ def family_defaults(model_type: Optional[str]) -> Dict[str, Any]:
     mt = model_type or "deepseek_v3"
     _require(mt in MODEL_TYPES, f"--model-type {mt!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
     return dict(FAMILY_DEFAULTS[mt], model_type=mt)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-V4 config.json keys (transformers' DeepseekV4Config, the released hub config, DeepSeek's ModelArgs)
+# ----------------------------------------------------------------------------------------------
+_SLIDING, _CSA, _HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+# transformers' DeepseekV4Config defaults, for keys a hand-written config.json leaves out
+_V4_DEFAULTS = dict(hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43, num_attention_heads=64,
+                    head_dim=512, q_lora_rank=1024, num_experts_per_tok=6, n_routed_experts=256, n_shared_experts=1,
+                    scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True,
+                    routed_scaling_factor=1.5, max_position_embeddings=1048576, compress_rope_theta=160000.0,
+                    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, swiglu_limit=10.0, sliding_window=128, o_groups=8,
+                    o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512,
+                    num_nextn_predict_layers=1, first_k_dense_replace=0)
+# DeepSeek's inference ModelArgs key -> ours (values kept); other ModelArgs keys are mapped by hand below
+_V4_ARGS = {"dim": "hidden_size", "moe_inter_dim": "moe_intermediate_size", "n_layers": "num_hidden_layers",
+            "n_hash_layers": "num_hash_layers", "n_mtp_layers": "num_nextn_predict_layers", "n_heads":
+            "num_attention_heads", "n_activated_experts": "num_experts_per_tok", "score_func": "scoring_func",
+            "route_scale": "routed_scaling_factor", "rope_head_dim": "qk_rope_head_dim", "norm_eps": "rms_norm_eps",
+            "window_size": "sliding_window", "vocab_size": "vocab_size", "n_routed_experts": "n_routed_experts",
+            "n_shared_experts": "n_shared_experts", "swiglu_limit": "swiglu_limit", "q_lora_rank": "q_lora_rank",
+            "head_dim": "head_dim", "o_groups": "o_groups", "o_lora_rank": "o_lora_rank",
+            "compress_ratios": "compress_ratios", "compress_rope_theta": "compress_rope_theta",
+            "rope_theta": "rope_theta", "index_n_heads": "index_n_heads", "index_head_dim": "index_head_dim",
+            "index_topk": "index_topk", "hc_mult": "hc_mult", "hc_sinkhorn_iters": "hc_sinkhorn_iters",
+            "hc_eps": "hc_eps"}
+
+
+def _is_v4_inference_args(d: Dict[str, Any]) -> bool:
+    return "dim" in d and "n_layers" in d
+
+
+def _v4_inference_args_to_hf(d: Dict[str, Any]) -> Dict[str, Any]:
+    """DeepSeek-V4 inference ``config.json`` (ModelArgs) -> the hub-style keys from_hf_dict reads."""
+    out: Dict[str, Any] = {"model_type": "deepseek_v4"}
+    for k, v in d.items():
+        if k in _V4_ARGS:
+            out[_V4_ARGS[k]] = v
+    out["norm_topk_prob"] = d.get("score_func", "sqrtsoftplus") != "softmax"  # ModelArgs' Gate rule
+    orig = int(d.get("original_seq_len", 0) or 0)
+    if orig > 0:
+        factor = float(d.get("rope_factor", 1.0))
+        out["rope_scaling"] = {"type": "yarn", "factor": factor, "original_max_position_embeddings": orig,
+                               "beta_fast": float(d.get("beta_fast", 32)), "beta_slow": float(d.get("beta_slow", 1))}
+        out["max_position_embeddings"] = int(orig * factor)
+    elif "max_seq_len" in d:
+        out["max_position_embeddings"] = int(d["max_seq_len"])
+    return out
+
+
+def _v4_fields_from_hf(d: Dict[str, Any], kw: Dict[str, Any]) -> None:
+    """The V4 keys of a transformers / hub config dict into ModelConfig keyword arguments (in place)."""
+    for k, v in _V4_DEFAULTS.items():
+        kw.setdefault(k, v)
+    if int(d.get("num_key_value_heads", 1) or 1) != 1:
+        raise ConfigError(f"deepseek_v4 attention has one shared key/value head; config.json says "
+                          f"num_key_value_heads {d['num_key_value_heads']}")
+    head_dim = int(kw["head_dim"])
+    if "qk_rope_head_dim" not in d:
+        prf = d.get("partial_rotary_factor") or 64 / 512
+        kw["qk_rope_head_dim"] = int(head_dim * prf)
+    n = int(kw["num_hidden_layers"])
+    rates = {_CSA: 4, _HCA: 128}
+    rates.update(d.get("compress_rates") or {})
+    if d.get("compress_rate_csa") is not None:
+        rates[_CSA] = int(d["compress_rate_csa"])
+    if d.get("compress_rate_hca") is not None:
+        rates[_HCA] = int(d["compress_rate_hca"])
+    if rates[_CSA] == rates[_HCA]:
+        raise ConfigError(f"compress_rates gives compressed sparse and heavily compressed attention the same ratio "
+                          f"{rates[_CSA]}; they must differ (the ratio tells the layer kind)")
+    kw["csa_compress_ratio"] = int(rates[_CSA])
+    ratios = None
+    if d.get("layer_types") is not None:
+        bad = [t for t in d["layer_types"] if t not in (_SLIDING, _CSA, _HCA)]
+        if bad:
+            raise ConfigError(f"layer_types entries {bad} are unknown; use {_SLIDING}, {_CSA} or {_HCA}")
+        ratios = tuple(0 if t == _SLIDING else int(rates[t]) for t in d["layer_types"])
+    if d.get("compress_ratios") is not None:
+        listed = tuple(int(r) for r in d["compress_ratios"])
+        if ratios is not None and listed[:len(ratios)] != ratios:
+            raise ConfigError(f"config.json's compress_ratios {list(listed)} disagree with its layer_types; drop one")
+        ratios = listed  # may also list the MTP layers
+    if ratios is None:  # transformers' default: two HCA layers, then CSA / HCA alternating
+        ratios = tuple(rates[_HCA] if i < 2 or i % 2 == 0 else rates[_CSA] for i in range(n))
+    kw["compress_ratios"] = ratios
+    if d.get("mlp_layer_types") is not None:
+        types = list(d["mlp_layer_types"])
+        n_hash = sum(1 for t in types if t == "hash_moe")
+        if types[:n_hash] != ["hash_moe"] * n_hash or any(t not in ("hash_moe", "moe") for t in types):
+            raise ConfigError(f"mlp_layer_types {types} must be hash_moe for the first layers and moe after them "
+                              f"(any other order is not supported)")
+        kw["num_hash_layers"] = n_hash
+    elif d.get("num_hash_layers") is None:
+        kw["num_hash_layers"] = min(3, n)  # transformers' default
+    kw["qk_nope_head_dim"] = head_dim - int(kw["qk_rope_head_dim"])
+    kw["v_head_dim"] = head_dim
+    kw["kv_lora_rank"] = head_dim
+    kw["intermediate_size"] = int(kw["moe_intermediate_size"])  # transformers' alias (V4 has no dense MLP)
+    if d.get("initializer_range") is not None:
+        kw.setdefault("init_method_std", float(d["initializer_range"]))
+
+
+def _v4_to_hf(c: "ModelConfig") -> Dict[str, Any]:
+    """transformers' DeepseekV4Config keys (plus compress_ratios, which it accepts and which also lists the MTP
+    layers)."""
+    L = c.num_hidden_layers
+    types = [c.attention_type(i) for i in range(L)]
+    hca = sorted({c.compress_ratio(i) for i in range(L) if types[i] == _HCA})
+    if len(hca) > 1:
+        raise ConfigError(f"heavily compressed layers use several ratios {hca}; transformers' DeepseekV4Config has one")
+    d: Dict[str, Any] = {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "moe_intermediate_size": c.moe_intermediate_size, "num_hidden_layers": L,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": 1, "head_dim": c.head_dim,
+        "qk_rope_head_dim": c.qk_rope_head_dim, "partial_rotary_factor": c.qk_rope_head_dim / c.head_dim,
+        "q_lora_rank": c.q_lora_rank, "num_experts_per_tok": c.num_experts_per_tok,
+        "n_routed_experts": c.n_routed_experts, "n_shared_experts": c.n_shared_experts,
+        "scoring_func": c.scoring_func, "topk_method": c.topk_method, "norm_topk_prob": c.norm_topk_prob,
+        "routed_scaling_factor": c.routed_scaling_factor, "max_position_embeddings": c.max_position_embeddings,
+        "rope_theta": c.rope_theta, "compress_rope_theta": c.compress_rope_theta, "layer_types": types,
+        "compress_rates": {_CSA: c.csa_compress_ratio, _HCA: hca[0] if hca else 128},
+        "compress_ratios": list(c.compress_ratios) or [0] * L,
+        "mlp_layer_types": ["hash_moe" if i < c.num_hash_layers else "moe" for i in range(L)],
+        "hc_mult": c.hc_mult, "hc_sinkhorn_iters": c.hc_sinkhorn_iters, "hc_eps": c.hc_eps,
+        "swiglu_limit": c.swiglu_limit, "sliding_window": c.sliding_window, "o_groups": c.o_groups,
+        "o_lora_rank": c.o_lora_rank, "index_n_heads": c.index_n_heads, "index_head_dim": c.index_head_dim,
+        "index_topk": c.index_topk, "num_nextn_predict_layers": c.num_nextn_predict_layers,
+        "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
+        "initializer_range": c.init_method_std, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+    }
+    if c.rope_scaling is not None:  # transformers applies it to the compressed layers only, as DeepSeek does
+        rs = c.rope_scaling
+        d["rope_parameters"] = {"rope_type": rs.type, "factor": rs.factor, "beta_fast": rs.beta_fast,
+                                "beta_slow": rs.beta_slow,
+                                "original_max_position_embeddings": rs.original_max_position_embeddings}
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,10 +718,8 @@ class TrainingConfig:
     nan_trace_modules: bool = False
     loss_spike_factor: Optional[float] = None
     loss_spike_window: int = 50
-    # reliability: hangs (training/watchdog.py)
-    distributed_timeout_minutes: float = 30.0
+    # reliability: hangs (training/watchdog.py; the process-group timeout is platform.RuntimeOptions')
     watchdog_timeout_minutes: Optional[float] = None
-    deterministic: bool = False  # platform/determinism.py
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
@@ -542,8 +733,6 @@ class TrainingConfig:
         _require(self.loss_spike_factor is None or self.loss_spike_factor > 1.0,
                  f"--loss-spike-factor {self.loss_spike_factor} must be > 1 (e.g. 3: a loss 3x the recent mean)")
         _require(self.loss_spike_window >= 1, f"--loss-spike-window {self.loss_spike_window} must be >= 1")
-        _require(self.distributed_timeout_minutes > 0,
-                 f"--distributed-timeout-minutes {self.distributed_timeout_minutes} must be > 0")
         _require(self.watchdog_timeout_minutes is None or self.watchdog_timeout_minutes > 0,
                  f"--watchdog-timeout-minutes {self.watchdog_timeout_minutes} must be > 0 (leave it out to disable)")
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")

@@ -215,12 +215,11 @@ _DEFAULT: Optional[ProcessGroups] = None
 
 
 def initialize_model_parallel(config: ParallelConfig, backend_group_options=None,
-                              embedding_pp_ranks: Optional[Sequence[int]] = None, timeout=None) -> ProcessGroups:
+                              embedding_pp_ranks: Optional[Sequence[int]] = None) -> ProcessGroups:
     """Create every group (all ranks take part in every new_group call, as torch requires). The embedding group
-    joins the pipeline ranks ``embedding_pp_ranks`` (the placement's; default the first and the last).
-    ``timeout`` (a timedelta; torch's default when None) applies to every group: new groups do not inherit the
-    default group's timeout."""
+    joins the pipeline ranks ``embedding_pp_ranks`` (the placement's; default the first and the last)."""
     import torch.distributed as dist
+    from . import platform
 
     global _DEFAULT
     if not dist.is_initialized():
@@ -233,8 +232,8 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     for name, groups in layout.all_groups().items():
         pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group
         for ranks in groups:
-            handle = dist.new_group(ranks, timeout=timeout) if len(groups) > 1 or len(ranks) != world \
-                else dist.group.WORLD
+            # platform.new_group: the job's process-group timeout (torch's subgroup default is 10 min on NCCL)
+            handle = platform.new_group(ranks) if len(groups) > 1 or len(ranks) != world else dist.group.WORLD
             if rank in ranks:
                 pg.groups[name] = handle
                 pg.ranks[name] = list(ranks)

@@ -15,7 +15,11 @@ bytes saved for backward.
   the norm input when backward needs it),
   ``mlp`` (the dense MLP), ``moe`` (the whole MoE block); ``moe_act`` and ``shared_experts`` are applied inside
   the MoE block and need ``MoELayer.supports_recompute`` to list them (a ConfigError says so otherwise); with
-  ``moe`` also selected they are subsumed by the whole-block checkpoint.
+  ``moe`` also selected they are subsumed by the whole-block checkpoint. DeepSeek-V4 layers take ``layernorm``,
+  ``moe``, ``mhc`` (the stream-mixing coefficients, models/deepseek_v4/layer.py) and what their attention lists
+  in ``supports_recompute`` (``core_attn``, ``mla_up_proj``: the query up-projection); a module the model does
+  not have (``mlp`` on V4, ``mhc`` on V3) is a ConfigError naming the model's modules. Decoder layers are found
+  by their base class (models/chunk.DecoderLayerBase) and say which names they act on (``layer_recompute``).
 
 Every checkpoint is ``tensor_parallel.random.checkpoint``: torch's non-reentrant checkpoint with the CPU /
 accelerator RNG and the RNG-tracker states restored, so recomputed activations are bitwise the forward ones
@@ -48,8 +52,13 @@ def _chunks(chunks) -> List[nn.Module]:
 
 
 def _decoder_layers(chunk: nn.Module):
-    from .models.deepseek.layer import DecoderLayer
-    return [m for m in chunk.modules() if isinstance(m, DecoderLayer)]
+    from .models.chunk import DecoderLayerBase
+    return [m for m in chunk.modules() if isinstance(m, DecoderLayerBase)]
+
+
+def _attention_modules(layer) -> frozenset:
+    """The selective names the layer's attention acts on: its ``supports_recompute``, else MLA's and V4's two."""
+    return frozenset(getattr(layer.self_attn, "supports_recompute", ("core_attn", "mla_up_proj")))
 
 
 def apply_recompute(chunks: Union[nn.Module, Sequence[nn.Module]], train: Optional[TrainingConfig] = None, *,
@@ -72,9 +81,18 @@ def apply_recompute(chunks: Union[nn.Module, Sequence[nn.Module]], train: Option
         chunk.recompute_chunks = plan
         chunk.recompute_mtp = granularity == "full"
         selected = frozenset(modules) if granularity == "selective" else frozenset()
-        for layer in _decoder_layers(chunk):
-            layer.recompute_modules = selected & frozenset(("layernorm", "mlp", "moe"))
-            layer.self_attn.recompute_modules = selected & frozenset(("core_attn", "mla_up_proj"))
+        layers = _decoder_layers(chunk)
+        if selected and layers:
+            known = frozenset(_MOE_INTERNAL)
+            for layer in layers:
+                known |= frozenset(type(layer).layer_recompute) | _attention_modules(layer)
+            unknown = selected - known
+            if unknown:
+                raise ConfigError(f"--recompute-modules {' '.join(sorted(unknown))} do not exist in "
+                                  f"{chunk.config.model_type} (its modules: {' '.join(sorted(known))}); drop them")
+        for layer in layers:
+            layer.recompute_modules = selected & frozenset(type(layer).layer_recompute)
+            layer.self_attn.recompute_modules = selected & _attention_modules(layer)
             inner = selected & frozenset(_MOE_INTERNAL)
             if layer.is_moe:
                 supported = frozenset(getattr(layer.mlp, "supports_recompute", ()))
@@ -131,9 +149,9 @@ class SavedTensorMeter:
     def _install(self):
         if self.model is None:
             return
-        from .models.deepseek.layer import DecoderLayer
+        from .models.chunk import DecoderLayerBase
         for name, m in self.model.named_modules():
-            if isinstance(m, DecoderLayer):
+            if isinstance(m, DecoderLayerBase):
                 tag = name.replace("model.layers.", "layer.").replace("mtp.layers.", "mtp.")
                 self._handles.append(m.register_forward_pre_hook(lambda mod, a, t=tag: self._push(t)))
                 self._handles.append(m.register_forward_hook(lambda mod, a, o: self._pop()))

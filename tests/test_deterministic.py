@@ -1,10 +1,8 @@
-"""--deterministic (platform/determinism.py): on CPU two runs of the trainer (2 gloo ranks, EP2, distributed
-optimizer, MTP) end with bitwise equal parameters and losses, with torch's deterministic algorithms on (no op of
-the model raises for lacking a deterministic kernel); the CUDA and NPU settings are set when absent and a
-conflicting user value is refused with one line naming the variable."""
-import os
-
-import pytest
+"""--deterministic (platform.RuntimeOptions, applied by platform/device.py, npu.py, cuda.py): on CPU two runs of
+the trainer (2 gloo ranks, EP2, distributed optimizer, MTP) end with bitwise equal parameters and losses, with
+torch's deterministic algorithms on (no op of the model raises for lacking a deterministic kernel); the NPU and
+CUDA environments carry every variable determinism needs there (a user value that disagrees is replaced, with
+a start-up note naming it)."""
 import torch
 
 from tests.harness import run_distributed
@@ -39,22 +37,14 @@ def test_two_deterministic_cpu_runs_are_bitwise_equal():
         assert r == {"det": True, "losses": True, "params": True, "moved": True}, r
 
 
-def test_platform_settings_and_conflicts(monkeypatch):
-    from megatron_ascend.config import ConfigError
-    from megatron_ascend.platform.determinism import SETTINGS, enable_deterministic
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        for kind in ("npu", "cuda"):
-            for var in SETTINGS[kind]:
-                monkeypatch.delenv(var, raising=False)
-        for flag in ("deterministic", "benchmark"):  # restored after the test
-            monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))
-        applied = enable_deterministic("npu")
-        assert os.environ["HCCL_DETERMINISTIC"] == "True" and "LCCL_DETERMINISTIC=1" in applied
-        monkeypatch.setenv("NCCL_ALGO", "Tree")
-        with pytest.raises(ConfigError, match="NCCL_ALGO=Ring.*NCCL_ALGO=Tree"):
-            enable_deterministic("cuda")
-        monkeypatch.setenv("NCCL_ALGO", "ring")
-        assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in enable_deterministic("cuda")
-    finally:
-        torch.use_deterministic_algorithms(was)
+def test_platform_environments():
+    from megatron_ascend.platform import cuda, npu
+    from megatron_ascend.platform.runtime import RuntimeOptions
+    det = RuntimeOptions(deterministic=True)
+    env, _ = npu.environment(det, {})
+    assert env["HCCL_DETERMINISTIC"] == "true" and env["LCCL_DETERMINISTIC"] == "1" and env["CLOSE_MATMUL_K_SHIFT"] == "1"
+    env, notes = cuda.environment(det, {"NCCL_ALGO": "Tree"})
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and env["NCCL_ALGO"] == "Ring"
+    assert env["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] == "0"
+    assert any("NCCL_ALGO=Ring" in n and "replaces the environment's Tree" in n for n in notes), notes
+    assert "NCCL_ALGO" not in cuda.environment(RuntimeOptions(), {})[0]  # only with --deterministic

@@ -58,10 +58,10 @@ def test_reference_kernels():
     g, u = torch.randn(4, 6) * 20, torch.randn(4, 6) * 20
     torch.testing.assert_close(kernels.get("swiglu")(g, u), F.silu(g) * u)
     torch.testing.assert_close(kernels.get("swiglu")(g, u, 10.0), F.silu(g.clamp(max=10)) * u.clamp(-10, 10))
-    xs, ws, counts = torch.randn(7, 3), torch.randn(3, 3, 2), torch.tensor([3, 0, 4])
-    out = kernels.get("grouped_matmul")(xs, ws, counts)
-    torch.testing.assert_close(out, torch.cat([xs[:3] @ ws[0], xs[3:] @ ws[2]]))
-    assert set(kernels.table()) >= {"rms_norm", "swiglu", "grouped_matmul"}
+    xs, ws, counts = torch.randn(7, 3), torch.randn(3, 2, 3), [3, 0, 4]  # weight [G, out, in]
+    out = kernels.reference_of("grouped_matmul")(xs, ws, counts)
+    torch.testing.assert_close(out, torch.cat([xs[:3] @ ws[0].t(), xs[3:] @ ws[2].t()]))
+    assert set(kernels.table()) >= {"rms_norm", "swiglu", "grouped_matmul", "moe_permute"}
 
 
 def test_host_allocator_tuning(monkeypatch):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Forward pass of a DeepSeek model at any TP / PP / EP layout; writes logits (and per-token loss).
+"""Forward pass of a DeepSeek model (V2 / V3 / V3.2 / V4) at any TP / PP / EP layout; writes logits (and per-token
+loss).
 
     torchrun --nproc-per-node 4 tools/forward.py --load ckpt/run   --input-ids ids.pt --output out.pt \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2
@@ -117,7 +118,8 @@ def run_forward(args):
     from megatron_ascend import platform
     from megatron_ascend.checkpointing import load_checkpoint, find_checkpoint, read_common
     from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all
-    from megatron_ascend.models.deepseek import DeepseekForCausalLM, load_hf_state_dict_into
+    from megatron_ascend.models import build_model
+    from megatron_ascend.models.deepseek import load_hf_state_dict_into
     from megatron_ascend.parallel_state import initialize_model_parallel
     from megatron_ascend.pipeline_parallel import P2PCommunicator, model_chunk_specs
     from megatron_ascend.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -145,8 +147,8 @@ def run_forward(args):
     groups = initialize_model_parallel(par)
     spec = model_chunk_specs(cfg.num_hidden_layers, par.pp, groups.pp_rank)[0]
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    model = DeepseekForCausalLM(cfg, par, groups, pre_process=spec.pre_process, post_process=spec.post_process,
-                                layer_ids=spec.layer_ids, include_mtp=False)
+    model = build_model(cfg, par, groups, pre_process=spec.pre_process, post_process=spec.post_process,
+                        layer_ids=spec.layer_ids, include_mtp=False)
     if args.hf_dir:
         missing, _ = load_hf_state_dict_into(model, LazyHF(args.hf_dir))
         if missing:
@@ -156,8 +158,9 @@ def run_forward(args):
     for name, b in model.named_buffers():  # the router bias stays fp32, like the HF model's gate
         if b.is_floating_point() and "e_score_correction_bias" not in name:
             b.data = b.data.to(dtype)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    for p in model.parameters():  # fp32-kept parameters (V4's norms, mHC, router) stay fp32, as in training
+        if not getattr(p, "keep_fp32", False):
+            p.data = p.data.to(dtype)
     model.to(device).eval()
 
     ids, labels = _read_inputs(args, cfg.vocab_size)

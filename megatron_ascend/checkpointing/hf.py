@@ -1,4 +1,4 @@
-"""HuggingFace DeepSeek (V2 / V2-Lite / V3 / V3.2) safetensors <-> our sharded checkpoint, streaming.
+"""HuggingFace DeepSeek (V2 / V2-Lite / V3 / V3.2 / V4) safetensors <-> our sharded checkpoint, streaming.
 
 ``convert_hf_to_ma(hf_dir, save_dir, tp, pp, ep, vp=None, save_dtype=None, workers=1)``
   reads config.json and the (sharded) safetensors, checks every name / shape against our model (built on the
@@ -51,6 +51,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
 KEEP_FP32 = ("e_score_correction_bias",)  # weights that keep their fp32 on every --save-dtype
+_INT_KINDS = frozenset({"I64", "I32", "U8", "BOOL"})
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -120,10 +121,11 @@ def read_hf_dir(path: str) -> HFDir:
 def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Global shapes of every tensor our single-process model holds (built on the meta device, without
     running its initialisation, which would only draw meta numbers)."""
-    from ..models.deepseek import DeepseekForCausalLM
+    from ..models import model_class
 
-    with torch.device("meta"), mock.patch.object(DeepseekForCausalLM, "init_weights", lambda self, seed: None):
-        model = DeepseekForCausalLM(cfg)
+    cls = model_class(cfg)
+    with torch.device("meta"), mock.patch.object(cls, "init_weights", lambda self, seed: None):
+        model = cls(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -151,9 +153,12 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
 
     notes = []
     L = cfg.num_hidden_layers
-    has_mtp = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.headers) if m)
+    if cfg.model_type == "deepseek_v4":
+        has_mtp, where = any(n.startswith("mtp.") for n in hf.headers), "mtp.0.*"
+    else:
+        has_mtp, where = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.headers) if m), f"model.layers.{L}.*"
     if cfg.num_nextn_predict_layers and not has_mtp:
-        notes.append(f"{hf.path} has no MTP layer (model.layers.{L}.*; transformers drops it on save): converted "
+        notes.append(f"{hf.path} has no MTP layer ({where}; transformers drops it on save): converted "
                      f"without MTP (num_nextn_predict_layers 0)")
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0)
     expected = expected_tensors(cfg)
@@ -218,7 +223,9 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
         src.setdefault(p.ma, set()).add(hf.headers[p.hf][0])
     for p in pieces:
         kinds = src[p.ma]
-        if any(p.ma.endswith(k) for k in KEEP_FP32):
+        if kinds <= _INT_KINDS:  # integer tables (V4's tid2eid) are never cast
+            p.dtype = _ST_DTYPES[sorted(kinds)[0]]
+        elif any(p.ma.endswith(k) for k in KEEP_FP32):
             p.dtype = torch.float32
         elif save_dtype is not None:
             p.dtype = save_dtype
@@ -356,7 +363,7 @@ def hf_layout(cfg: ModelConfig, stored: Dict[str, Tuple[Tuple[int, ...], torch.d
                 out.append((hn, ma, (e,) + (0,) * (len(shape) - 1), (1,) + shape[1:], shape[1:]))
         else:
             out.append((hf_names[0], ma, (0,) * len(shape), shape, shape))
-    for k in range(cfg.num_nextn_predict_layers):
+    for k in range(cfg.num_nextn_predict_layers if cfg.model_type != "deepseek_v4" else 0):
         for dup, src in (("embed_tokens.weight", "model.embed_tokens.weight"),
                          ("shared_head.head.weight", "lm_head.weight")):
             if src in stored:
@@ -391,7 +398,8 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
     out_dtype = {}
     for hn, ma, *_ in items:
         src = stored[ma][1]
-        out_dtype[hn] = src if dtype is None or any(ma.endswith(k) for k in KEEP_FP32) else dtype
+        keep = dtype is None or any(ma.endswith(k) for k in KEEP_FP32) or not src.is_floating_point
+        out_dtype[hn] = src if keep else dtype
     # shard plan (by bytes), then one shard in memory at a time
     shards, cur, cur_bytes = [], [], 0
     for it in items:
@@ -433,7 +441,7 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
         _write_text(os.path.join(hf_dir, "model.safetensors.index.json"),
                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_cfg = cfg.to_hf_dict()
-    dtypes = {str(d).replace("torch.", "") for d in out_dtype.values()}
+    dtypes = {str(d).replace("torch.", "") for d in out_dtype.values() if d.is_floating_point}
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
     _write_text(os.path.join(hf_dir, "config.json"), json.dumps(hf_cfg, indent=2))
     return {"tensors": len(items), "shards": n, "bytes": total, "largest_shard_bytes": largest,

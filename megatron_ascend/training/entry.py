@@ -97,9 +97,9 @@ def convert_hf_at_load(args) -> None:
             f.endswith(".safetensors") for f in os.listdir(load))):
         raise ConfigError(f"--enable-hf2mg-convert: --load {load!r} holds no HuggingFace checkpoint (config.json "
                           f"and *.safetensors); give the HF directory, or drop the flag to load our checkpoint")
-    platform.init_distributed(getattr(args, "distributed_timeout_minutes", None) or 30.0)
+    platform.init_distributed(options=platform.RuntimeOptions.from_args(args))  # the HCCL environment first
     out = os.path.join(load, HF2MA_SUBDIR)
-    failed = torch.zeros(1)
+    failed = torch.zeros(1, device=platform.get_platform().device())  # NCCL / HCCL reduce device tensors only
     if dist.get_rank() == 0 and find_checkpoint(out)[0] is None:
         # in a process of its own: the conversion writes with torch.distributed.checkpoint, which would
         # otherwise be collective over this job's ranks

@@ -29,7 +29,7 @@ def load_single_process_model(load_dir: str):
     from .. import parallel_state, platform
     from ..checkpointing import find_checkpoint, load_checkpoint, read_common
     from ..config import ConfigError, ModelConfig, ParallelConfig
-    from ..models.deepseek.model import DeepseekForCausalLM
+    from ..models import build_model
     path, _ = find_checkpoint(load_dir, verify="size")  # load_checkpoint verifies the checksums
     if path is None:
         raise ConfigError(f"--load {load_dir!r} holds no checkpoint; pass the --save directory of a training run")
@@ -39,7 +39,7 @@ def load_single_process_model(load_dir: str):
     cfg = ModelConfig(**common["model_config"])
     platform.init_distributed()
     groups = parallel_state.initialize_model_parallel(ParallelConfig(world_size=1))
-    model = DeepseekForCausalLM(cfg, ParallelConfig(world_size=1), groups, padded_vocab_size=cfg.vocab_size)
+    model = build_model(cfg, ParallelConfig(world_size=1), groups, padded_vocab_size=cfg.vocab_size)
     load_checkpoint(load_dir, [model], None, None, groups, finetune=True, no_load_optim=True, no_load_rng=True)
     model.to(platform.get_platform().device()).eval()
     return model, cfg

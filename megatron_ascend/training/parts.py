@@ -29,19 +29,18 @@ def seed_everything(seed: int, groups) -> None:
 # -- model ---------------------------------------------------------------------------------------------------
 def build_model_chunks(model_cfg: ModelConfig, par: ParallelConfig, opt_cfg: OptimizerConfig,
                        train_cfg: TrainingConfig, groups, placement) -> List[torch.nn.Module]:
-    """One DeepseekForCausalLM per virtual pipeline stage of this rank (from the placement: layers, embedding,
-    MTP, head + loss), each in a DistributedDataParallel."""
+    """One model (models.build_model: by model_type) per virtual pipeline stage of this rank (from the placement:
+    layers, embedding, MTP, head + loss), each in a DistributedDataParallel."""
     from ..distributed import DistributedDataParallel
-    from ..models.deepseek.model import DeepseekForCausalLM
+    from ..models import build_model
     from ..pipeline_parallel.embedding_sync import sync_embedding_weights
     from ..pipeline_parallel.stage_split import chunk_specs
     dtype = torch.bfloat16 if opt_cfg.bf16 else (torch.float16 if opt_cfg.fp16 else torch.float32)
     chunks = []
     for spec in chunk_specs(placement, groups.pp_rank):
-        m = DeepseekForCausalLM(model_cfg, par, groups, pre_process=spec.pre_process,
-                                post_process=spec.post_process, layer_ids=spec.layer_ids,
-                                include_mtp=spec.include_mtp, mtp_in_input=spec.mtp_in_input,
-                                padded_vocab_size=model_cfg.vocab_size, init_seed=train_cfg.seed)
+        m = build_model(model_cfg, par, groups, pre_process=spec.pre_process, post_process=spec.post_process,
+                        layer_ids=spec.layer_ids, include_mtp=spec.include_mtp, mtp_in_input=spec.mtp_in_input,
+                        padded_vocab_size=model_cfg.vocab_size, init_seed=train_cfg.seed)
         _apply_recompute(m, train_cfg)
         if dtype != torch.float32:
             _cast_keep_fp32_buffers(m, dtype)
@@ -71,7 +70,8 @@ def _apply_recompute(model, train_cfg: TrainingConfig) -> None:
 
 def _cast_keep_fp32_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast parameters to bf16/fp16; fp32 buffers (router bias) and params marked ``keep_fp32`` stay fp32
-    (the router weight is fp32 in DeepSeek's recipe)."""
+    (the router weight is fp32 in DeepSeek's recipe; V4 keeps its norms, mHC parameters and attention sinks /
+    position biases fp32, as transformers does)."""
     for name, p in module.named_parameters():
         if p.dtype == torch.float32 and not getattr(p, "keep_fp32", False) and not name.endswith("gate.weight"):
             p.data = p.data.to(dtype)

@@ -1,17 +1,22 @@
 """The training loop shared by pretraining and post-training (SFT).
 
 ``Trainer(args, stage)`` builds, in order: distributed init (platform.init_distributed, unless already
-initialised), process groups, RNG seeds, tokenizer, model chunks (one DeepseekForCausalLM per virtual pipeline
-stage of this rank, each wrapped in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
+initialised), process groups, RNG seeds, tokenizer, model chunks (one model per virtual pipeline stage of this
+rank, built by ``models.build_model`` from the config's model_type -- DeepSeek V2 / V3 / V3.2 / V4 -- each wrapped
+in DistributedDataParallel), optimizer + LR scheduler, checkpoint load
 (--load), datasets and iterators, TensorBoard writer and logger. ``train()`` runs until --train-iters, with
 
 * evaluation every --eval-interval (``lm loss validation`` and its ppl, forward-only over --eval-iters batches);
 * a checkpoint every --save-interval, at the end, and when exiting for --exit-interval,
-  --exit-duration-in-mins or SIGTERM (all ranks agree on the exit decision before saving);
+  --exit-duration-in-mins, --exit-at-loss (training/loss_target.py) or SIGTERM (all ranks agree on the exit
+  decision before saving);
 * after each successful optimizer step: scheduler step and moe.update_expert_bias (aux-loss-free balancing).
 
 Exact resume: the checkpoint holds model, optimizer, scheduler, RNG (checkpointing package) and, in
 ``extra_state``, the iteration and consumed train samples; the train iterator restarts at that sample.
+
+Every rank records run metadata and per-rank step statistics (monitoring/run_metadata.py: ``run_metadata.json``
+and ``rank_stats.jsonl`` in --tensorboard-dir, else --save).
 
 Returns a ``TrainResult`` (per-iteration losses and validation results) so tests and tools can inspect a run
 in-process.
@@ -19,7 +24,6 @@ in-process.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,9 +37,11 @@ from ..arguments import build_configs
 from ..config import ConfigError, num_microbatches, padded_vocab_size
 from ..monitoring import TensorBoardWriter, Throughput, TrainingLogger
 from ..monitoring.flops import model_flops_per_token
+from ..monitoring.run_metadata import RunRecorder
 from ..monitoring.throughput import resolve_peak_tflops
 from ..placement import placement_of
 from . import parts, preflight
+from .loss_target import LossTarget
 from .data import build_datasets, train_iterator, valid_iterator
 from .faults import FaultInjector
 from .health import NanGuard, TrainingHalted
@@ -69,29 +75,33 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         # validate every flag before touching the network, so a bad flag is one line on stderr
         self.model_cfg, self.par, self.opt_cfg, self.train_cfg, self.data_cfg = build_configs(args, world)
+        self.loss_target = LossTarget.from_args(args)  # --exit-at-loss
         if self.train_cfg.train_iters <= 0:
             raise ConfigError("--train-iters is not set (or 0); give the number of iterations to train")
-        if self.model_cfg.model_type == "deepseek_v4" or self.model_cfg.hc_mult:
-            raise ConfigError("model_type deepseek_v4 (mHC streams, compressed sparse attention, hash routing) is not "
-                              "built by megatron_ascend.models yet; the V4 recipes wait for it (--show-layout works)")
+        if self.model_cfg.model_type == "deepseek_v4":
+            packed = [f for f, on in (("--sft-packing", getattr(args, "sft_packing", False)),
+                                      ("--reset-attention-mask", self.data_cfg.reset_attention_mask),
+                                      ("--reset-position-ids", self.data_cfg.reset_position_ids)) if on]
+            if packed:
+                raise ConfigError(f"deepseek_v4 trains on one sequence per sample: {' '.join(packed)} would pack "
+                                  f"documents whose sliding window and compressed entries (absolute positions) cross "
+                                  f"each other; drop {' / '.join(packed)}")
         self.tokenizer = None
         self._resolve_vocab()
         # before any work: paths writable / present, data files, the LR schedule's rules
         preflight.check_paths(self.train_cfg)
         preflight.check_data(self.data_cfg, sft=(stage == "sft"))
         preflight.check_schedule(self.opt_cfg, self.train_cfg)
-        determinism = platform.enable_deterministic(platform.get_platform().kind) \
-            if self.train_cfg.deterministic else []  # before any communicator / cuBLAS handle exists
-        self.plat = platform.init_distributed(self.train_cfg.distributed_timeout_minutes)
+        # device / HCCL flags and --deterministic (platform/runtime.py), applied before any communicator exists
+        self.runtime = platform.RuntimeOptions.from_args(args)
+        platform.kernels.configure_from_args(args)
+        self.plat = platform.init_distributed(options=self.runtime)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        if determinism:
-            _print_rank0("deterministic mode: " + ", ".join(determinism))
         # the one placement: chunks, embedding group, loss source and logging rank all derive from it
         self.placement = placement_of(self.model_cfg, self.par)
         self.groups = parallel_state.initialize_model_parallel(
-            self.par, embedding_pp_ranks=self.placement.embedding_pp_ranks,
-            timeout=datetime.timedelta(minutes=self.train_cfg.distributed_timeout_minutes))
+            self.par, embedding_pp_ranks=self.placement.embedding_pp_ranks)
         self.device = self.plat.device()
         self.gbs = self.train_cfg.global_batch_size or self.train_cfg.micro_batch_size * self.par.dp
         self.num_micro = num_microbatches(self.train_cfg, self.par)
@@ -139,10 +149,14 @@ class Trainer:
         self.logger = TrainingLogger(self.writer, self.train_cfg.train_iters, self.train_cfg.log_interval,
                                      Throughput(self.flops_per_token, self.world, peak), print_fn)
         self.signal = ExitSignalHandler()
+        self.profiler = platform.profiler.step_profiler(self.runtime.profile, self.rank)
         self.result = TrainResult()
+        for line in platform.startup_lines():  # environment set, flags without effect here, kernels in use
+            _print_rank0(line)
         if self.is_logging_rank and self.writer.enabled:
             self.writer.text("config", f"stage {stage} prompt-type {getattr(args, 'prompt_type', None)}\n"
                                        f"model {dataclasses.asdict(self.model_cfg)}\nparallel {self.par}")
+        self.recorder = RunRecorder.for_trainer(self, peak)  # run_metadata.json + rank_stats.jsonl
 
     # -- setup helpers ---------------------------------------------------------------------------------
     def _resolve_vocab(self) -> None:
@@ -259,12 +273,14 @@ class Trainer:
         if t.exit_interval and self.iteration % t.exit_interval == 0:
             return f"exit-interval {t.exit_interval}"
         if t.exit_duration_in_mins:
-            elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+            elapsed = torch.tensor([(time.time() - start_time) / 60.0], device=self.device)  # NCCL/HCCL: device
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # all ranks decide together
             if float(elapsed) > t.exit_duration_in_mins:
                 return f"exit-duration-in-mins {t.exit_duration_in_mins}"
         if self.signal.received():
             return "SIGTERM"
+        if self.loss_target.reached(self.device):
+            return self.loss_target.reason()
         return ""
 
     def train(self) -> TrainResult:
@@ -283,9 +299,13 @@ class Trainer:
                 self.faults.step(self.iteration + 1)
                 self.health.begin_step()
                 t0 = time.perf_counter()
+                self.profiler.before(self.iteration + 1)
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
                 platform.synchronize()
                 dt = time.perf_counter() - t0
+                self.profiler.after(self.iteration + 1)
+                if not self.result.losses and platform.kernels.declined():  # first iteration: fused kernels
+                    _print_rank0(platform.kernels.declined_line())             # that fell back, and why
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
@@ -301,6 +321,8 @@ class Trainer:
                     dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
                 if verdict == "stop":
                     self._halt_on_nan()
+                self.recorder.on_iteration(self.iteration, dt)
+                self.loss_target.update(losses.get("lm loss"))
                 if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
                     self._run_eval()
                 if t.save and t.save_interval and self.iteration % t.save_interval == 0:
@@ -317,8 +339,10 @@ class Trainer:
                         self.iteration % t.eval_interval != 0:
                     self._run_eval()
                 self.save()
+            self.recorder.finish()
         finally:
             self.watchdog.stop()
+            self.profiler.close()
             self.signal.release()
             self.writer.flush()
             self.result.nan_events = list(self.health.events)

@@ -15,7 +15,7 @@ from .hf_names import VOCAB_PARAMS, hf_tensor_for, pad_vocab
 
 
 def model_config_for_hf(hf_config, **overrides) -> ModelConfig:
-    """ModelConfig from a transformers DeepseekV2/V3/V32 config (keys that are None mean 'default')."""
+    """ModelConfig from a transformers DeepseekV2/V3/V32/V4 config (keys that are None mean 'default')."""
     raw = hf_config.to_dict()
     d = {k: v for k, v in raw.items() if v is not None}
     if "q_lora_rank" in raw and raw["q_lora_rank"] is None:
@@ -41,7 +41,7 @@ def load_hf_state_dict_into(model, hf_state_dict: Mapping[str, torch.Tensor]) ->
     missing = []
     targets: Dict[str, torch.Tensor] = dict(model.named_parameters())
     for name, buf in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "gate.tid2eid")):
             targets[name] = buf
     for name, p in targets.items():
         try:

@@ -8,6 +8,9 @@ Our names equal HF's except:
     ``embed_tokens`` / ``shared_head.head`` are duplicates of the main embedding / head and are skipped.
   * vocab rows may be padded on our side (``pad_vocab``).
 
+DeepSeek-V4 names its MTP layers ``mtp.{k}.*`` instead (models/deepseek_v4/hf_names.py); the functions below
+ask it for model_type deepseek_v4.
+
 ``hf_tensor_for(ma_name, get, cfg)`` builds the full (unsharded, unpadded) tensor for one of our names from a
 getter over HF names (in-memory state dict or lazy safetensors), accepting either expert layout.
 ``hf_names_for(ma_name, cfg)`` lists the HF names it reads; ``ma_name_for(hf_name, cfg)`` is the inverse
@@ -29,7 +32,16 @@ _HF_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_pr
 _MTP_DUPLICATES = ("embed_tokens.weight", "shared_head.head.weight")
 
 
+def _v4(cfg: ModelConfig):
+    if cfg.model_type != "deepseek_v4":
+        return None
+    from ..deepseek_v4 import hf_names as v4
+    return v4
+
+
 def _hf_base(ma_name: str, cfg: ModelConfig) -> str:
+    if _v4(cfg):
+        return _v4(cfg).hf_base(ma_name)
     m = _MTP.match(ma_name)
     if m:
         return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{m.group(2)}"
@@ -76,7 +88,9 @@ def ma_name_for(hf_name: str, cfg: ModelConfig) -> Optional[Tuple[str, Optional[
     the tensor is a duplicate we do not keep (MTP copies of the embedding / head)."""
     m = _HF_LAYER.match(hf_name)
     name = hf_name
-    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+    if _v4(cfg):
+        name = _v4(cfg).ma_base(hf_name)
+    elif m and int(m.group(1)) >= cfg.num_hidden_layers:
         k = int(m.group(1)) - cfg.num_hidden_layers
         if m.group(2) in _MTP_DUPLICATES:
             return None

@@ -17,12 +17,15 @@ import torch.nn as nn
 from ...config import ModelConfig, ParallelConfig
 from ...moe.load_balancing import attach_aux_loss
 from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
+from ..chunk import DecoderLayerBase
 from .attention import MLAttention
 from .mlp import DenseMLP
 from .norm import RMSNorm
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DecoderLayerBase):
+    layer_recompute = ("layernorm", "mlp", "moe")
+
     def __init__(self, config: ModelConfig, parallel: ParallelConfig, groups=None, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
