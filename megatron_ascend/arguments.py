@@ -197,6 +197,40 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
     g.add_argument("--profile-save-path", default=None,
                    help="trace directory (TensorBoard trace handler; default --tensorboard-dir, else ./profile)")
+    # reliability (docs/CHECKPOINTS.md, docs/USER_GUIDE.md "Failures")
+    g.add_argument("--ckpt-verify", default="checksum", choices=["checksum", "size"],
+                   help="before loading, check every checkpoint file's recorded size and SHA-256 (checksum; the "
+                        "hashing is spread over the ranks) or its size only")
+    g.add_argument("--no-ckpt-fallback", dest="ckpt_fallback", action="store_false",
+                   help="refuse a newest checkpoint that is incomplete or corrupt instead of loading the newest "
+                        "intact older one (with a warning)")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use this run's learning-rate schedule flags when the checkpoint's differ")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true",
+                   help="on resume, continue on the checkpoint's learning-rate schedule when this run's flags differ")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="check the loss and the grad norm of every step for NaN / Inf and report the "
+                                      "ranks (and with --nan-trace-modules the first module); see --nan-policy")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="skip NaN / Inf steps silently (the optimizer still skips them)")
+    g.add_argument("--nan-policy", default="stop", choices=["stop", "skip"],
+                   help="on a NaN / Inf step: skip (count it and go on) or stop (after --nan-max-consecutive such "
+                        "steps in a row, save the last good state to --save and exit with code 3)")
+    g.add_argument("--nan-max-consecutive", type=int, default=1,
+                   help="--nan-policy stop: NaN / Inf steps in a row that stop the run (the earlier ones are skipped)")
+    g.add_argument("--nan-trace-modules", action="store_true",
+                   help="forward hooks on every module: name the first module whose output is non-finite (a device "
+                        "sync per module: for diagnosis)")
+    g.add_argument("--loss-spike-factor", type=float, default=None,
+                   help="report an lm loss above this factor times the mean of the last --loss-spike-window losses")
+    g.add_argument("--loss-spike-window", type=int, default=50)
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-repeatable runs: torch deterministic algorithms plus the platform's settings "
+                        "(CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO=Ring / HCCL_DETERMINISTIC ...; platform/npu.py, cuda.py)")
+    g.add_argument("--watchdog-timeout-minutes", type=float, default=None,
+                   help="report a step (with its eval / save) that runs longer: which rank waits in which collective "
+                        "and which never joined; then exit with code 4 so torchrun --max-restarts restarts the job")
 
 
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -497,6 +531,13 @@ def build_configs(args: argparse.Namespace, world_size: int
         tensorboard_dir=args.tensorboard_dir, recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
         recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops,
+        ckpt_verify=args.ckpt_verify, ckpt_fallback=args.ckpt_fallback,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad, nan_policy=args.nan_policy,
+        nan_max_consecutive=args.nan_max_consecutive, nan_trace_modules=args.nan_trace_modules,
+        loss_spike_factor=args.loss_spike_factor, loss_spike_window=args.loss_spike_window,
+        watchdog_timeout_minutes=args.watchdog_timeout_minutes,
         train_samples=getattr(args, "train_samples", None), save_optim=not getattr(args, "no_save_optim", False),
         save_rng=not getattr(args, "no_save_rng", False), async_save=bool(getattr(args, "async_save", False)))
     data = DataConfig(

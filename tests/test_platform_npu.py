@@ -51,7 +51,8 @@ def test_npu_environment_from_flags():
     opts = RuntimeOptions(**{**opts.__dict__, "timeout_minutes": 120.0, "deterministic": True})
     env, notes = npu.environment(opts, inherited)
     assert env == {"HCCL_CONNECT_TIMEOUT": "3600", "HCCL_EXEC_TIMEOUT": "1800", "HCCL_BUFFSIZE": "400",
-                   "HCCL_DETERMINISTIC": "true", "CLOSE_MATMUL_K_SHIFT": "1", "ASCEND_LAUNCH_BLOCKING": "1"}
+                   "HCCL_DETERMINISTIC": "true", "LCCL_DETERMINISTIC": "1", "CLOSE_MATMUL_K_SHIFT": "1",
+                   "ASCEND_LAUNCH_BLOCKING": "1"}
     assert "HCCL_CONNECT_TIMEOUT=3600 (--hccl-connect-timeout; replaces the environment's 600)" in notes
     assert "HCCL_BUFFSIZE=400 (--hccl-buffsize; replaces the environment's 200)" in notes
     assert not any("note:" in n for n in notes)  # 1800 s < 120 min: consistent
@@ -67,7 +68,8 @@ def test_cuda_environment_and_flags_without_effect():
     assert env == {"CUDA_LAUNCH_BLOCKING": "1"}
     assert "accepted, no effect on cuda: --hccl-buffsize --jit-compile (Ascend only)" in notes
     det = RuntimeOptions(deterministic=True)
-    assert cuda.environment(det, {})[0] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert cuda.environment(det, {})[0] == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NCCL_ALGO": "Ring",
+                                            "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
     runtime.clear()
     device.apply_runtime_options(device.Platform("cpu", "cpu"), _opts(["--hccl-exec-timeout", "100"]))
     assert runtime.startup_lines() == ["platform: accepted, no effect on cpu: --hccl-exec-timeout"]

@@ -70,6 +70,9 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="hf2ma: processes reading HF files in parallel")
     p.add_argument("--max-shard-size", default="5GB", help="ma2hf / hf2hf: size of each output safetensors file")
     p.add_argument("--model-config", default=None, help="ma2hf: config.json when the checkpoint records none")
+    p.add_argument("--mtp-copy-mismatch", default="error", choices=("error", "keep-main"),
+                   help="hf2ma: when an MTP layer's embed_tokens / shared_head.head differ from the main embedding / "
+                        "head (our model shares them), refuse (error) or keep the main ones with a warning")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("MindSpeed-LLM names (docs/MIGRATING.md)")
     g.add_argument("--load-model-type", choices=("hf", "mg"), default=None, help="hf: --direction hf2ma; mg: ma2hf")
@@ -177,9 +180,9 @@ def main(argv=None):
                 pp, vp = 1, None
             rep = hf.convert_hf_to_ma(args.load_dir, args.save_dir, args.tensor_model_parallel_size,
                                       pp, args.expert_model_parallel_size, vp, args.save_dtype, args.workers,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, mtp_copies=args.mtp_copy_mismatch)
             for n in rep["notes"]:
-                print(f"note: {n}")
+                print(f"{'warning' if 'MTP copy' in n else 'note'}: {n}")
             print(f"wrote {rep['tensors']} tensors ({rep['bytes'] / GB:.3f} GiB) to {rep['path']}")
             print(f"largest tensor {rep['largest_tensor_bytes'] / GB:.4f} GiB, largest HF file "
                   f"{rep['largest_file_bytes'] / GB:.4f} GiB, peak RSS {rep['peak_rss_bytes'] / GB:.3f} GiB"

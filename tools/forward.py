@@ -125,7 +125,7 @@ def run_forward(args):
     elif args.model_config:
         cfg = ModelConfig.from_json_file(args.model_config)
     else:
-        path, _ = find_checkpoint(args.load)
+        path, _ = find_checkpoint(args.load, verify="size")  # load_checkpoint verifies the checksums
         if path is None:
             raise SystemExit(f"error: {args.load} holds no checkpoint")
         d = read_common(path).get("model_config")

@@ -7,11 +7,12 @@ Public interface (see docs/CHECKPOINTS.md):
     load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng)
         -> (iteration, extra_state)
     wait_for_pending_save()
+    find_checkpoint(root, verify="size"|"checksum"|None, fallback=True) -> (path, iteration)   (one process)
     hf.convert_hf_to_ma(...), hf.convert_ma_to_hf(...), hf_rewrite.convert_hf_to_hf(...)
 """
-from .dcp_io import CheckpointError
-from .checkpoint import (find_checkpoint, load_checkpoint, read_common, save_checkpoint, wait_for_pending_save,
-                         checkpoint_dir, TRACKER)
+from .errors import CheckpointError
+from .checkpoint import load_checkpoint, save_checkpoint, wait_for_pending_save
+from .selection import TRACKER, checkpoint_candidates, checkpoint_dir, find_checkpoint, read_common
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "wait_for_pending_save", "find_checkpoint",
-           "read_common", "checkpoint_dir", "TRACKER"]
+           "checkpoint_candidates", "read_common", "checkpoint_dir", "TRACKER"]

@@ -47,6 +47,7 @@ from .dcp_io import Chunk, CheckpointError, read_chunks, tensor_index, write_chu
 from . import v4_names
 from .hf_dir import (HFDir, Source, fix_malloc_threshold, keep_fp32, load_tensor,  # noqa: F401 (re-exported)
                      read_hf_dir, write_hf_shards, written_dtype)
+from .hf_mtp_copies import check_mtp_copies
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,11 @@ def _bar(total, desc, position=0):
 
 
 def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: Optional[int] = None,
-                     save_dtype: Optional[str] = None, workers: int = 1, progress: bool = True) -> Dict[str, Any]:
-    """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS)."""
+                     save_dtype: Optional[str] = None, workers: int = 1, progress: bool = True,
+                     mtp_copies: str = "error") -> Dict[str, Any]:
+    """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS).
+    mtp_copies: "error" | "keep-main" when an MTP layer's embed_tokens / shared_head.head differ from the main
+    ones (hf_mtp_copies.py)."""
     dtype = _dtype(save_dtype)
     hf = read_hf_dir(hf_dir)
     cfg = ModelConfig.from_hf_dict(hf.config)
@@ -235,6 +239,7 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
                          num_layers_per_virtual_pipeline_stage=vp)
     validate_all(cfg, par)
     pieces, cfg, notes = plan_hf_to_ma(hf, cfg, dtype)
+    notes += check_mtp_copies(hf, cfg, mtp_copies)
     for n in notes:
         logger.warning(n)
     shapes = expected_tensors(cfg)

@@ -3,10 +3,11 @@
 * device per local rank: ``cuda:<LOCAL_RANK>`` (after CUDA_VISIBLE_DEVICES re-indexing); a local rank without a
   device is a ConfigError before anything starts;
 * the environment (``environment``): CUDA_LAUNCH_BLOCKING=1 with --device-launch-blocking,
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 with --deterministic (cuBLAS needs it for deterministic GEMMs, PyTorch's
-  "Reproducibility" notes); the HCCL flags and --jit-compile are Ascend-only and are named as having no effect;
-* runtime switches (``configure``): ``torch.use_deterministic_algorithms(True)`` and cuDNN benchmark off with
-  --deterministic;
+  CUBLAS_WORKSPACE_CONFIG=:4096:8, NCCL_ALGO=Ring and NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 with --deterministic
+  (cuBLAS needs the first for deterministic GEMMs, PyTorch's "Reproducibility" notes; NCCL's Tree / NVLS
+  algorithms reduce in a timing-dependent order); the HCCL flags and --jit-compile are Ascend-only and are named as having no effect;
+* runtime switches (``configure``): ``torch.use_deterministic_algorithms(True)``, cuDNN benchmark off and cuDNN
+  deterministic with --deterministic;
 * the profiler: ``torch.profiler.profile`` with CPU + CUDA activities and a TensorBoard trace handler.
 
 NCCL's own timeout is the process-group timeout (--distributed-timeout-minutes, device.py passes it to every
@@ -55,6 +56,12 @@ def environment(opts: RuntimeOptions, environ: Mapping[str, str] = os.environ) -
     if opts.deterministic:
         env["CUBLAS_WORKSPACE_CONFIG"] = environ.get("CUBLAS_WORKSPACE_CONFIG") or ":4096:8"
         notes.append(f"CUBLAS_WORKSPACE_CONFIG={env['CUBLAS_WORKSPACE_CONFIG']} (--deterministic)")
+        # ring reductions sum in a fixed order; Tree / NVLS do not (Megatron's --deterministic-mode does the same)
+        for var, val in (("NCCL_ALGO", "Ring"), ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")):
+            old = environ.get(var)
+            env[var] = val
+            notes.append(f"{var}={val} (--deterministic" + (f"; replaces the environment's {old}" if old not in
+                                                             (None, val) else "") + ")")
     ignored = opts.hccl_flags_given() + (["--jit-compile"] if opts.jit_compile else [])
     if ignored:
         notes.append(f"accepted, no effect on cuda: {' '.join(ignored)} (Ascend only)")
@@ -66,7 +73,8 @@ def configure(opts: RuntimeOptions) -> List[str]:
     if opts.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-        notes.append("torch.use_deterministic_algorithms(True), cudnn.benchmark off")
+        torch.backends.cudnn.deterministic = True
+        notes.append("torch.use_deterministic_algorithms(True), cudnn.benchmark off, cudnn.deterministic")
     return notes
 
 

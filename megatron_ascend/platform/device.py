@@ -131,6 +131,10 @@ def apply_runtime_options(plat: Platform, options) -> None:
                                                                  ("--jit-compile", options.jit_compile)) if on]
         if ignored:
             runtime.record(f"platform: accepted, no effect on {plat.kind}: {' '.join(ignored)}")
+        if options.deterministic:  # CPU kernels and gloo reduce in a fixed order for a fixed thread count / world
+            torch.use_deterministic_algorithms(True)
+            runtime.record(f"platform {plat.kind}: torch.use_deterministic_algorithms(True) (--deterministic; keep "
+                           f"the thread count and the world size the same between runs)")
         return
     env, notes = mod.environment(options)
     os.environ.update(env)
@@ -155,7 +159,8 @@ def init_distributed(timeout_minutes: Optional[float] = None, options=None) -> P
     if timeout_minutes is None:
         timeout_minutes = options.timeout_minutes
     plat = get_platform()
-    if dist.is_initialized():
+    if dist.is_initialized():  # initialised by the caller (tests, another launcher): the switches still apply
+        apply_runtime_options(plat, options)
         return plat
     apply_runtime_options(plat, options)
     if plat.module is None:
@@ -173,11 +178,31 @@ def init_distributed(timeout_minutes: Optional[float] = None, options=None) -> P
         mod.check_local_rank(int(os.environ.get("LOCAL_RANK", 0)), mod.device_count())
         plat.module.set_device(plat.device())
     _GROUP_TIMEOUT = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group(backend=plat.backend, timeout=_GROUP_TIMEOUT)
+    store = _restart_store(_GROUP_TIMEOUT)
+    if store is not None:
+        dist.init_process_group(backend=plat.backend, timeout=_GROUP_TIMEOUT, store=store,
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    else:
+        dist.init_process_group(backend=plat.backend, timeout=_GROUP_TIMEOUT)
     if plat.kind == "fake":
         from .fake import FakeAccelerator
         FakeAccelerator(plat.device_name.split("-", 1)[1]).install()  # for the life of the process
     return plat
+
+
+def _restart_store(timeout):
+    """Under ``torchrun --max-restarts`` the agent's TCPStore is shared by every attempt (torch's default), so
+    the keys of a killed attempt (each rank's gloo / NCCL / HCCL address) are still there when the restarted
+    ranks meet, and a rank can read a dead peer's address and wait for it until the process-group timeout.
+    A store prefixed by the attempt (TORCHELASTIC_RESTART_COUNT) keeps every attempt's keys apart. None when
+    not launched by torchelastic (init_process_group's env:// store is used)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    import torch.distributed as dist
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"megatron_ascend/attempt_{attempt}", base)
 
 
 def new_group(ranks, backend: Optional[str] = None):

@@ -7,7 +7,7 @@ yet (docs/ASCEND.md, "What was verified where"). The tests drive it with a fake 
   rank without a device is a ConfigError before anything starts (``check_local_rank``);
 * the environment (``environment``): HCCL_CONNECT_TIMEOUT, HCCL_EXEC_TIMEOUT, HCCL_BUFFSIZE from
   --hccl-connect-timeout / --hccl-exec-timeout / --hccl-buffsize, HCCL_DETERMINISTIC=true (+ MindSpeed's
-  CLOSE_MATMUL_K_SHIFT=1) with --deterministic, ASCEND_LAUNCH_BLOCKING=1 with --device-launch-blocking; a flag
+  LCCL_DETERMINISTIC=1 and CLOSE_MATMUL_K_SHIFT=1) with --deterministic, ASCEND_LAUNCH_BLOCKING=1 with --device-launch-blocking; a flag
   replaces an inherited value (and says so), an inherited value without a flag is kept. It must be in the
   environment before the communicators exist (init_distributed applies it first) -- §7.3, §8.2;
 * runtime switches (``configure``): ``torch_npu.npu.set_compile_mode(jit_compile=...)`` (False, the A2 / A3
@@ -81,6 +81,7 @@ def environment(opts: RuntimeOptions, environ: Mapping[str, str] = os.environ) -
         want["HCCL_BUFFSIZE"] = (str(opts.hccl_buffsize), "--hccl-buffsize")
     if opts.deterministic:
         want["HCCL_DETERMINISTIC"] = ("true", "--deterministic")
+        want["LCCL_DETERMINISTIC"] = ("1", "--deterministic (LCCL collectives, as MindSpeed's seed_all)")
         want["CLOSE_MATMUL_K_SHIFT"] = ("1", "--deterministic (as MindSpeed's extend_seed_all)")
     if opts.launch_blocking:
         want["ASCEND_LAUNCH_BLOCKING"] = ("1", "--device-launch-blocking")

@@ -40,9 +40,12 @@ from ..monitoring.flops import model_flops_per_token
 from ..monitoring.run_metadata import RunRecorder
 from ..monitoring.throughput import resolve_peak_tflops
 from ..placement import placement_of
-from . import parts
+from . import parts, preflight
 from .loss_target import LossTarget
 from .data import build_datasets, train_iterator, valid_iterator
+from .faults import FaultInjector
+from .health import NanGuard, TrainingHalted
+from .watchdog import Watchdog
 from .signals import ExitSignalHandler
 from .step import ForwardStep, global_token_count, prefetch, reduce_logged_losses
 
@@ -56,6 +59,8 @@ class TrainResult:
     validation: Dict[int, Dict[str, float]] = field(default_factory=dict)
     exit_reason: str = ""
     saved: List[int] = field(default_factory=list)
+    nan_events: List = field(default_factory=list)  # training/health.py NanEvent per NaN / Inf step
+    loss_spikes: List = field(default_factory=list)
 
 
 def _print_rank0(msg: str) -> None:
@@ -81,13 +86,18 @@ class Trainer:
                 raise ConfigError(f"deepseek_v4 trains on one sequence per sample: {' '.join(packed)} would pack "
                                   f"documents whose sliding window and compressed entries (absolute positions) cross "
                                   f"each other; drop {' / '.join(packed)}")
-        self.runtime = platform.RuntimeOptions.from_args(args)  # device / HCCL flags, checked before the network
+        self.tokenizer = None
+        self._resolve_vocab()
+        # before any work: paths writable / present, data files, the LR schedule's rules
+        preflight.check_paths(self.train_cfg)
+        preflight.check_data(self.data_cfg, sft=(stage == "sft"))
+        preflight.check_schedule(self.opt_cfg, self.train_cfg)
+        # device / HCCL flags and --deterministic (platform/runtime.py), applied before any communicator exists
+        self.runtime = platform.RuntimeOptions.from_args(args)
         platform.kernels.configure_from_args(args)
         self.plat = platform.init_distributed(options=self.runtime)
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
-        self.tokenizer = None
-        self._resolve_vocab()
         # the one placement: chunks, embedding group, loss source and logging rank all derive from it
         self.placement = placement_of(self.model_cfg, self.par)
         self.groups = parallel_state.initialize_model_parallel(
@@ -103,18 +113,32 @@ class Trainer:
                                                      self.groups, self.placement)
         self.optimizer, self.scheduler = parts.build_optimizer(self.model_chunks, self.opt_cfg, self.train_cfg,
                                                                self.par, self.groups)
+        self.faults = FaultInjector(self.rank)  # MEGATRON_ASCEND_FAULT (tests, bench/fault_injection.py)
+        self.faults.attach(self.model_chunks)
+        self.faults.install_checkpoint_hook()
+        t = self.train_cfg
+        self.health = NanGuard(t.check_for_nan_in_loss_and_grad, t.nan_policy, t.nan_max_consecutive,
+                               t.nan_trace_modules, t.loss_spike_factor, t.loss_spike_window, fp16=self.opt_cfg.fp16,
+                               model_chunks=self.model_chunks, print_fn=_print_rank0)
+        self._last_results = None
+        wd = t.watchdog_timeout_minutes
+        self.watchdog = Watchdog(wd * 60.0 if wd else None, self.rank, self.world, self.groups)
         self.forward_backward = parts.get_forward_backward_func(self.par.pp, self.vp,
                                                                 self.par.microbatch_group_size_per_vp_stage)
         self._moe_scalars: Dict[str, float] = {}
         self.iteration = 0
         self.consumed_train_samples = 0
+        self._loaded_iteration = None
         self._load()
+        self._last_good = (self.iteration, self.consumed_train_samples)
         self.datasets = build_datasets(self.data_cfg, self.train_cfg, self.gbs, self.model_cfg.vocab_size,
                                        self.tokenizer, sft=(stage == "sft"),
                                        pack=bool(getattr(args, "sft_packing", False)))
+        # a job restarted after its last iteration (killed while exiting) has nothing left to read or do
         self.train_iter = train_iterator(self.datasets.train, self.consumed_train_samples,
                                          self.train_cfg.micro_batch_size, self.groups.dp_rank, self.par.dp,
-                                         self.gbs, self.data_cfg.num_workers)
+                                         self.gbs, self.data_cfg.num_workers) \
+            if self.iteration < self.train_cfg.train_iters else iter(())
         self.is_logging_rank = self.rank == parts.logging_rank(self.par, self.placement)
         self.writer = TensorBoardWriter(self.train_cfg.tensorboard_dir, enabled=self.is_logging_rank)
         peak = resolve_peak_tflops(self.train_cfg.peak_tflops)
@@ -160,19 +184,19 @@ class Trainer:
         t = self.train_cfg
         if not t.load:
             return
-        if not parts.checkpoint_exists(t.load):
+        same = bool(t.save) and os.path.abspath(t.save) == os.path.abspath(t.load)
+        if not parts.checkpoint_exists(t.load, partial_ok=same):
             if t.finetune or self.stage == "sft":
                 raise ConfigError(f"--load {t.load!r} holds no checkpoint; --finetune / SFT needs the pretrained "
                                   f"checkpoint directory (the --save of the pretraining run)")
             _print_rank0(f"no checkpoint under --load {t.load}; starting from scratch")
             return
         iteration, extra = parts.load_checkpoint(t.load, self.model_chunks, self.optimizer, self.scheduler,
-                                                 self.groups, finetune=t.finetune, no_load_optim=t.no_load_optim,
-                                                 no_load_rng=t.no_load_rng)
+                                                 self.groups, t)
         if t.finetune:
             self.iteration, self.consumed_train_samples = 0, 0
         else:
-            self.iteration = int(iteration)
+            self.iteration = self._loaded_iteration = int(iteration)
             self.consumed_train_samples = int((extra or {}).get("consumed_train_samples", self.iteration * self.gbs))
         _print_rank0(f"loaded checkpoint from {t.load} at iteration {iteration}"
                      + (" (finetune: iteration and optimizer reset)" if t.finetune else ""))
@@ -190,6 +214,7 @@ class Trainer:
         results = self.forward_backward(fwd, iter(batches), self.model_chunks, self.num_micro, self.groups,
                                         forward_only=False, num_tokens=tokens, loss_scale=loss_scale)
         parts.finalize_grads(self.model_chunks, self.groups)
+        self._last_results = results  # this rank's per-micro-batch loss sums (the NaN report reads them)
         ok, grad_norm, num_zeros = self.optimizer.step()
         if ok:
             self.scheduler.step(1)
@@ -232,6 +257,8 @@ class Trainer:
             return
         if self.result.saved and self.result.saved[-1] == self.iteration:
             return
+        if self.iteration == self._loaded_iteration:
+            return  # the checkpoint this run resumed from holds exactly this state
         parts.save_checkpoint(t.save, self.iteration, self.model_chunks, self.optimizer, self.scheduler,
                               self.groups, {"consumed_train_samples": self.consumed_train_samples,
                                             "stage": self.stage, "global_batch_size": self.gbs},
@@ -259,6 +286,7 @@ class Trainer:
     def train(self) -> TrainResult:
         t = self.train_cfg
         self.signal.install()
+        self.watchdog.start()
         start = time.time()
         _print_rank0(f"training {self.stage}: iterations {self.iteration} -> {t.train_iters}, global batch {self.gbs}, "
                      f"{self.num_micro} micro-batches of {t.micro_batch_size} per dp rank, layout tp {self.par.tp} "
@@ -267,6 +295,9 @@ class Trainer:
         try:
             while self.iteration < t.train_iters:
                 platform.synchronize()
+                self.watchdog.beat(self.iteration + 1)
+                self.faults.step(self.iteration + 1)
+                self.health.begin_step()
                 t0 = time.perf_counter()
                 self.profiler.before(self.iteration + 1)
                 losses, ok, grad_norm, num_zeros, tokens = self.train_step()
@@ -278,6 +309,9 @@ class Trainer:
                 self.iteration += 1
                 self.consumed_train_samples += self.gbs
                 gn = None if grad_norm is None else float(grad_norm)
+                verdict = self.health.after_step(self.iteration, losses, gn, self._last_results, self.optimizer)
+                if verdict == "ok" and ok:
+                    self._last_good = (self.iteration, self.consumed_train_samples)
                 self.result.losses[self.iteration] = losses
                 self.result.grad_norms[self.iteration] = gn
                 extra = self._moe_scalars
@@ -285,6 +319,8 @@ class Trainer:
                     self.iteration, self.consumed_train_samples, losses, self.scheduler_lr(), self.gbs, gn,
                     not ok, self.gbs * t.seq_length,
                     dt, None if num_zeros is None else float(num_zeros), parts.loss_scale(self.optimizer), extra)
+                if verdict == "stop":
+                    self._halt_on_nan()
                 self.recorder.on_iteration(self.iteration, dt)
                 self.loss_target.update(losses.get("lm loss"))
                 if t.eval_interval and self.iteration % t.eval_interval == 0 and self.datasets.valid is not None:
@@ -305,14 +341,32 @@ class Trainer:
                 self.save()
             self.recorder.finish()
         finally:
+            self.watchdog.stop()
             self.profiler.close()
             self.signal.release()
             self.writer.flush()
+            self.result.nan_events = list(self.health.events)
+            self.result.loss_spikes = list(self.health.spikes)
             if t.async_save:
                 parts.wait_for_checkpoint()  # --async-save: the last checkpoint is committed before we return
         self.result.iteration = self.iteration
         self.result.consumed_samples = self.consumed_train_samples
         return self.result
+
+    def _halt_on_nan(self) -> None:
+        """--nan-policy stop: the skipped steps left weights, optimizer and schedule as the last good step left
+        them; save that state under the last good iteration (and its consumed samples) and stop."""
+        it, consumed = self._last_good
+        self.iteration, self.consumed_train_samples = it, consumed
+        saved = "no --save given, nothing saved"
+        if self.train_cfg.save:
+            self.save()
+            saved = f"the last good state (iteration {it}) saved to {self.train_cfg.save}"
+        self.result.exit_reason = "nan"
+        raise TrainingHalted(f"stopped after {self.health.consecutive} NaN/Inf step(s) in a row (--nan-policy stop, "
+                             f"--nan-max-consecutive {self.train_cfg.nan_max_consecutive}); {saved}; see the NaN/Inf "
+                             f"report above, rerun with --nan-trace-modules to name the first module, or use "
+                             f"--nan-policy skip")
 
     def _run_eval(self) -> None:
         v = self.evaluate()
@@ -324,4 +378,6 @@ class Trainer:
         return parts.current_lr(self.optimizer, self.scheduler)
 
     def close(self) -> None:
+        self.faults.uninstall()
+        self.health.close()
         self.writer.close()
