@@ -101,7 +101,8 @@ def _single_body(config, ckpt):
     moved = max((ref_params[n] - p).abs().max().item() / p.abs().max().clamp_min(1e-12).item()
                 for n, p in tr.init_params.items())
     ref_tables = _tables(tr)
-    loaded = _trainer(f"--model-config {config} {FLAGS} --train-iters {STEPS + 1} --load {ckpt}".split())
+    loaded = _trainer(f"--model-config {config} {FLAGS} --train-iters {STEPS + 1} --load {ckpt} "
+                      "--use-checkpoint-opt_param-scheduler".split())
     got = _full_params(loaded)
     tables = _tables(loaded)
     loaded.close()
