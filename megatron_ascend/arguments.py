@@ -18,26 +18,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from . import arguments_compat as compat
-from .config import (ConfigError, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig, RopeScaling,
-                     TrainingConfig, family_defaults, validate_all)
-
-# flag -> ModelConfig field (Megatron name first; DeepSeek/HF names where Megatron has none)
-_MODEL_FLAGS = {
-    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
-    "qk_head_dim": "qk_nope_head_dim", "qk_pos_emb_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
-    "num_experts": "n_routed_experts", "moe_ffn_hidden_size": "moe_intermediate_size",
-    "moe_router_topk": "num_experts_per_tok", "moe_router_num_groups": "n_group",
-    "moe_router_group_topk": "topk_group", "moe_router_score_function": "scoring_func",
-    "moe_router_topk_scaling_factor": "routed_scaling_factor", "moe_router_topk_method": "topk_method",
-    "first_k_dense_replace": "first_k_dense_replace", "moe_layer_freq": "moe_layer_freq",
-    "moe_aux_loss_coeff": "aux_loss_alpha", "mtp_num_layers": "num_nextn_predict_layers",
-    "mtp_loss_scaling_factor": "mtp_loss_scaling_factor", "norm_epsilon": "rms_norm_eps",
-    "rotary_base": "rope_theta", "max_position_embeddings": "max_position_embeddings",
-    "vocab_size": "vocab_size", "init_method_std": "init_method_std", "index_n_heads": "index_n_heads",
-    "index_head_dim": "index_head_dim", "index_topk": "index_topk", "model_type": "model_type",
-}
-
+from .config import (MODEL_FLAGS, ConfigError, DataConfig, ModelConfig, OptimizerConfig, ParallelConfig,
+                     RopeScaling, TrainingConfig, family_defaults, validate_all)
 
 def _int_list(text: str) -> Tuple[int, ...]:
     """'4,4,4,4' (or '4 4 4 4') -> (4, 4, 4, 4)."""
@@ -382,7 +364,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         if getattr(args, "seq_length", None) and getattr(args, "max_position_embeddings", None) is None:
             base["max_position_embeddings"] = args.seq_length
     over = {}
-    for flag, fld in _MODEL_FLAGS.items():
+    for flag, fld in MODEL_FLAGS.items():
         v = getattr(args, flag, None)
         if v is not None:
             over[fld] = v

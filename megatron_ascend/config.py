@@ -371,6 +371,34 @@ class ModelConfig:
         return d
 
 
+# argparse dest of a model flag -> the ModelConfig field it sets (Megatron name first; DeepSeek / HF names where
+# Megatron has none). arguments.py applies it; checkpointing names the flag in a model-mismatch error.
+MODEL_FLAGS = {
+    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads", "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank",
+    "qk_head_dim": "qk_nope_head_dim", "qk_pos_emb_head_dim": "qk_rope_head_dim", "v_head_dim": "v_head_dim",
+    "num_experts": "n_routed_experts", "moe_ffn_hidden_size": "moe_intermediate_size",
+    "moe_router_topk": "num_experts_per_tok", "moe_router_num_groups": "n_group",
+    "moe_router_group_topk": "topk_group", "moe_router_score_function": "scoring_func",
+    "moe_router_topk_scaling_factor": "routed_scaling_factor", "moe_router_topk_method": "topk_method",
+    "first_k_dense_replace": "first_k_dense_replace", "moe_layer_freq": "moe_layer_freq",
+    "moe_aux_loss_coeff": "aux_loss_alpha", "mtp_num_layers": "num_nextn_predict_layers",
+    "mtp_loss_scaling_factor": "mtp_loss_scaling_factor", "norm_epsilon": "rms_norm_eps",
+    "rotary_base": "rope_theta", "max_position_embeddings": "max_position_embeddings",
+    "vocab_size": "vocab_size", "init_method_std": "init_method_std", "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim", "index_topk": "index_topk", "model_type": "model_type",
+}
+
+
+def flag_for_field(field: str) -> Optional[str]:
+    """The command-line flag that sets ModelConfig ``field`` ("--num-layers" for num_hidden_layers), or None."""
+    for dest, f in MODEL_FLAGS.items():
+        if f == field:
+            return "--" + dest.replace("_", "-")
+    return {"n_shared_experts": "--n-shared-experts",
+            "tie_word_embeddings": "--untie-embeddings-and-output-weights"}.get(field)
+
+
 # The defaults of a model family when the architecture comes from flags (no --model-config): ModelConfig's own
 # defaults are DeepSeek-V3's; DeepSeek-V2's are its smallest release, V2-Lite (config.json on the hub):
 # no query LoRA, softmax scores, greedy top-6 of 64 experts without expert bias or top-k normalisation,

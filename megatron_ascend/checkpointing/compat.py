@@ -19,25 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
+from ..config import flag_for_field
 from .errors import CheckpointError
 
-# ModelConfig field -> the flag that sets it (arguments.py's names; the HF key is the field itself)
-_FLAG_OF = {
-    "num_hidden_layers": "--num-layers", "hidden_size": "--hidden-size", "intermediate_size": "--ffn-hidden-size",
-    "num_attention_heads": "--num-attention-heads", "q_lora_rank": "--q-lora-rank", "kv_lora_rank": "--kv-lora-rank",
-    "qk_nope_head_dim": "--qk-head-dim", "qk_rope_head_dim": "--qk-pos-emb-head-dim", "v_head_dim": "--v-head-dim",
-    "n_routed_experts": "--num-experts", "moe_intermediate_size": "--moe-ffn-hidden-size",
-    "n_shared_experts": "--n-shared-experts", "num_experts_per_tok": "--moe-router-topk",
-    "first_k_dense_replace": "--first-k-dense-replace", "moe_layer_freq": "--moe-layer-freq",
-    "num_nextn_predict_layers": "--mtp-num-layers", "vocab_size": "--vocab-size",
-    "tie_word_embeddings": "--untie-embeddings-and-output-weights", "model_type": "--model-type",
-    "index_n_heads": "--index-n-heads", "index_head_dim": "--index-head-dim", "index_topk": "--index-topk",
-    "rope_theta": "--rotary-base", "rms_norm_eps": "--norm-epsilon", "aux_loss_alpha": "--moe-aux-loss-coeff",
-    "routed_scaling_factor": "--moe-router-topk-scaling-factor", "scoring_func": "--moe-router-score-function",
-    "topk_method": "--moe-router-topk-method", "n_group": "--moe-router-num-groups",
-    "topk_group": "--moe-router-group-topk", "mtp_loss_scaling_factor": "--mtp-loss-scaling-factor",
-    "max_position_embeddings": "--max-position-embeddings",
-}
 _IGNORED = {"init_method_std"}  # changes nothing once weights exist
 
 
@@ -76,7 +60,8 @@ def _describe(diff) -> str:
 
 
 def _fix(diff) -> str:
-    flags = [f"{_FLAG_OF[k]} {a}" for k, a, _ in diff if k in _FLAG_OF and not isinstance(a, (bool, dict, list))]
+    flags = [f"{flag_for_field(k)} {a}" for k, a, _ in diff
+             if flag_for_field(k) and not isinstance(a, (bool, dict, list))]
     return (f"pass the checkpoint's model flags ({' '.join(flags)})" if flags
             else "pass the model flags the checkpoint was saved with") + \
         " or point --load at a checkpoint of this model"
