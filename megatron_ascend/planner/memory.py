@@ -73,13 +73,14 @@ def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int, dis
                       fp32_params: Optional[int] = None) -> ModelStateBytes:
     """Exact bytes of params, grads, fp32 main params and Adam states held by one rank.
 
-    ``fp32_params``: dense params kept in fp32 under bf16 (default: the router weights, which the trainer keeps
-    fp32 as DeepSeek does; they are their own main params). ``*_padding``: elements the distributed
+    ``fp32_params``: dense params kept in fp32 under bf16 (default ``count.fp32``: the router weights, which the
+    trainer keeps fp32 as DeepSeek does, and V4's mHC parameters and V4RMSNorm weights; they are their own main
+    params). ``*_padding``: elements the distributed
     optimizer's buckets add to the param and grad buffers (read them from the live buffers for an exact match;
     0 for planning). Main params and optimizer states cover 1/d of the real elements on average: a rank's exact
     share depends on where the bucket padding falls, their sum over the group is exact."""
     n = count.total
-    f32 = count.parts.get("router", 0) + count.parts.get("mtp_router", 0) if fp32_params is None else fp32_params
+    f32 = count.fp32 if fp32_params is None else fp32_params
     if prec.param == 4:
         f32 = 0
     pad = dense_padding + expert_padding if distributed_optimizer else 0
