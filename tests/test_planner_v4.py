@@ -87,3 +87,98 @@ def test_rank_params_equal_built_model(name):
 def _single(cfg):
     from megatron_ascend.models import build_model
     return build_model(cfg)
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------------------
+def _register_flop_formulas():
+    """FlopCounterMode counts neither torch._grouped_mm (the routed experts) nor the in-place baddbmm_ (core
+    attention adds the compressed entries' PV and gradients with it): give it both."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    aten = torch.ops.aten
+    if aten._grouped_mm not in flop_registry:
+        @register_flop_formula(aten._grouped_mm)
+        def _grouped_mm(a, b, *args, out_shape=None, **kw):  # [N, k] x [G, k, n] or [k, N] x [N, n] (wgrad)
+            return 2 * a[0] * a[1] * b[-1]
+    if aten.baddbmm_ not in flop_registry:
+        @register_flop_formula(aten.baddbmm_)
+        def _baddbmm_(c, a, b, *args, out_shape=None, **kw):
+            return 2 * a[0] * a[1] * a[2] * b[2]
+
+
+def _brute_keys(s, window, ratio=0, cap=None):
+    """Mean over queries of (window keys, usable compressed entries), by counting."""
+    win = sum(min(t + 1, window) for t in range(s)) / s
+    ent = sum(min((t + 1) // ratio, cap if cap is not None else s) for t in range(s)) / s if ratio else 0.0
+    return win, ent
+
+
+@pytest.mark.parametrize("s,window,ratio,cap", [(40, 6, 4, 3), (40, 6, 8, None), (7, 16, 4, 1), (1000, 128, 4, 17),
+                                                (1001, 128, 128, None), (64, 128, 4, None), (5, 3, 4, 2)])
+def test_key_counts_are_exact_means(s, window, ratio, cap):
+    from megatron_ascend.monitoring.flops import visible_entries, window_keys
+    win, ent = _brute_keys(s, window, ratio, cap)
+    assert window_keys(s, window) == pytest.approx(win, rel=1e-12)
+    assert visible_entries(s, ratio, cap) == pytest.approx(ent, rel=1e-12, abs=1e-12)
+
+
+FLOP_CASES = {  # config overrides (3 Sinkhorn iterations: FLOP-free, they only cost dispatch time), sequence
+    # length, query block of core attention
+    "gathered_csa": (dict(hc_sinkhorn_iters=3), 40, 16),  # 2 x top-k <= entries: the picks are gathered
+    "dense_csa_indexer_loss_mtp2": (dict(CONFIGS["mtp2_csa"], hc_sinkhorn_iters=3, dsa_indexer_loss_coeff=0.1),
+                                    20, 8),  # every entry scored under a mask, the indexer trained
+}
+
+
+@pytest.mark.parametrize("case", list(FLOP_CASES))
+def test_flops_equal_flop_counter_on_built_model(case):
+    """Forward: torch's FlopCounterMode on the built model = v4_layer_macs' terms, with the keys core attention
+    executes (its query blocks read every key of [block start - window + 1, block end) and either the picked
+    entries or all of them, masking the rest) and the lightning indexer's scores over every entry, plus what
+    the model FLOPs leave out (the router, the MoE combine). Backward: twice the forward, except the indexer
+    (none without its loss; weight gradients and the score gradients with it) and the combine (one GEMM).
+    The model FLOPs' key counts are the exact means (test_key_counts_are_exact_means)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from megatron_ascend.models import build_model
+    from megatron_ascend.models.deepseek_v4.core_attention import query_blocks
+    from megatron_ascend.monitoring.flops import v4_layer_macs
+    _register_flop_formulas()
+    over, s, block = FLOP_CASES[case]
+    cfg = v4_config(**over)
+    torch.manual_seed(0)
+    model = build_model(cfg, init_seed=1)
+    for mod in model.modules():
+        if hasattr(mod, "query_block"):
+            mod.query_block = block
+    b = 1
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    with FlopCounterMode(display=False) as fwd:
+        out = model(ids, labels=ids, loss_mask=torch.ones(b, s))
+    with FlopCounterMode(display=False) as bwd:
+        (out["lm_loss"].sum() + sum(x.sum() for x in out["mtp_losses"])).backward()
+    h, H, D, n, V = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.hc_mult, cfg.vocab_size
+    E, k, Dm = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.num_nextn_predict_layers
+    per_token = idx_fwd = idx_bwd = 0.0
+    kinds = set()
+    for i in range(cfg.num_hidden_layers + Dm):
+        t = v4_layer_macs(cfg, s, i)
+        kind, m = cfg.attention_type(i), cfg.compress_ratio(i)
+        entries = s // m if m else 0
+        picked = 0
+        if kind == "compressed_sparse_attention":
+            topk = min(cfg.index_topk, entries)
+            picked = topk if 2 * topk <= entries else entries
+            nh, d = cfg.index_n_heads, cfg.index_head_dim
+            idx_fwd += t["indexer_proj"] + entries * (nh * d + nh)
+            idx_bwd += t["indexer_proj"] + 2 * entries * (nh * d + nh) if cfg.dsa_indexer_loss_coeff else 0.0
+            kinds.add(("csa", "gathered" if picked < entries else "dense"))
+        elif kind == "heavily_compressed_attention":
+            picked = entries
+        core = 2 * H * D * sum((e - a) * (e - k0 + picked) for a, e, k0 in query_blocks(s, cfg.sliding_window, block)) / s
+        per_token += t["proj"] + t["compressor"] + t["mhc"] + t["ffn"] + core + E * h + k * h
+    per_token += idx_fwd + (Dm + 1) * (n * n * h + h * V) + Dm * (1 + n) * h * h
+    T = b * s
+    assert fwd.get_total_flops() == pytest.approx(2 * T * per_token, rel=1e-12)
+    combine = 2 * T * (cfg.num_hidden_layers + Dm) * k * h
+    expect_bwd = 2 * (fwd.get_total_flops() - 2 * T * idx_fwd - combine) + combine + 2 * T * idx_bwd
+    assert bwd.get_total_flops() == pytest.approx(expect_bwd, rel=1e-12)
+    assert kinds == {("csa", "gathered" if case.startswith("gathered") else "dense")}, kinds

@@ -18,7 +18,7 @@ from .layout import Cluster, Layout
 from .memory import (GIB, ActivationOptions, ModelStateBytes, Precision, embedding_activation_bytes,
                      head_activation_bytes, inflight_microbatches, layer_activation_bytes, model_state_bytes)
 from .params import ParamCount, StageSplit, padded_vocab, rank_params, stage_split
-from .step_time import StepTime, TimeOptions, layer_flops, head_flops, step_time
+from .step_time import StepTime, TimeOptions, head_flops, layer_flops, mtp_layer_flops, step_time
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def layer_splits(cfg: ModelConfig, pp: int, vp: int, seq: int) -> List[Tuple[Opt
             return float("inf")
         lf = [sum(layer_flops(cfg, seq, i) for i in split.rank_layers(p)) for p in range(pp)]
         D = cfg.num_nextn_predict_layers
-        lf[-1] += D * layer_flops(cfg, seq, L, True) + (D + 1) * head_flops(cfg)
+        lf[-1] += mtp_layer_flops(cfg, seq) + (D + 1) * head_flops(cfg)
         return max(lf)
     out.sort(key=cost)
     return out[:1]
