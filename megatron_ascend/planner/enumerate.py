@@ -15,8 +15,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, ModelConfig, validate_all
 from .layout import Cluster, Layout
+from . import memory_v4
 from .memory import (GIB, ActivationOptions, ModelStateBytes, Precision, embedding_activation_bytes,
-                     head_activation_bytes, inflight_microbatches, layer_activation_bytes, model_state_bytes)
+                     head_activation_bytes, inflight_microbatches, layer_activation_bytes, model_state_bytes,
+                     selective_modules)
 from .params import ParamCount, StageSplit, padded_vocab, rank_params, stage_split
 from .step_time import StepTime, TimeOptions, head_flops, layer_flops, mtp_layer_flops, step_time
 
@@ -109,7 +111,8 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
     counts = [_rank_params(cfg, split, p, layout.tp, layout.ep, layout.etp) for p in range(layout.pp)]
     ao = ActivationOptions(seq_length=seq_length, micro_batch_size=layout.micro_batch_size, tp=layout.tp,
                            sp=layout.sp, ep=layout.ep, etp=layout.etp, recompute=layout.recompute,
-                           flash_attention=mopts.flash_attention, act_bytes=prec.activation)
+                           flash_attention=mopts.flash_attention, act_bytes=prec.activation,
+                           selective_modules=selective_modules(cfg))
     full = ActivationOptions(**{**ao.__dict__, "recompute": "none"})
     vocab_local = padded_vocab(cfg, layout.tp) // layout.tp
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -119,6 +122,8 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
         per_layer = [_layer_act(cfg, i, o) for i in split.layers[p][v]]
         per_layer += [_layer_act(cfg, L, o, True)] * D if head else []
         act = sum(per_layer)
+        if cfg.model_type == "deepseek_v4":  # the RoPE tables selective mla_up_proj keeps per chunk
+            act += memory_v4.rope_checkpoint_bytes(cfg, o, list(split.layers[p][v]) + ([L] if head and D else []))
         if head:
             act += head_activation_bytes(cfg, o, vocab_local, D)
         if (p, v) == (0, 0):
