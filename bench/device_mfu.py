@@ -2,7 +2,7 @@
 """Accelerator check (one device): bf16 parity with the fp32 CPU model, then throughput and MFU of a training
 step of a DeepSeek MoE that fills the device.
 
-    python bench/device_mfu.py [--preset h200] [--steps 6] [--peak-tflops 989] [--skip-parity]
+    python bench/device_mfu.py [--preset h200|h100] [--steps 6] [--peak-tflops 989] [--skip-parity]
     python bench/device_mfu.py --device cpu --preset tiny        (exercises every line here on CPU)
 
 1. Parity: a tiny DeepSeek-V3 (MLA, MoE, MTP) built on CPU in fp32 and copied to the device in bf16 (params;
@@ -13,7 +13,8 @@ step of a DeepSeek MoE that fills the device.
    Prints model TFLOP/s per device (monitoring.flops, Megatron's formula), MFU against the peak table
    (H200: 989 dense bf16) and against a bf16 GEMM ceiling measured in this process on the model's shapes.
 
-Status: written for the sessions that are lent an H200; run here only with --device cpu. Not a test.
+Status: written for the sessions that are lent an H100 / H200 or an NPU; run here only with --device cpu. Not a
+test. bench/device_check.py runs it as its step 3.
 """
 import argparse
 import os
@@ -29,6 +30,14 @@ PRESETS = {
     # ~V2-Lite widths, 8 layers (1 dense + 7 MoE): ~4.6B params, 16 B/param of states ~ 74 GB + activations
     "h200": dict(model=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                             num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=16,
+                            n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, q_lora_rank=None,
+                            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                            max_position_embeddings=4096, num_nextn_predict_layers=0, aux_loss_alpha=0.001),
+                 seq=4096, mbs=1, micro_batches=4),
+    # the same widths, 4 layers (1 dense + 3 MoE): ~2.4B params, ~38 GB of states -- 64 GB NPUs (910B / a 910C
+    # die) and 80 GB GPUs (H100)
+    "h100": dict(model=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                            num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16,
                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, q_lora_rank=None,
                             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                             max_position_embeddings=4096, num_nextn_predict_layers=0, aux_loss_alpha=0.001),
@@ -161,7 +170,8 @@ def mfu(dev, preset, steps, peak):
     flops = model_flops_per_token(cfg, seq) * seq * mbs * mb
     achieved = flops / t
     ceiling = gemm_ceiling(cfg, seq * mbs, dev, dtype)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else float("nan")
+    from megatron_ascend import platform
+    mem = platform.memory_stats()["max_allocated"] / 2 ** 30 if dev.type != "cpu" else float("nan")
     print(f"mfu ({dev.type}, {preset}: {n_params / 1e9:.2f}B params, seq {seq} x mbs {mbs} x {mb} micro-batches, "
           f"{dtype}): step {t * 1e3:.0f} ms (min-max {min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}), "
           f"{achieved / 1e12:.1f} TFLOP/s, tokens/s {seq * mbs * mb / t:.0f}, peak memory {mem:.1f} GiB")

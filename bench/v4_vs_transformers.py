@@ -65,7 +65,7 @@ def build(name):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--configs", default="small,large")
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)

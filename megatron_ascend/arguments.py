@@ -134,6 +134,15 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="compute weight grads into fresh tensors and add them into the grad buffer (zero-filled "
                         "each step) instead of writing them into main_grad from the GEMM")
     g.add_argument("--show-layout", action="store_true", help="print every process group and exit")
+    g.add_argument("--hccl-connect-timeout", type=int, default=None,
+                   help="Ascend: HCCL_CONNECT_TIMEOUT, seconds to set up HCCL links [120, 7200] (HCCL default 120; "
+                        "MindSpeed-LLM's DeepSeek-V3 scripts use 3600). Unset: the environment's value is kept")
+    g.add_argument("--hccl-exec-timeout", type=int, default=None,
+                   help="Ascend: HCCL_EXEC_TIMEOUT, seconds one collective may wait [0, 2147483647], 0 = never "
+                        "(HCCL default 1836). Keep it below the process-group timeout")
+    g.add_argument("--hccl-buffsize", type=int, default=None,
+                   help="Ascend: HCCL_BUFFSIZE, MB per communicator buffer (x2: send and receive; HCCL default "
+                        "200). About micro-batch x seq x hidden x bytes per element / 2**20 for the MoE all-to-all")
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -154,6 +163,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-at-loss", type=float, default=None,
+                   help="stop (saving a checkpoint with --save) once the mean lm loss of the last "
+                        "--exit-at-loss-window iterations is <= this value (reference recipes: train to a loss)")
+    g.add_argument("--exit-at-loss-window", type=int, default=10,
+                   help="iterations --exit-at-loss averages over")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
@@ -163,6 +177,60 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="selective recompute parts: core_attn mla_up_proj moe_act layernorm mlp moe shared_experts "
                         "mhc (DeepSeek-V4: the mHC mixing coefficients)")
     g.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: platform table)")
+    g.add_argument("--no-fused-kernels", action="store_true",
+                   help="run every kernel-table entry with its plain-PyTorch reference (no torch_npu / MindSpeed / "
+                        "fused torch kernels); the start-up 'kernels:' line names what runs")
+    g.add_argument("--reference-kernels", nargs="*", default=[], metavar="NAME",
+                   help="these kernel-table entries use their reference: rms_norm rope_interleaved attention "
+                        "swiglu grouped_matmul moe_permute router_topk")
+    g.add_argument("--device-launch-blocking", action="store_true",
+                   help="debugging: synchronous kernel launches (ASCEND_LAUNCH_BLOCKING=1 / CUDA_LAUNCH_BLOCKING=1): "
+                        "exact error locations, slow")
+    g.add_argument("--jit-compile", action="store_true",
+                   help="Ascend: torch_npu.npu.set_compile_mode(jit_compile=True) (default False, the A2 / A3 "
+                        "binary kernels, as MindSpeed)")
+    g.add_argument("--profile", action="store_true",
+                   help="record iterations [--profile-step-start, --profile-step-end) with torch_npu.profiler "
+                        "(NPU) or torch.profiler (CUDA / CPU)")
+    g.add_argument("--profile-step-start", type=int, default=10, help="first profiled iteration (from 1)")
+    g.add_argument("--profile-step-end", type=int, default=12, help="first iteration not profiled")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], help="global ranks that profile")
+    g.add_argument("--profile-save-path", default=None,
+                   help="trace directory (TensorBoard trace handler; default --tensorboard-dir, else ./profile)")
+    # reliability (docs/CHECKPOINTS.md, docs/USER_GUIDE.md "Failures")
+    g.add_argument("--ckpt-verify", default="checksum", choices=["checksum", "size"],
+                   help="before loading, check every checkpoint file's recorded size and SHA-256 (checksum; the "
+                        "hashing is spread over the ranks) or its size only")
+    g.add_argument("--no-ckpt-fallback", dest="ckpt_fallback", action="store_false",
+                   help="refuse a newest checkpoint that is incomplete or corrupt instead of loading the newest "
+                        "intact older one (with a warning)")
+    g.add_argument("--override-opt_param-scheduler", dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use this run's learning-rate schedule flags when the checkpoint's differ")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", dest="use_checkpoint_opt_param_scheduler",
+                   action="store_true",
+                   help="on resume, continue on the checkpoint's learning-rate schedule when this run's flags differ")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad", action="store_true",
+                   default=True, help="check the loss and the grad norm of every step for NaN / Inf and report the "
+                                      "ranks (and with --nan-trace-modules the first module); see --nan-policy")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", help="skip NaN / Inf steps silently (the optimizer still skips them)")
+    g.add_argument("--nan-policy", default="stop", choices=["stop", "skip"],
+                   help="on a NaN / Inf step: skip (count it and go on) or stop (after --nan-max-consecutive such "
+                        "steps in a row, save the last good state to --save and exit with code 3)")
+    g.add_argument("--nan-max-consecutive", type=int, default=1,
+                   help="--nan-policy stop: NaN / Inf steps in a row that stop the run (the earlier ones are skipped)")
+    g.add_argument("--nan-trace-modules", action="store_true",
+                   help="forward hooks on every module: name the first module whose output is non-finite (a device "
+                        "sync per module: for diagnosis)")
+    g.add_argument("--loss-spike-factor", type=float, default=None,
+                   help="report an lm loss above this factor times the mean of the last --loss-spike-window losses")
+    g.add_argument("--loss-spike-window", type=int, default=50)
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-repeatable runs: torch deterministic algorithms plus the platform's settings "
+                        "(CUBLAS_WORKSPACE_CONFIG, NCCL_ALGO=Ring / HCCL_DETERMINISTIC ...; platform/npu.py, cuda.py)")
+    g.add_argument("--watchdog-timeout-minutes", type=float, default=None,
+                   help="report a step (with its eval / save) that runs longer: which rank waits in which collective "
+                        "and which never joined; then exit with code 4 so torchrun --max-restarts restarts the job")
 
 
 def _add_optimizer_args(p: argparse.ArgumentParser) -> None:
@@ -463,6 +531,13 @@ def build_configs(args: argparse.Namespace, world_size: int
         tensorboard_dir=args.tensorboard_dir, recompute_granularity=args.recompute_granularity,
         recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers,
         recompute_modules=tuple(args.recompute_modules or ()), peak_tflops=args.peak_tflops,
+        ckpt_verify=args.ckpt_verify, ckpt_fallback=args.ckpt_fallback,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad, nan_policy=args.nan_policy,
+        nan_max_consecutive=args.nan_max_consecutive, nan_trace_modules=args.nan_trace_modules,
+        loss_spike_factor=args.loss_spike_factor, loss_spike_window=args.loss_spike_window,
+        watchdog_timeout_minutes=args.watchdog_timeout_minutes,
         train_samples=getattr(args, "train_samples", None), save_optim=not getattr(args, "no_save_optim", False),
         save_rng=not getattr(args, "no_save_rng", False), async_save=bool(getattr(args, "async_save", False)))
     data = DataConfig(

@@ -180,9 +180,12 @@ class ModelConfig:
     def validate(self) -> None:
         _require(self.model_type in MODEL_TYPES,
                  f"model_type {self.model_type!r} is unknown; use one of {', '.join(MODEL_TYPES)}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
-            _require(getattr(self, name) > 0, f"{name} is {getattr(self, name)}; it must be a positive integer")
+        for name, flag in (("vocab_size", "--vocab-size"), ("hidden_size", "--hidden-size"),
+                           ("num_hidden_layers", "--num-layers"), ("num_attention_heads", "--num-attention-heads"),
+                           ("kv_lora_rank", "--kv-lora-rank"), ("qk_rope_head_dim", "--qk-pos-emb-head-dim"),
+                           ("v_head_dim", "--v-head-dim")):
+            _require(getattr(self, name) > 0, f"{name} (flag {flag}) is {getattr(self, name)}; it must be a positive "
+                                              f"integer: pass {flag} >= 1 or fix config.json")
         _require(self.qk_rope_head_dim % 2 == 0,
                  f"qk_rope_head_dim {self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         _require(self.scoring_func in SCORING_FUNCS,
@@ -665,6 +668,13 @@ class OptimizerConfig:
                  f"--lr-warmup-init {self.lr_warmup_init} must be between 0 and --lr {self.lr}")
         _require(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
                  f"--adam-beta1 {self.adam_beta1} / --adam-beta2 {self.adam_beta2} must be in [0, 1)")
+        _require(self.clip_grad >= 0, f"--clip-grad {self.clip_grad} must be >= 0 (0 turns clipping off)")
+        _require(self.weight_decay >= 0, f"--weight-decay {self.weight_decay} must be >= 0 (0 turns it off)")
+        _require(self.adam_eps > 0, f"--adam-eps {self.adam_eps} must be > 0 (e.g. 1e-8)")
+        _require(self.initial_loss_scale > 0 and self.min_loss_scale > 0,
+                 f"--initial-loss-scale {self.initial_loss_scale} and --min-loss-scale {self.min_loss_scale} "
+                 f"must be > 0")
+        _require(self.loss_scale_window >= 1, f"--loss-scale-window {self.loss_scale_window} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -696,11 +706,48 @@ class TrainingConfig:
     save_optim: bool = True  # False: --no-save-optim
     save_rng: bool = True  # False: --no-save-rng
     async_save: bool = False
+    # reliability: checkpoint checks on load
+    ckpt_verify: str = "checksum"
+    ckpt_fallback: bool = True
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
+    # reliability: NaN / Inf and loss spikes (training/health.py)
+    check_for_nan_in_loss_and_grad: bool = True
+    nan_policy: str = "stop"
+    nan_max_consecutive: int = 1
+    nan_trace_modules: bool = False
+    loss_spike_factor: Optional[float] = None
+    loss_spike_window: int = 50
+    # reliability: hangs (training/watchdog.py; the process-group timeout is platform.RuntimeOptions')
+    watchdog_timeout_minutes: Optional[float] = None
 
     def __post_init__(self):
         object.__setattr__(self, "recompute_modules", tuple(self.recompute_modules))
+        _require(self.ckpt_verify in ("checksum", "size"),
+                 f"--ckpt-verify {self.ckpt_verify!r} is unknown; use checksum or size")
+        _require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+                 "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are both set; pick one")
+        _require(self.nan_policy in ("stop", "skip"), f"--nan-policy {self.nan_policy!r} is unknown; use stop or skip")
+        _require(self.nan_max_consecutive >= 1,
+                 f"--nan-max-consecutive {self.nan_max_consecutive} must be >= 1 (1 stops at the first NaN step)")
+        _require(self.loss_spike_factor is None or self.loss_spike_factor > 1.0,
+                 f"--loss-spike-factor {self.loss_spike_factor} must be > 1 (e.g. 3: a loss 3x the recent mean)")
+        _require(self.loss_spike_window >= 1, f"--loss-spike-window {self.loss_spike_window} must be >= 1")
+        _require(self.watchdog_timeout_minutes is None or self.watchdog_timeout_minutes > 0,
+                 f"--watchdog-timeout-minutes {self.watchdog_timeout_minutes} must be > 0 (leave it out to disable)")
         _require(self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size} must be >= 1")
         _require(self.seq_length >= 1, f"--seq-length {self.seq_length} must be >= 1")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1,
+                 f"--global-batch-size {self.global_batch_size} must be >= 1 (a multiple of micro-batch-size x "
+                 f"data-parallel size)")
+        _require(self.log_interval >= 1, f"--log-interval {self.log_interval} must be >= 1 (log every N iterations)")
+        _require(self.save_interval is None or self.save_interval >= 1,
+                 f"--save-interval {self.save_interval} must be >= 1 (leave it out to save at the end only)")
+        _require(self.eval_iters >= 0, f"--eval-iters {self.eval_iters} must be >= 0 (0 turns evaluation off)")
+        _require(self.eval_interval >= 1 or self.eval_iters == 0,
+                 f"--eval-interval {self.eval_interval} must be >= 1 (or pass --eval-iters 0 to turn evaluation off)")
+        _require(self.exit_interval is None or self.exit_interval >= 1,
+                 f"--exit-interval {self.exit_interval} must be >= 1")
         object.__setattr__(self, "recompute_modules", check_recompute(
             self.recompute_granularity, self.recompute_method, self.recompute_num_layers, self.recompute_modules))
 
@@ -749,6 +796,7 @@ class DataConfig:
                  f"--split {self.split!r} needs up to three non-negative weights with a positive sum, e.g. 969,30,1")
         _require(self.make_vocab_size_divisible_by >= 1,
                  f"--make-vocab-size-divisible-by {self.make_vocab_size_divisible_by} must be >= 1")
+        _require(self.num_workers >= 0, f"--num-workers {self.num_workers} must be >= 0 (0 loads in the main process)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -219,6 +219,7 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     """Create every group (all ranks take part in every new_group call, as torch requires). The embedding group
     joins the pipeline ranks ``embedding_pp_ranks`` (the placement's; default the first and the last)."""
     import torch.distributed as dist
+    from . import platform
 
     global _DEFAULT
     if not dist.is_initialized():
@@ -231,7 +232,8 @@ def initialize_model_parallel(config: ParallelConfig, backend_group_options=None
     for name, groups in layout.all_groups().items():
         pg.groups[name], pg.ranks[name] = None, []  # e.g. middle pipeline stages hold no embedding group
         for ranks in groups:
-            handle = dist.new_group(ranks) if len(groups) > 1 or len(ranks) != world else dist.group.WORLD
+            # platform.new_group: the job's process-group timeout (torch's subgroup default is 10 min on NCCL)
+            handle = platform.new_group(ranks) if len(groups) > 1 or len(ranks) != world else dist.group.WORLD
             if rank in ranks:
                 pg.groups[name] = handle
                 pg.ranks[name] = list(ranks)

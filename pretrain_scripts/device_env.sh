@@ -6,7 +6,7 @@ DEVICE_TYPE=${DEVICE_TYPE:-npu}
 export MEGATRON_ASCEND_DEVICE=$DEVICE_TYPE
 case "$DEVICE_TYPE" in
   npu)
-    # Ascend (torch_npu + HCCL); see docs/NPU.md for the CANN / torch_npu install matrix
+    # Ascend (torch_npu + HCCL); see docs/ASCEND.md for the CANN / torch_npu install matrix
     [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ] && source /usr/local/Ascend/ascend-toolkit/set_env.sh
     DEVICES_PER_NODE=${DEVICES_PER_NODE:-8}          # Atlas 800T A2: 8 x 910B; A3 (910C): 16 dies per node
     export CPU_AFFINITY_CONF=1

@@ -4,9 +4,12 @@
 
 ``body`` must be a module-level function (it is pickled to the workers). Workers are forked from a
 forkserver that has imported torch once, so a world of 8 starts in about a second instead of 8 fresh
-interpreters. Each worker runs with one intra-op thread, MEGATRON_ASCEND_DEVICE=cpu and a FileStore
-rendezvous (no port races under pytest-xdist). The first failing rank's traceback is raised in the
-parent (the others are killed); a world that does not finish within ``timeout`` seconds is killed and
+interpreters. Each worker runs with MEGATRON_ASCEND_DEVICE=cpu, a FileStore rendezvous (no port races under
+pytest-xdist), the parent's CPU-kernel settings (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS: the forkserver
+starts with the parent's environment) and ``OMP_NUM_THREADS`` intra-op threads when that is set, else one
+(tests/run_cpu_matrix.py runs the suite under other kernels and thread counts; ``kernel_env()`` passes the same
+settings to a test's own subprocesses). The first failing rank's traceback is raised in the parent (the others
+are killed); a world that does not finish within ``timeout`` seconds is killed and
 reported with the ranks that never answered, so a hang fails the test instead of the CI job.
 """
 from __future__ import annotations
@@ -35,6 +38,25 @@ class DistributedTestError(AssertionError):
     pass
 
 
+# what selects the CPU kernels and thread counts (and the code under test): every process the suite starts gets them
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+              "PYTHONPATH", "MA_TOLERANCE_LOG")
+
+
+def kernel_env() -> dict:
+    """The subset of os.environ in KERNEL_ENV, for a subprocess started with an otherwise minimal environment."""
+    return {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
+
+
+def worker_threads() -> int:
+    """Intra-op threads of a test worker: OMP_NUM_THREADS when set (so a run with OMP_NUM_THREADS=2 exercises
+    two-thread kernels in the workers too), else 1 (eight ranks share a 2-core machine)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "") or 1))
+    except ValueError:
+        return 1
+
+
 def _worker(rank, world_size, store_path, fn, args, kwargs, q, env):
     try:
         os.environ.update(env)
@@ -42,7 +64,7 @@ def _worker(rank, world_size, store_path, fn, args, kwargs, q, env):
                           MEGATRON_ASCEND_DEVICE="cpu")
         import torch
         import torch.distributed as dist
-        torch.set_num_threads(1)
+        torch.set_num_threads(worker_threads())
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         try:
             out = fn(*args, **kwargs)

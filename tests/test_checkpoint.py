@@ -406,7 +406,7 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "crash.py"
     script.write_text(_CRASH_SCRIPT.format(repo=repo))
-    env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_ASCEND_DEVICE="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), MEGATRON_ASCEND_DEVICE="cpu")
     procs = {stage: subprocess.Popen([sys.executable, str(script), str(tmp_path / stage), stage], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for stage in STAGES}

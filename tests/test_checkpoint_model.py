@@ -8,6 +8,7 @@ import os
 
 
 from tests.harness import run_distributed
+from tests.tolerance import MODEL_REL, assert_rel
 
 TINY = ("--num-layers 4 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 --q-lora-rank 16 "
         "--kv-lora-rank 16 --qk-head-dim 8 --qk-pos-emb-head-dim 4 --v-head-dim 8 --num-experts 4 "
@@ -73,7 +74,8 @@ def test_model_checkpoint_reshards_tp2pp2ep2dp2_to_tp1ep4_and_back(tmp_path):
           f"B {b['own'][3]!r}, A resumed from B {c[3]!r} (rel {_rel(c[3], b['own'][3]):.2g}); "
           f"A vs B straight rel {_rel(b['own'][3], a[3]):.2g}")
     assert a[1] != a[3]  # training moves the loss, so equal losses mean the state was carried over
-    # same model and data at two layouts: the straight runs agree to fp32 reduction-order noise
-    assert _rel(b["own"][3], a[3]) < 1e-5, (a, b["own"])
-    assert _rel(b["resumed"][3], a[3]) < 1e-6, (b["resumed"][3], a[3])
-    assert _rel(c[3], b["own"][3]) < 1e-6, (c[3], b["own"][3])
+    # same model and data at two layouts: the straight runs agree to the whole-model figure (tests/tolerance.py)
+    assert_rel(b["own"][3], a[3], MODEL_REL, "step-3 loss, B vs A trained straight")
+    # the stated figure: a resumed run's next-step loss within 1e-6 of the run it was resharded from
+    assert_rel(b["resumed"][3], a[3], 1e-6, "step-3 loss, B resumed from A's checkpoint vs A")
+    assert_rel(c[3], b["own"][3], 1e-6, "step-3 loss, A resumed from B's checkpoint vs B")

@@ -26,7 +26,10 @@ def _schedule_body(tok_dir, data_prefix, root):
     from megatron_ascend.training.trainer import Trainer
     seen = []
     real = platform.init_distributed
-    platform.init_distributed = lambda minutes=30.0: (seen.append(minutes), real(minutes))[1]
+    def spy(timeout_minutes=None, options=None):
+        seen.append(options.timeout_minutes if timeout_minutes is None else timeout_minutes)
+        return real(timeout_minutes, options)
+    platform.init_distributed = spy
     try:
         argv = (MODEL + f" --tokenizer-type PretrainedFromHF --tokenizer-name-or-path {tok_dir} "
                 f"--data-path {data_prefix} --split 100,0,0 --global-batch-size 4 --train-samples 22 "

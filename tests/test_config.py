@@ -9,6 +9,7 @@ import pytest
 from megatron_ascend.arguments import build_configs, parse_args
 from megatron_ascend.config import (ConfigError, ModelConfig, ParallelConfig, TrainingConfig, padded_vocab_size,
                                     pipeline_layer_split, validate_all)
+from tests.harness import kernel_env
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
         "--q-lora-rank", "32", "--kv-lora-rank", "16", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
@@ -74,7 +75,8 @@ def test_cli_prints_one_line_and_exits_2(flags, world, fragments, capsys, monkey
 
 def test_cli_subprocess_no_traceback():
     r = subprocess.run([sys.executable, "-m", "megatron_ascend.pretrain", *TINY, "--expert-model-parallel-size",
-                        "3"], capture_output=True, text=True, env={"WORLD_SIZE": "6", "PATH": "/usr/bin:/bin"})
+                        "3"], capture_output=True, text=True,
+                       env={**kernel_env(), "WORLD_SIZE": "6", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert "expert-model-parallel-size 3 does not divide num-experts 8" in r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from tests.harness import run_distributed
+from tests.tolerance import ADAM_AMPLIFICATION, MODEL_REL, assert_rel
 
 B, S, M, STEPS = 2, 8, 2, 3  # micro batch, sequence, microbatches per dp rank, optimizer steps
 
@@ -77,7 +78,7 @@ def _reference(cfg, dp):
     return {n: p.detach() for n, p in named}, norms
 
 
-def _case(par, distributed, overlap, bucket_size):
+def _case(tag, par, distributed, overlap, bucket_size):
     from megatron_ascend.distributed import DistributedDataParallel
     from megatron_ascend.models.deepseek import DeepseekForCausalLM
     from megatron_ascend.moe import set_aux_loss_scale
@@ -100,6 +101,7 @@ def _case(par, distributed, overlap, bucket_size):
             mark_shared_embedding(w, canonical=True)
         modules.append(m)
     sync_embedding_weights(modules, pg)
+    init = {n: p.detach().clone() for m in modules for n, p in m.named_parameters()}
     chunks = [DistributedDataParallel(m, pg, bucket_size=bucket_size, overlap_grad_reduce=overlap,
                                       use_distributed_optimizer=distributed) for m in modules]
     opt = build_optimizer(chunks, _opt_cfg(), pg)
@@ -117,14 +119,17 @@ def _case(par, distributed, overlap, bucket_size):
         ok, norm, _ = opt.step()
         assert ok
         norms.append(norm)
-    err, n = 0.0, 0
+    where = f"rank {pg.rank} {tag}"
+    n = 0
     for c in chunks:
         for name, p in c.module.named_parameters():
             want = ref_params[name][shard_spec(p).slices(tuple(p.shape))]
-            err = max(err, (p.detach() - want).abs().max().item())
+            # p - want, judged on the scale of what the 3 Adam steps moved the reference (tests/tolerance.py)
+            assert_rel(p.detach() - init[name], want - init[name], ADAM_AMPLIFICATION * MODEL_REL,
+                       f"{where}: update of {name} after {STEPS} steps")
             n += 1
-    return {"param_err": err, "n": n, "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, ref_norms)),
-            "clipped": min(ref_norms) > _opt_cfg().clip_grad}
+    assert_rel(torch.tensor(norms), torch.tensor(ref_norms), MODEL_REL, f"{where}: grad norm of every step")
+    return {"n": n, "clipped": min(ref_norms) > _opt_cfg().clip_grad}
 
 
 def _body():
@@ -132,9 +137,9 @@ def _body():
     tp = ParallelConfig(world_size=4, tensor_model_parallel_size=2, sequence_parallel=True,
                         expert_model_parallel_size=2, expert_tensor_parallel_size=1)
     pp = ParallelConfig(world_size=4, pipeline_model_parallel_size=2, expert_model_parallel_size=2)
-    return {"tp2sp_dp2_ep2_distopt_overlap": _case(tp, True, True, 2000),
-            "pp2_dp2_ep2_distopt": _case(pp, True, False, None),
-            "pp2_dp2_ep2": _case(pp, False, True, 3000)}
+    return {"tp2sp_dp2_ep2_distopt_overlap": _case("tp2sp_dp2_ep2_distopt_overlap", tp, True, True, 2000),
+            "pp2_dp2_ep2_distopt": _case("pp2_dp2_ep2_distopt", pp, True, False, None),
+            "pp2_dp2_ep2": _case("pp2_dp2_ep2", pp, False, True, 3000)}
 
 
 def test_deepseek_ddp_optimizer_equal_single_process():
@@ -144,5 +149,3 @@ def test_deepseek_ddp_optimizer_equal_single_process():
             where = f"rank {rank} {name}"
             assert r["n"] > 10, where
             assert r["clipped"], f"{where}: clipping inactive; lower clip_grad"
-            assert r["norm_rel_err"] < 1e-6, f"{where}: grad norm rel. error {r['norm_rel_err']}"
-            assert r["param_err"] < 2e-6, f"{where}: params after {STEPS} steps differ by {r['param_err']}"

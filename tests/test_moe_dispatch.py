@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from harness import run_distributed
-from test_moe_common import reduce_grad, relerr, setup_groups
+from test_moe_common import moe_terms, reduce_grad, setup_groups
+from tolerance import assert_close, assert_rel
 
 from megatron_ascend.config import ModelConfig
 
 E, H = 8, 16
-TOL = 1e-12
 
 
 def _cfg(scenario: str) -> ModelConfig:
@@ -97,17 +97,22 @@ def _case(par, pg, scenario, tp, sp):
     y = lay(x, ids)
     y.backward(gy.contiguous())
     errs = {}
+    where = f"rank {pg.rank} tp{tp} sp{int(sp)} {scenario}"
+    terms = moe_terms(cfg, sum(s_ * b_ for s_, b_ in shapes))  # fp64, the layer's chain over every dp rank's tokens
     if y_ref.numel():
-        errs["out"] = relerr(y, y_ref)
-        errs["dx"] = relerr(x.grad, dx_ref)
+        errs["out"] = assert_close(y, y_ref, f"{where} out", terms=terms)
+        errs["dx"] = assert_close(x.grad, dx_ref, f"{where} dx", terms=terms)
     else:
         errs["empty_shape"] = 0.0 if y.shape == y_ref.shape and x.grad.shape == x.shape else 1.0
     refp = dict(ref.named_parameters())
+    # a gradient that is 0 in theory (top-1 with a renormalised weight: w = s / s) is the rounding of sums as
+    # large as the layer's other gradients: judge every gradient on at least the layer's largest one
+    layer_scale = max(float(p.grad.abs().max()) for p in ref.parameters() if p.grad is not None)
     for n, p in lay.named_parameters():
         want = refp[n].grad[shard_spec(p).slices(p.shape)]
         got = reduce_grad(p, pg)
-        # relative to max(|ref|, 1e-3): some grads are exactly 0 in theory (e.g. top-1 with renormalised weight)
-        errs[n] = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-3)
+        errs[n] = assert_close(got, want, f"{where} grad {n}", terms=terms,
+                               scale=max(float(refp[n].grad.abs().max()), layer_scale))
     dropped = float(lay.gate.stat_dropped)
     return scenario, errs, init_equal, dropped
 
@@ -141,9 +146,10 @@ def test_adversarial_routing_equals_single_process(world):
         for name, sc, errs, init_equal, dropped in rows:
             if not init_equal:
                 bad.append(f"rank {rank} [{name}] {sc}: init differs from the single-process layer")
-            for k, v in errs.items():
-                if not v < TOL:
-                    bad.append(f"rank {rank} [{name}] {sc} {k}: {v:.2e}")
+            if sc != "empty_ranks" and not {"out", "dx"} <= set(errs):  # values compared in the workers
+                bad.append(f"rank {rank} [{name}] {sc}: outputs not compared")
+            if errs.get("empty_shape", 0.0):
+                bad.append(f"rank {rank} [{name}] {sc}: wrong shapes for a rank without tokens")
             if sc == "capacity" and not dropped > 0:
                 bad.append(f"rank {rank} [{name}] capacity scenario dropped nothing")
     assert not bad, "\n".join(bad)
@@ -186,5 +192,6 @@ def test_bf16_layer_runs_with_fp32_router_and_stays_close():
     y = lay(x.to(torch.bfloat16).requires_grad_())
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert relerr(y.float(), ref(x)) < 3e-2
+    # bf16 keeps 8 bits: inputs, weights and each product round to 2^-9 relative, a few times in series
+    assert_rel(y.float(), ref(x), 3e-2, "bf16 layer vs fp32 layer")
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lay.parameters())

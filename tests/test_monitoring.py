@@ -144,7 +144,7 @@ def test_run_report_two_runs(tmp_path):
     assert s["loss_difference"]["max_abs"] == pytest.approx(0.25, abs=1e-6)
     assert s["loss_difference"]["mean_abs"] == pytest.approx(0.25, abs=1e-6)
     assert s["runs"]["npu"]["lm loss validation last"] == pytest.approx(2.0)
-    for png in ["loss.png", "throughput.png", "mfu.png", "memory.png", "moe.png", "loss_diff.png"]:
+    for png in ["loss.png", "throughput.png", "memory.png", "moe_0.png", "moe_1.png", "loss_diff.png"]:
         assert os.path.getsize(os.path.join(out, png)) > 1000, png
     page = open(os.path.join(out, "index.html")).read()
     assert "loss_diff.png" in page and "max |diff|" in page

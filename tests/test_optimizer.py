@@ -16,8 +16,9 @@ from megatron_ascend.distributed import DistributedDataParallel
 from megatron_ascend.optimizer import (DynamicGradScaler, analytic_model_state_bytes, build_optimizer,
                                        model_state_bytes)
 from tests.harness import run_distributed
-from tests.test_ddp_toymodel import (Run, Toy, _clone_with_spec, build, local_slice, make_data,
-                                     max_param_error, reference, run_steps, train)
+from tests.test_ddp_toymodel import (TOY_TERMS, Run, Toy, _clone_with_spec, assert_params_close, build,
+                                     initial_params, local_slice, make_data, reference, run_steps, train)
+from tests.tolerance import ADAM_AMPLIFICATION, assert_close
 
 TP2 = {"tensor_model_parallel_size": 2, "expert_tensor_parallel_size": 1}
 EP2 = {"expert_model_parallel_size": 2}
@@ -121,9 +122,21 @@ def _reshard(world):
     pgb, modelb, ddpb, optb = build(b, world)
     run_steps(b, pgb, modelb, ddpb, optb, range(2))
     full_b = optb.full_param_state()
-    # not bitwise at DP4: gloo's reduce-scatter and all-reduce add the four partial sums in different orders
-    out["dist_vs_replicated"] = max((full_a[n][k] - full_b[n][k]).abs().max().item() for n in full_b for k in full_b[n])
+    # not bitwise at DP4: gloo's reduce-scatter and all-reduce add the four partial sums in different orders.
+    # exp_avg carries the grads' rounding (the toy's chain), exp_avg_sq twice that relative to its largest entry
+    # (d(g^2) = 2 g dg), the main params the Adam-amplified update's (tests/tolerance.py)
+    init = initial_params(a)
     out["same_names"] = sorted(full_a) == sorted(full_b)
+    named = dict(model.named_parameters())
+    for n in full_b:
+        for k, ref_t in full_b[n].items():
+            what = f"rank {pg.rank} distopt vs replicated {n} {k}"
+            if k == "main_param":
+                moved = float((ref_t - local_slice(init[n], named[n]).reshape(ref_t.shape)).abs().max())
+                assert_close(full_a[n][k], ref_t, what, terms=TOY_TERMS, scale=ADAM_AMPLIFICATION * moved)
+            else:
+                assert_close(full_a[n][k], ref_t, what, terms=TOY_TERMS * (4 if k == "exp_avg_sq" else 1))
+    out["dist_vs_replicated"] = len(full_b)
     out["keys"] = sorted(next(iter(full_a.values())).keys())
     # the whole (global) state: experts are split over ep in run a; gather them over ep to global tensors
     glob = {}
@@ -145,7 +158,8 @@ def _reshard(world):
                                 for n, st in glob.items()}, opt.state_dict_common())
     run_steps(c, pgc, modelc, ddpc, optc, [2])
     ref_params, _, _ = reference(c)
-    out["reshard_err"] = max_param_error({n: _clone_with_spec(p) for n, p in modelc.named_parameters()}, ref_params)
+    out["reshard_compared"] = assert_params_close({n: _clone_with_spec(p) for n, p in modelc.named_parameters()},
+                                                  ref_params, initial_params(c), f"rank {pg.rank} resharded step 3")
     # checkpoint contract: the flat ranges of sharded_param_state tile each dense param over dp (experts
     # over edp) exactly once
     mine = {optc._names[id(p)]: (rng, p.numel()) for p, st, rng in optc.sharded_param_state()}
@@ -214,9 +228,10 @@ def test_state_dict_roundtrip_is_exact(world4):
 def test_distributed_state_equals_replicated_and_reshards(world4):
     for rank, res in enumerate(world4):
         r = res["reshard"]
-        assert r["same_names"] and r["dist_vs_replicated"] < 1e-13, f"rank {rank}: {r['dist_vs_replicated']}"
+        # the values were compared in the worker (tests/tolerance.py); here: that they were
+        assert r["same_names"] and r["dist_vs_replicated"] > 3, f"rank {rank}: {r['dist_vs_replicated']}"
         assert r["keys"] == ["exp_avg", "exp_avg_sq", "main_param"]
-        assert r["reshard_err"] < 1e-12, f"rank {rank}: resharded continuation differs by {r['reshard_err']}"
+        assert r["reshard_compared"] > 3, f"rank {rank}: {r['reshard_compared']}"
     every = world4[0]["reshard"]["ranges"]
     for rank, info in enumerate(every):
         for name, (rng, numel) in info["mine"].items():
@@ -283,6 +298,8 @@ def test_fp16_backs_off_until_finite_and_bf16_keeps_fp32_main_params():
         assert opt.step()[0]
     for e in opt.entries:  # the bf16 weights are the rounded fp32 main params
         assert torch.equal(e.model_view, e.main_param.to(torch.bfloat16))
+        # coarse on purpose: bf16 forward / backward flip some of Adam's early signs (measured up to 0.02 of an
+        # update of 0.03); the exact statement is the line above
         assert (e.main_param - ref[e.name].reshape(e.main_param.shape)).abs().max() < 0.05, e.name
 
 
@@ -311,8 +328,9 @@ def test_bf16_grad_buffer_zero_count_and_sgd_single_process():
     ok, norm, zeros = opt.step()
     assert ok and zeros == want_zeros >= 3
     assert all(e.main_param.grad.dtype == torch.float32 for e in opt.entries)
-    want_norm = math.sqrt(sum(float(p.main_grad.float().pow(2).sum()) for p in model.parameters()))
-    assert abs(norm - want_norm) <= 1e-6 * want_norm
+    want_norm = math.sqrt(sum(float(p.main_grad.double().pow(2).sum()) for p in model.parameters()))
+    n_el = sum(p.numel() for p in model.parameters())  # fp32 sum of that many squares vs fp64
+    assert_close(norm, want_norm, "fp32 norm of the bf16 grads", dtype=torch.float32, terms=n_el)
     # SGD: p -= lr * (g + wd * p) on the decay group, plain on 1-D params
     model = Toy(None, dtype=torch.float64)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -325,5 +343,5 @@ def test_bf16_grad_buffer_zero_count_and_sgd_single_process():
     for n, p in model.named_parameters():
         wd = cfg.weight_decay if p.dim() > 1 else 0.0
         want = before[n] - cfg.lr * (grads[n] + wd * before[n])
-        assert (p - want).abs().max() < 1e-14, n
+        assert_close(p.detach(), want, f"SGD step {n}", terms=2)  # two roundings per element, fp64
     assert list(opt.full_param_state()["dense.fc1_weight"]) == ["main_param"]  # SGD keeps no state

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from megatron_ascend.config import ConfigError
 from tests.harness import run_distributed
 from tests.test_model_deepseek import tiny_cfg
-from tests.test_model_parity import data
+from tests.test_model_parity import B, S, data
+from tests.tolerance import assert_close
 
 SETTINGS = [dict(granularity="selective", modules=(m,)) for m in ("core_attn", "mla_up_proj", "layernorm", "mlp")]
 SETTINGS += [dict(granularity="selective", modules=("core_attn", "mla_up_proj", "layernorm", "mlp")),
@@ -173,7 +174,10 @@ def test_two_stage_split_with_recompute_equals_whole_model():
                 if n != "model.embed_tokens.weight":
                     assert torch.equal(p.grad, gw[n]), (s0_set, s1_set, n)
         emb = s0.model.embed_tokens.weight.grad + s1.model.embed_tokens.weight.grad
-        assert (emb - gw["model.embed_tokens.weight"]).abs().max().item() <= 1e-7
+        # the whole model accumulates the main and the MTP use of each row itself; a row sums its tokens
+        # (B * S at most) from each of the two uses
+        assert_close(emb, gw["model.embed_tokens.weight"], "embedding grad summed over the two stages",
+                     terms=2 * B * S)
     # the plan is per chunk: uniform groups and block prefixes come from the chunk's own layer list
     apply_recompute(s1, granularity="full", method="uniform", num_layers=1)
     assert s1.recompute_chunks == [[2], [3]]

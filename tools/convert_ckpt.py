@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """Convert DeepSeek checkpoints between HuggingFace safetensors and megatron_ascend's sharded format.
 
-    # HF (V2 / V2-Lite / V3 / V3.2, bf16 or FP8 block-quantised) -> ours, checked for a TP/PP/EP layout
+    # HF (V2 / V2-Lite / V3 / V3.2 / V4; bf16, FP8 block-quantised, V4's FP4 experts; V4 in transformers' or
+    # DeepSeek's original naming, detected from the tensor names) -> ours, checked for a TP/PP/EP layout
     python tools/convert_ckpt.py --direction hf2ma --load-dir DeepSeek-V3 --save-dir ckpt/v3 \
         --tensor-model-parallel-size 4 --pipeline-model-parallel-size 8 --expert-model-parallel-size 32 \
         [--num-layers-per-virtual-pipeline-stage V] [--save-dtype bf16|fp32] [--workers 8]
     # ours (a --save directory or one iter_XXXXXXX directory) -> HF directory transformers can load
-    python tools/convert_ckpt.py --direction ma2hf --load-dir ckpt/run --save-dir hf_out [--save-dtype bf16]
+    python tools/convert_ckpt.py --direction ma2hf --load-dir ckpt/run --save-dir hf_out [--save-dtype bf16] \
+        [--save-naming hf|original]
+    # HF -> HF without our model: dequantise (FP8 / FP4 -> bf16) and rename, e.g. DeepSeek's V4 release to a
+    # bf16 directory transformers loads anywhere (--save-naming: hf = transformers' names, original = DeepSeek's)
+    python tools/convert_ckpt.py --direction hf2hf --load-dir DeepSeek-V4-Flash --save-dir v4-bf16 \
+        [--save-naming hf|original] [--save-dtype bf16|fp32] [--max-shard-size 5GB]
 
 Our checkpoint stores global tensors, so the T/P/E given to hf2ma are validated (heads, experts and layers must
 divide) and recorded in common.json; the result loads with --load / --finetune at that or any other layout.
@@ -43,8 +49,9 @@ def _parse_bytes(s: str) -> int:
 
 def build_parser():
     p = argparse.ArgumentParser(prog="tools/convert_ckpt.py", description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--direction", choices=("hf2ma", "ma2hf"), default=None,
-                   help="default: from --load-model-type / --save-model-type, else from what --load-dir holds")
+    p.add_argument("--direction", choices=("hf2ma", "ma2hf", "hf2hf"), default=None,
+                   help="default: from --load-model-type / --save-model-type, else from what --load-dir holds "
+                        "(hf2hf is only ever chosen by name)")
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True)
     p.add_argument("--tensor-model-parallel-size", "--target-tensor-parallel-size", dest="tensor_model_parallel_size",
@@ -55,10 +62,17 @@ def build_parser():
                    dest="expert_model_parallel_size", type=int, default=1)
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--save-dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="dtype written (default: the source dtype; FP8 sources become bf16)")
+                   help="dtype written (default: the source dtype; FP8 / FP4 sources become bf16; integer "
+                        "tensors, the router bias and V4's fp32 parameters keep their dtype)")
+    p.add_argument("--save-naming", default=None, choices=("hf", "original"),
+                   help="ma2hf / hf2hf, DeepSeek-V4 only: tensor names written: hf (default; the names "
+                        "transformers' save_pretrained writes) or original (DeepSeek's release names)")
     p.add_argument("--workers", type=int, default=1, help="hf2ma: processes reading HF files in parallel")
-    p.add_argument("--max-shard-size", default="5GB", help="ma2hf: size of each output safetensors file")
+    p.add_argument("--max-shard-size", default="5GB", help="ma2hf / hf2hf: size of each output safetensors file")
     p.add_argument("--model-config", default=None, help="ma2hf: config.json when the checkpoint records none")
+    p.add_argument("--mtp-copy-mismatch", default="error", choices=("error", "keep-main"),
+                   help="hf2ma: when an MTP layer's embed_tokens / shared_head.head differ from the main embedding / "
+                        "head (our model shares them), refuse (error) or keep the main ones with a warning")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("MindSpeed-LLM names (docs/MIGRATING.md)")
     g.add_argument("--load-model-type", choices=("hf", "mg"), default=None, help="hf: --direction hf2ma; mg: ma2hf")
@@ -132,8 +146,31 @@ def main(argv=None):
         print(line)
     args.direction = _direction(args)
     from megatron_ascend.checkpointing import hf
+    if args.direction == "hf2ma" and args.save_naming is not None:
+        raise ConfigError("--save-naming applies to ma2hf and hf2hf (the HF names written); hf2ma reads either "
+                          "naming by itself: drop the flag")
+    if args.direction == "hf2hf":  # no model, no layout: these flags would do nothing
+        unused = [f for f, v in (("--tensor-model-parallel-size", args.tensor_model_parallel_size != 1),
+                                 ("--pipeline-model-parallel-size", args.pipeline_model_parallel_size != 1),
+                                 ("--expert-model-parallel-size", args.expert_model_parallel_size != 1),
+                                 ("--num-layers-per-virtual-pipeline-stage",
+                                  args.num_layers_per_virtual_pipeline_stage is not None),
+                                 ("--workers", args.workers != 1), ("--model-config", args.model_config is not None),
+                                 ("--hf-cfg-dir", args.hf_cfg_dir is not None)) if v]
+        if unused:
+            raise ConfigError(f"{', '.join(unused)}: not used by --direction hf2hf (it rewrites a HF directory "
+                              f"without our model or a layout); drop them")
     try:
-        if args.direction == "hf2ma":
+        if args.direction == "hf2hf":
+            from megatron_ascend.checkpointing.hf_rewrite import convert_hf_to_hf
+            rep = convert_hf_to_hf(args.load_dir, args.save_dir, args.save_naming or "hf", args.save_dtype,
+                                   _parse_bytes(args.max_shard_size), progress=not args.no_progress)
+            for n in rep["notes"]:
+                print(f"note: {n}")
+            print(f"wrote {rep['tensors']} tensors in {rep['shards']} shard(s) ({rep['bytes'] / GB:.3f} GiB) to "
+                  f"{rep['path']} in the {args.save_naming or 'hf'!r} naming")
+            print(f"largest shard {rep['largest_shard_bytes'] / GB:.4f} GiB, peak RSS {rep['peak_rss_bytes'] / GB:.3f} GiB")
+        elif args.direction == "hf2ma":
             placement = args.noop_layers is not None or args.num_layer_list is not None
             _check_hf_config(args, placement)
             pp, vp = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
@@ -143,9 +180,9 @@ def main(argv=None):
                 pp, vp = 1, None
             rep = hf.convert_hf_to_ma(args.load_dir, args.save_dir, args.tensor_model_parallel_size,
                                       pp, args.expert_model_parallel_size, vp, args.save_dtype, args.workers,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, mtp_copies=args.mtp_copy_mismatch)
             for n in rep["notes"]:
-                print(f"note: {n}")
+                print(f"{'warning' if 'MTP copy' in n else 'note'}: {n}")
             print(f"wrote {rep['tensors']} tensors ({rep['bytes'] / GB:.3f} GiB) to {rep['path']}")
             print(f"largest tensor {rep['largest_tensor_bytes'] / GB:.4f} GiB, largest HF file "
                   f"{rep['largest_file_bytes'] / GB:.4f} GiB, peak RSS {rep['peak_rss_bytes'] / GB:.3f} GiB"
@@ -160,7 +197,7 @@ def main(argv=None):
                 cfg = ModelConfig.from_json_file(args.model_config)
             rep = hf.convert_ma_to_hf(args.load_dir, args.save_dir, args.save_dtype,
                                       _parse_bytes(args.max_shard_size), progress=not args.no_progress,
-                                      model_config=cfg)
+                                      model_config=cfg, naming=args.save_naming or "hf")
             print(f"wrote {rep['tensors']} tensors in {rep['shards']} shard(s) ({rep['bytes'] / GB:.3f} GiB) to "
                   f"{args.save_dir}")
             print(f"largest shard {rep['largest_shard_bytes'] / GB:.4f} GiB, peak RSS {rep['peak_rss_bytes'] / GB:.3f} GiB")
@@ -170,4 +207,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from megatron_ascend.checkpointing.hf_dir import fix_malloc_threshold
+    fix_malloc_threshold()  # this process only converts: bounded memory (see hf_dir.fix_malloc_threshold)
     main()

@@ -10,10 +10,11 @@ loss).
 Inputs: ``--input-ids`` a file read with ``torch.load(weights_only=True)`` holding a LongTensor [b, s] (or [s]),
 or a dict with ``input_ids`` and optionally ``labels`` (same shape; -100 = ignore); or ``--prompt`` (repeatable)
 with ``--tokenizer-model`` (a HF tokenizer directory; ``--tokenizer-type`` SentencePieceTokenizer for a .model).
-Weights: ``--load`` our checkpoint (weights only) or ``--hf-dir`` a HuggingFace directory read directly
-(FP8 blocks dequantised). Output (``torch.save``, written by one rank): ``{"logits": [b, s, vocab] float32 (the
-real vocab, no padding), "input_ids": [b, s], "loss": [b, s] float32 per-token cross entropy (0 where
-ignored) when labels are given, "labels": ...}``. ``--labels-from-input`` uses the next token as the label.
+Weights: ``--load`` our checkpoint (weights only) or ``--hf-dir`` a HuggingFace directory read directly (any
+naming, V4's original included; FP8 / FP4 dequantised). Output (``torch.save``, written by one rank):
+``{"logits": [b, s, vocab] float32 (the real vocab, no padding), "input_ids": [b, s], "loss": [b, s] float32
+per-token cross entropy (0 where ignored) when labels are given, "labels": ...}``. ``--labels-from-input``
+uses the next token as the label.
 
 One micro-batch runs through the pipeline stages (p2p from pipeline_parallel); every data-parallel replica
 runs the same batch. Virtual pipeline stages are not used here (the layout only changes how the same
@@ -56,26 +57,19 @@ def build_parser():
 
 
 class LazyHF(Mapping):
-    """name -> tensor over a HF directory, read on access (FP8 weights dequantised to ``dtype``)."""
+    """canonical name -> tensor over a HF directory in any naming (checkpointing/hf_dir.py), read on access;
+    FP8 / FP4 weights dequantised to ``dtype``, other tensors as stored."""
 
     def __init__(self, hf_dir, dtype=torch.float32):
-        from megatron_ascend.checkpointing.hf import read_hf_dir
+        from megatron_ascend.checkpointing.hf_dir import read_hf_dir
         self.hf = read_hf_dir(hf_dir)
         self.dtype = dtype
-        self.names = [k for k in self.hf.weight_map if not k.endswith("_scale_inv")]
+        self.names = list(self.hf.tensors)
 
     def __getitem__(self, name):
-        from safetensors import safe_open
-        from megatron_ascend.checkpointing.fp8 import dequantize_blocks
-        if name not in self.hf.weight_map:
-            raise KeyError(name)
-        with safe_open(self.hf.file_of(name), framework="pt") as f:
-            t = f.get_tensor(name)
-        scale = name + "_scale_inv"
-        if scale in self.hf.weight_map:
-            with safe_open(self.hf.file_of(scale), framework="pt") as f:
-                t = dequantize_blocks(t, f.get_tensor(scale), out_dtype=self.dtype)
-        return t
+        from megatron_ascend.checkpointing.hf_dir import load_tensor
+        src = self.hf.tensors[name]  # KeyError when absent
+        return load_tensor(src, self.dtype if src.quant else None)
 
     def __iter__(self):
         return iter(self.names)
@@ -131,7 +125,7 @@ def run_forward(args):
     elif args.model_config:
         cfg = ModelConfig.from_json_file(args.model_config)
     else:
-        path, _ = find_checkpoint(args.load)
+        path, _ = find_checkpoint(args.load, verify="size")  # load_checkpoint verifies the checksums
         if path is None:
             raise SystemExit(f"error: {args.load} holds no checkpoint")
         d = read_common(path).get("model_config")

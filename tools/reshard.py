@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from megatron_ascend.arguments import exit_on_config_error  # noqa: E402
 from megatron_ascend.checkpointing import CheckpointError, find_checkpoint, read_common  # noqa: E402
-from megatron_ascend.checkpointing.checkpoint import _to_json, commit_checkpoint, prepare_tmp  # noqa: E402
-from megatron_ascend.checkpointing.hf import DTYPES, KEEP_FP32  # noqa: E402
+from megatron_ascend.checkpointing.checkpoint import commit_checkpoint, prepare_tmp  # noqa: E402
+from megatron_ascend.checkpointing.hf import DTYPES, keep_fp32  # noqa: E402
 from megatron_ascend.checkpointing.dcp_io import Chunk, read_chunks, read_metadata, write_chunks  # noqa: E402
 from megatron_ascend.config import ModelConfig, ParallelConfig, validate_all  # noqa: E402
 
@@ -94,7 +94,7 @@ def main(argv=None):
         for fqn, m in md.state_dict_metadata.items():
             if (a.drop_optimizer and fqn.startswith("optimizer/")) or (a.drop_rng and fqn.startswith("rng/")):
                 continue
-            is_weight = "/" not in fqn and not any(k in fqn for k in KEEP_FP32)
+            is_weight = "/" not in fqn and not keep_fp32(fqn) and m.properties.dtype.is_floating_point
             out_dtype = dtype if (dtype is not None and is_weight) else m.properties.dtype
 
             def loader(fqn=fqn, m=m, out_dtype=out_dtype):
@@ -104,13 +104,13 @@ def main(argv=None):
             chunks.append(Chunk(fqn, tuple(m.size), (0,) * len(m.size), loader=loader, shape=tuple(m.size),
                                 dtype=out_dtype))
         tmp = prepare_tmp(a.save_dir, it)
-        write_chunks(tmp, chunks, streaming=True)
+        records = write_chunks(tmp, chunks, streaming=True)
         common = dict(common, resharded_for={"tp": tp, "pp": pp, "ep": ep, "etp": etp, "world_size": world})
         if a.drop_optimizer:
             common.update(has_optimizer=False, optimizer=None)
         if a.drop_rng:
             common["has_rng"] = False
-        final = commit_checkpoint(a.save_dir, it, tmp, _to_json(common))
+        final = commit_checkpoint(a.save_dir, it, tmp, common, files=records)
         print(f"wrote {len(chunks)} tensors to {final}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

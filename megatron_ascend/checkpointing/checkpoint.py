@@ -12,11 +12,15 @@ names; ``optimizer/<param>/<state>``; ``rng/<global rank>/<kind>``), so a checkp
 (TP, PP, EP, DP, distributed-optimizer) layout loads at any other: DCP reads, for each local box, the
 overlapping parts of the stored boxes. Replicated tensors are written by one replica only.
 
-Commit protocol: all ranks write into ``iter_N.tmp``; after a barrier rank 0 writes ``common.json`` into it,
-renames it to ``iter_N``, then replaces the tracker. A run killed at any point leaves either the old tracker
-and an ignored ``.tmp`` directory, or a complete new checkpoint. ``load_checkpoint`` reads the tracker and
-falls back to the newest complete ``iter_*`` directory (with a warning) when the tracker is missing or points
-at something incomplete; ``*.tmp`` directories and directories without ``common.json`` are never loaded.
+Commit protocol: all ranks write into ``iter_N.tmp`` (hashing each data file as it is written,
+integrity.py); rank 0 gathers the file records, writes ``common.json`` (with every file's size and SHA-256 and
+its own checksum) into it, renames it to ``iter_N``, then replaces the tracker. A run killed at any point
+leaves either the old tracker and an ignored ``.tmp`` directory, or a complete new checkpoint.
+
+Load (selection.py, compat.py): the tracker's checkpoint, else the newest complete ``iter_*``; each candidate
+is verified (common.json, sizes, checksums, metadata) before any tensor is read and a bad one is skipped for
+the next older one with a warning; the model's tensors and the LR schedule must match the checkpoint's.
+``*.tmp`` directories and directories without ``common.json`` are never loaded.
 
 RNG states are saved per global rank and restored only when the saved layout equals the current one
 (Megatron's behaviour); otherwise the current (seeded) RNG is kept and a warning is logged.
@@ -29,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -37,16 +40,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .dcp_io import Chunk, CheckpointError, agree_or_raise, is_distributed, read_chunks, read_metadata, write_chunks
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .dcp_io import Chunk, CheckpointError, agree_or_raise, is_distributed, read_chunks, write_chunks
+from . import compat
 from . import state as st
+from .integrity import file_record, seal_common
+from .selection import COMMON, TRACKER, VERIFY_MODES, checkpoint_dir, complete_checkpoints, pick_checkpoint
+from .selection import FORMAT, FORMAT_VERSION, find_checkpoint, read_common  # noqa: F401  (hf.py imports them here)
 
 logger = logging.getLogger(__name__)
-
-TRACKER = "latest_checkpointed_iteration.txt"
-COMMON = "common.json"
-FORMAT = "megatron_ascend.dcp"
-FORMAT_VERSION = 1
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 # Test-only fault injection: called with a stage name ("after_write", "before_rename", "before_tracker").
 _FAULT_HOOK: Optional[Callable[[str], None]] = None
@@ -55,10 +58,6 @@ _FAULT_HOOK: Optional[Callable[[str], None]] = None
 def _fault(stage: str) -> None:
     if _FAULT_HOOK is not None:
         _FAULT_HOOK(stage)
-
-
-def checkpoint_dir(root: str, iteration) -> str:
-    return os.path.join(root, "release" if iteration == "release" else f"iter_{int(iteration):07d}")
 
 
 def _rank() -> int:
@@ -120,60 +119,6 @@ def _fsync_dir(path: str) -> None:
         pass
 
 
-def is_complete(path: str) -> bool:
-    return (os.path.isdir(path) and not path.rstrip("/").endswith(".tmp")
-            and os.path.isfile(os.path.join(path, COMMON)) and os.path.isfile(os.path.join(path, ".metadata")))
-
-
-def complete_checkpoints(root: str) -> Dict[int, str]:
-    out = {}
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            m = _ITER_RE.match(name)
-            if m and is_complete(os.path.join(root, name)):
-                out[int(m.group(1))] = os.path.join(root, name)
-    return out
-
-
-def read_tracker(root: str):
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if text == "release":
-        return "release"
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path} holds {text!r}, not an iteration number; fix or delete it")
-
-
-def find_checkpoint(root: str) -> Tuple[Optional[str], Any]:
-    """(directory, iteration) of the checkpoint to load from ``root``, or (None, None) when ``root`` holds none.
-
-    ``root`` may also be one checkpoint directory itself."""
-    if is_complete(root):
-        with open(os.path.join(root, COMMON)) as f:
-            return root, json.load(f)["iteration"]
-    if not os.path.isdir(root):
-        return None, None
-    tracked = read_tracker(root)
-    if tracked is not None and is_complete(checkpoint_dir(root, tracked)):
-        return checkpoint_dir(root, tracked), tracked
-    complete = complete_checkpoints(root)
-    if complete:
-        it = max(complete)
-        logger.warning("%s: tracker %s; loading the newest complete checkpoint iter %d",
-                       root, "missing" if tracked is None else f"points at incomplete/missing {tracked}", it)
-        return complete[it], it
-    leftovers = [n for n in os.listdir(root) if n.startswith("iter_") or n == "release"]
-    if tracked is not None or leftovers:
-        raise CheckpointError(f"{root} holds no complete checkpoint (tracker: {tracked}, found: "
-                              f"{', '.join(sorted(leftovers)[:5]) or 'nothing'}); a save was interrupted before its "
-                              f"first commit - point --load at another directory or delete these")
-    return None, None
-
-
 # ---------------------------------------------------------------------------------------------- save
 class _Pending:
     def __init__(self):
@@ -217,13 +162,32 @@ def prepare_tmp(root: str, iteration) -> str:
     return tmp
 
 
-def commit_checkpoint(root: str, iteration, tmp: str, common_text: str, retain: Optional[int] = None) -> str:
-    """One process: write common.json into the fully written ``tmp``, then swap it into place atomically --
-    fsync, rename over the iteration directory (a re-saved iteration is kept as ``.old`` until the swap),
-    fsync, then the tracker -- and apply ``retain``. An interruption at any point leaves the tracker at the
-    previous complete checkpoint. Returns the committed directory."""
+def _file_records(tmp: str, known: Optional[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of every file the checkpoint directory holds (those hashed while written are reused)."""
+    known = dict(known or {})
+    out = {}
+    for name in sorted(os.listdir(tmp)):
+        fp = os.path.join(tmp, name)
+        if name == COMMON or not os.path.isfile(fp) or name.endswith(".tmp"):
+            continue
+        rec = known.get(name)
+        out[name] = rec if rec is not None and rec["bytes"] == os.path.getsize(fp) else file_record(fp)
+    return out
+
+
+def commit_checkpoint(root: str, iteration, tmp: str, common, retain: Optional[int] = None,
+                      files: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+    """One process: record every file's size and SHA-256 in ``common`` (a dict, or its JSON text; ``files``:
+    records already computed while writing), seal it with its own checksum, write common.json into the fully
+    written ``tmp``, then swap it into place atomically -- fsync, rename over the iteration directory (a re-saved
+    iteration is kept as ``.old`` until the swap), fsync, then the tracker -- and apply ``retain``. An
+    interruption at any point leaves the tracker at the previous complete checkpoint. Returns the committed
+    directory."""
+    if isinstance(common, str):
+        common = json.loads(common)
     final = checkpoint_dir(root, iteration)
-    _write_text(os.path.join(tmp, COMMON), common_text)
+    common = seal_common(dict(common, files=_file_records(tmp, files)))
+    _write_text(os.path.join(tmp, COMMON), _to_json(common))
     _fsync_dir(tmp)
     _fault("before_rename")
     old = final + ".old"
@@ -240,14 +204,25 @@ def commit_checkpoint(root: str, iteration, tmp: str, common_text: str, retain: 
     return final
 
 
-def _write_and_commit(root: str, iteration, chunks: List[Chunk], common_text: str, pg,
+def _gather_records(records: Dict[str, Dict[str, Any]], pg) -> Dict[str, Dict[str, Any]]:
+    if not is_distributed():
+        return dict(records)
+    parts: List[Optional[Dict[str, Dict[str, Any]]]] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(parts, records, group=pg)
+    out: Dict[str, Dict[str, Any]] = {}
+    for p in parts:
+        out.update(p or {})
+    return out
+
+
+def _write_and_commit(root: str, iteration, chunks: List[Chunk], common: Dict[str, Any], pg,
                       retain: Optional[int]) -> None:
     tmp = checkpoint_dir(root, iteration) + ".tmp"
-    write_chunks(tmp, chunks, process_group=pg)
+    records = write_chunks(tmp, chunks, process_group=pg)
     _fault("after_write")
-    _barrier(pg)
+    records = _gather_records(records, pg)  # (a collective: every rank has finished writing)
     if _rank() == 0:
-        commit_checkpoint(root, iteration, tmp, common_text, retain)
+        commit_checkpoint(root, iteration, tmp, common, retain, files=records)
     _barrier(pg)
 
 
@@ -277,9 +252,7 @@ def save_checkpoint(save_dir: str, iteration, model_chunks: Sequence[torch.nn.Mo
         chunks += st.optimizer_chunks(optimizer, model_chunks)
     if save_rng:
         chunks += st.rng_chunks(rank)
-    if model_config is None:
-        model_config = next((getattr(st.unwrap(c), "config", None) for c in model_chunks
-                             if dataclasses.is_dataclass(getattr(st.unwrap(c), "config", None))), None)
+    model_config = _model_config_of(model_chunks, model_config)
     common = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "iteration": iteration,
         "layout": layout_of(groups), "has_optimizer": has_optim, "has_rng": save_rng,
@@ -288,72 +261,76 @@ def save_checkpoint(save_dir: str, iteration, model_chunks: Sequence[torch.nn.Mo
         "extra_state": dict(extra_state or {}),
         "model_config": dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else model_config,
     }
-    common_text = _to_json(common)  # fails on every rank alike, before any collective
+    _to_json(common)  # a value JSON cannot hold fails on every rank alike, before any collective
     final = checkpoint_dir(save_dir, iteration)
     if rank == 0:
         prepare_tmp(save_dir, iteration)
     _barrier()
     if not async_save:
-        _write_and_commit(save_dir, iteration, chunks, common_text, None, save_retain)
+        _write_and_commit(save_dir, iteration, chunks, common, None, save_retain)
         return final
     global _ASYNC_GROUP
     if is_distributed() and _ASYNC_GROUP is None:
         _ASYNC_GROUP = dist.new_group(backend="gloo")
     staged = [Chunk(c.fqn, c.global_shape, c.offsets, c.data().to("cpu", copy=True)) for c in chunks]
     _PENDING.thread = threading.Thread(target=_async_worker, name="ckpt-save", daemon=False,
-                                       args=(save_dir, iteration, staged, common_text, _ASYNC_GROUP, save_retain))
+                                       args=(save_dir, iteration, staged, common, _ASYNC_GROUP, save_retain))
     _PENDING.thread.start()
     return final
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _agreed_checkpoint(load_dir: str):
-    """Rank 0 picks the checkpoint; everyone gets the same answer (or the same error)."""
-    pick = [None]
-    if _rank() == 0:
-        try:
-            pick[0] = ("ok",) + find_checkpoint(load_dir)
-        except CheckpointError as e:
-            pick[0] = ("err", str(e), None)
-    if is_distributed():
-        dist.broadcast_object_list(pick, src=0)
-    if pick[0][0] == "err":
-        raise CheckpointError(pick[0][1])
-    return pick[0][1], pick[0][2]
-
-
-def read_common(path: str) -> Dict[str, Any]:
-    with open(os.path.join(path, COMMON)) as f:
-        common = json.load(f)
-    if common.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a megatron_ascend checkpoint (format {common.get('format')!r}); "
-                              f"convert HF weights with tools/convert_ckpt.py --direction hf2ma")
-    if common.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {common['format_version']}, newer than this code's "
-                              f"{FORMAT_VERSION}; update megatron_ascend")
-    return common
+def _model_config_of(model_chunks, model_config=None):
+    if model_config is not None:
+        return model_config
+    return next((getattr(st.unwrap(c), "config", None) for c in model_chunks
+                 if dataclasses.is_dataclass(getattr(st.unwrap(c), "config", None))), None)
 
 
 def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], optimizer=None, scheduler=None,
                     groups=None, finetune: bool = False, no_load_optim: bool = False,
-                    no_load_rng: bool = False) -> Tuple[Any, Dict[str, Any]]:
-    """Load the newest complete checkpoint under ``load_dir`` into the live objects (collective).
+                    no_load_rng: bool = False, *, verify: str = "checksum", fallback: bool = True,
+                    override_scheduler: bool = False, use_checkpoint_scheduler: bool = False,
+                    model_config=None) -> Tuple[Any, Dict[str, Any]]:
+    """Load the newest intact checkpoint under ``load_dir`` into the live objects (collective).
 
     Returns (iteration, extra_state); (0, {}) with a warning when ``load_dir`` holds no checkpoint at all
     (Megatron's behaviour, so --load == --save works on the first start). finetune: load the model weights
-    only and return (0, {}). no_load_optim / no_load_rng: skip those parts. Any mismatch between the
-    checkpoint and the model raises one CheckpointError on every rank."""
+    only and return (0, {}). no_load_optim / no_load_rng: skip those parts.
+
+    Before any tensor is read (selection.pick_checkpoint, compat): common.json and every recorded file's size
+    (and with verify="checksum" its SHA-256, the hashing spread over the ranks) are checked, a bad checkpoint
+    is skipped for the next older one with a warning (``fallback=False``: refused); the stored model tensors
+    must be exactly the model's; the learning-rate schedule must match unless ``override_scheduler`` (keep
+    this run's) or ``use_checkpoint_scheduler`` (take the checkpoint's). Every failure is one CheckpointError
+    on every rank, naming the file or the values and the fix."""
+    if verify not in VERIFY_MODES:
+        raise CheckpointError(f"checkpoint verify mode {verify!r} is unknown; use {' or '.join(VERIFY_MODES)}")
+    if override_scheduler and use_checkpoint_scheduler:
+        raise CheckpointError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are both "
+                              "set; pick one")
     wait_for_pending_save()
-    path, iteration = _agreed_checkpoint(load_dir)
+    path, iteration, common, md = pick_checkpoint(load_dir, verify, fallback)
     if path is None:
         logger.warning("no checkpoint found in %s; starting from scratch", load_dir)
         return 0, {}
-    common = read_common(path)
-    md = read_metadata(path)
     chunks = st.model_chunks_of(model_chunks)
 
+    stored_model = {k: tuple(v.size) for k, v in md.state_dict_metadata.items()
+                    if "/" not in k and isinstance(v, TensorStorageMetadata)}
+    model = compat.union_over_ranks({c.fqn: c.global_shape for c in chunks})
     if common.get("release"):  # converted weights (Megatron's "release"): no optimizer / RNG, iteration 0
         finetune = True
+    warnings = compat.check_model(path, stored_model, model, common.get("model_config"),
+                                  _model_config_of(model_chunks, model_config),
+                                  droppable=("mtp.",) if finetune else ())
+    use_sched = scheduler is not None and not finetune and common.get("scheduler") is not None
+    if use_sched:
+        diff = getattr(scheduler, "settings_diff", None)  # ours; a torch LR scheduler just loads its state
+        note = compat.check_schedule(path, diff(common["scheduler"]) if diff else [], override_scheduler,
+                                     use_checkpoint_scheduler)
+        if note:
+            warnings.append(note)
     load_optim = optimizer is not None and not finetune and not no_load_optim
     agree_or_raise(lambda: _require_optim(common, path) if load_optim else None)
     skipped = set()
@@ -391,15 +368,17 @@ def load_checkpoint(load_dir: str, model_chunks: Sequence[torch.nn.Module], opti
 
     read_chunks(path, chunks, metadata=md)
 
-    warnings = []
     if rng_targets is not None:
         st.restore_rng(rng_targets)
     if load_optim:
         st.drop_unloaded_state(optimizer, model_chunks, skipped)
         if common.get("optimizer") is not None:
             warnings += st.load_optimizer_common(optimizer, common["optimizer"])
-    if scheduler is not None and not finetune and common.get("scheduler") is not None:
-        scheduler.load_state_dict(common["scheduler"])
+    if use_sched:
+        if hasattr(scheduler, "settings_diff"):
+            scheduler.load_state_dict(common["scheduler"], use_checkpoint_settings=use_checkpoint_scheduler)
+        else:
+            scheduler.load_state_dict(common["scheduler"])
     for w in warnings:
         if _rank() == 0:
             logger.warning(w)

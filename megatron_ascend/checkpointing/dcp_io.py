@@ -19,13 +19,13 @@ Why our own planners (DCP's lower-level planner API) rather than ShardedTensor o
   requested box with the stored boxes, which is exactly "load at another layout". It runs on gloo with no
   extra collectives beyond DCP's own plan gather.
 
-Only tensors go through DCP here (no BYTE_IO items, because DCP unpickles those on load); all non-tensor
-state lives in a JSON file next to the DCP files (see checkpoint.py).
+Only tensors go through DCP here (no BYTE_IO items, because DCP unpickles those on load; the load planner
+refuses them); all non-tensor state lives in a JSON file next to the DCP files (see checkpoint.py). DCP's
+pickled ``.metadata`` is read through safe_metadata.py's restricted unpickler, by us and by ``dcp.load``.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -39,9 +39,9 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not match the model. The message names the fix."""
+from .errors import CheckpointError
+from .integrity import HashingFileSystemWriter
+from .safe_metadata import SafeFileSystemReader, load_metadata
 
 
 @dataclass
@@ -194,6 +194,10 @@ class ChunkLoadPlanner(DefaultLoadPlanner):
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
         return self._by_fqn[index.fqn][index.index].tensor
 
+    def load_bytes(self, read_item, value) -> None:  # DCP would torch.load(weights_only=False) these
+        raise CheckpointError(f"checkpoint item {read_item.dest_index.fqn} is a pickled object; this package stores "
+                              f"tensors only and never unpickles objects from a checkpoint")
+
 
 def check_chunks_against_metadata(metadata: Metadata, chunks: Sequence[Chunk], where: str = "") -> None:
     """One CheckpointError listing the tensors the checkpoint lacks or holds with another global shape."""
@@ -218,16 +222,19 @@ def check_chunks_against_metadata(metadata: Metadata, chunks: Sequence[Chunk], w
                               "--no-load-optim / --finetune if only optimizer state is missing)")
 
 
-def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None, streaming: bool = False) -> None:
+def write_chunks(path: str, chunks: Sequence[Chunk], process_group=None, streaming: bool = False
+                 ) -> Dict[str, Dict[str, object]]:
     """Collective over ``process_group`` (all ranks when None; no group needed without torch.distributed).
+    Returns {file name: {"bytes", "sha256"}} of the data files this process wrote, hashed as they were written.
 
     streaming: chunks with a ``loader`` are produced one at a time and freed once written (converters)."""
-    writer = dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True,
-                                  per_thread_copy_ahead=0 if streaming else 10_000_000)
+    writer = HashingFileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1,
+                                     overwrite=True, per_thread_copy_ahead=0 if streaming else 10_000_000)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save({}, storage_writer=writer, planner=ChunkSavePlanner(chunks, release_lazy=streaming),
                  process_group=process_group, no_dist=not is_distributed())
+    return writer.records()
 
 
 def read_chunks(path: str, chunks: Sequence[Chunk], process_group=None, metadata: Optional[Metadata] = None) -> None:
@@ -237,7 +244,7 @@ def read_chunks(path: str, chunks: Sequence[Chunk], process_group=None, metadata
     that has it (not an exception wrapped by DCP)."""
     metadata = metadata if metadata is not None else read_metadata(path)
     agree_or_raise(lambda: check_chunks_against_metadata(metadata, chunks, path), process_group)
-    reader = dcp.FileSystemReader(path)
+    reader = SafeFileSystemReader(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.load({}, storage_reader=reader, planner=ChunkLoadPlanner(chunks), process_group=process_group,
@@ -245,9 +252,8 @@ def read_chunks(path: str, chunks: Sequence[Chunk], process_group=None, metadata
 
 
 def read_metadata(path: str) -> Metadata:
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        raise CheckpointError(f"{path} has no DCP .metadata file; it is not a complete checkpoint directory")
-    return dcp.FileSystemReader(path).read_metadata()
+    """DCP metadata of ``path`` through the restricted unpickler (safe_metadata.py): no code runs from the file."""
+    return load_metadata(path)
 
 
 def tensor_index(path: str) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:

@@ -1,5 +1,8 @@
 """HuggingFace DeepSeek (V2 / V2-Lite / V3 / V3.2 / V4) safetensors <-> our sharded checkpoint, streaming.
 
+Directories are read and written through hf_dir.py (canonical names, FP8 / FP4 dequantisation, the sharded
+writer); V4's namings are v4_names.py's. This module maps canonical names to our model's.
+
 ``convert_hf_to_ma(hf_dir, save_dir, tp, pp, ep, vp=None, save_dtype=None, workers=1)``
   reads config.json and the (sharded) safetensors, checks every name / shape against our model (built on the
   meta device: no memory), dequantises FP8 blocks (fp8.py), and writes a checkpoint in the format of
@@ -12,11 +15,12 @@
   against the model (config.validate_all: heads, experts, layers must divide) and recorded in common.json
   as ``converted_for_layout``; ``--load`` / ``--finetune`` at that or any other valid layout reads it.
 
-``convert_ma_to_hf(ckpt_dir, hf_dir, save_dtype=None, max_shard_bytes=...)``
+``convert_ma_to_hf(ckpt_dir, hf_dir, save_dtype=None, max_shard_bytes=..., naming='hf')``
   writes config.json (ModelConfig.to_hf_dict), ``model-XXXXX-of-YYYYY.safetensors`` and
   ``model.safetensors.index.json``, with the hub's names: per-expert 2-D expert weights, the MTP layers as
   ``model.layers.{num_hidden_layers + k}`` including their ``embed_tokens`` / ``shared_head.head`` duplicates,
-  and the router bias. One output shard is in memory at a time.
+  and the router bias. One output shard is in memory at a time. V4: ``naming`` 'hf' (transformers'
+  save_pretrained names) or 'original' (DeepSeek's).
 
 Name mapping: megatron_ascend/models/deepseek/hf_names.py (the model package's), used in both directions.
 """
@@ -40,17 +44,15 @@ from ..config import ConfigError, ModelConfig, ParallelConfig, validate_all
 from .checkpoint import (FORMAT, FORMAT_VERSION, _to_json, _write_text, commit_checkpoint, find_checkpoint,
                          prepare_tmp, read_common)
 from .dcp_io import Chunk, CheckpointError, read_chunks, tensor_index, write_chunks
-from .fp8 import dequantize_blocks
+from . import v4_names
+from .hf_dir import (HFDir, Source, fix_malloc_threshold, keep_fp32, load_tensor,  # noqa: F401 (re-exported)
+                     read_hf_dir, write_hf_shards, written_dtype)
+from .hf_mtp_copies import check_mtp_copies
 
 logger = logging.getLogger(__name__)
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-              "BOOL": torch.bool}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}
-KEEP_FP32 = ("e_score_correction_bias",)  # weights that keep their fp32 on every --save-dtype
-_INT_KINDS = frozenset({"I64", "I32", "U8", "BOOL"})
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -65,55 +67,6 @@ def _dtype(name: Optional[str]):
 def peak_rss_bytes(children: bool = False) -> int:
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss * 1024
-
-
-# ---------------------------------------------------------------------------------------------- reading HF
-@dataclass
-class HFDir:
-    path: str
-    config: Dict[str, Any]
-    weight_map: Dict[str, str]  # tensor -> file name
-    headers: Dict[str, Tuple[str, Tuple[int, ...]]]  # tensor -> (safetensors dtype, shape)
-
-    def file_of(self, name: str) -> str:
-        return os.path.join(self.path, self.weight_map[name])
-
-
-def read_hf_dir(path: str) -> HFDir:
-    from safetensors import safe_open
-
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path} has no config.json; --load-dir must be a HuggingFace model directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = dict(json.load(f)["weight_map"])
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        weight_map = None
-    else:
-        raise CheckpointError(f"{path} has neither model.safetensors.index.json nor model.safetensors")
-    files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-        raise CheckpointError(f"{path}: shard file(s) {', '.join(missing[:3])} listed in the index are missing; "
-                              f"download the complete checkpoint")
-    headers, found = {}, {}
-    for fn in files:
-        with safe_open(os.path.join(path, fn), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                headers[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-                found[k] = fn
-    if weight_map is None:
-        weight_map = found
-    absent = sorted(k for k, fn in weight_map.items() if found.get(k) != fn)
-    if absent:
-        raise CheckpointError(f"{path}: {len(absent)} tensor(s) listed in the index are not in their shard file, "
-                              f"e.g. {absent[0]} (in {weight_map[absent[0]]}); the shard is truncated or wrong")
-    return HFDir(path, config, weight_map, headers)
 
 
 @functools.lru_cache(maxsize=8)
@@ -139,8 +92,7 @@ class Piece:
     hf: str
     file: str
     rows: Optional[Tuple[int, int]] = None  # dim-1 rows of a fused [E, 2I, h] gate_up_proj
-    scale: Optional[str] = None
-    scale_file: Optional[str] = None
+    src: Optional[Source] = None  # what to read (hf_dir.Source: file, on-disk name, scale / quantisation)
     expert: bool = False
     dtype: torch.dtype = torch.float32  # written dtype
     nbytes: int = 0
@@ -152,10 +104,10 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
 
     notes = []
     L = cfg.num_hidden_layers
-    if cfg.model_type == "deepseek_v4":
-        has_mtp, where = any(n.startswith("mtp.") for n in hf.headers), "mtp.0.*"
+    if cfg.model_type == "deepseek_v4":  # hf_dir's canonical MTP names
+        has_mtp, where = any(n.startswith("mtp.") for n in hf.tensors), "mtp.0.*"
     else:
-        has_mtp, where = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.headers) if m), f"model.layers.{L}.*"
+        has_mtp, where = any(int(m.group(1)) >= L for m in map(_LAYER.match, hf.tensors) if m), f"model.layers.{L}.*"
     if cfg.num_nextn_predict_layers and not has_mtp:
         notes.append(f"{hf.path} has no MTP layer ({where}; transformers drops it on save): converted "
                      f"without MTP (num_nextn_predict_layers 0)")
@@ -164,13 +116,9 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
     pieces: List[Piece] = []
     unknown, wrong = [], []
     I = cfg.moe_intermediate_size
-    for name in sorted(hf.headers):
-        if name.endswith("_scale_inv"):
-            base = name[: -len("_scale_inv")]
-            if base not in hf.headers:
-                unknown.append(name)
-            continue
-        st_dtype, shape = hf.headers[name]
+    for name in sorted(hf.tensors):
+        source = hf.tensors[name]
+        shape = source.shape
         r = ma_name_for(name, cfg)
         if r is None:
             continue  # MTP duplicates of the embedding / head
@@ -179,12 +127,7 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
             unknown.append(name)
             continue
         want = expected[ma]
-        scale = name + "_scale_inv" if name + "_scale_inv" in hf.headers else None
-        if st_dtype == "F8_E4M3" and scale is None:
-            raise CheckpointError(f"{name} is float8_e4m3fn but {name}_scale_inv is missing; FP8 weights need "
-                                  f"their block scales")
-        kw = dict(hf=name, file=hf.weight_map[name], scale=scale,
-                  scale_file=hf.weight_map.get(scale) if scale else None, expert=".mlp.experts." in ma)
+        kw = dict(hf=name, file=source.file, src=source, expert=".mlp.experts." in ma)
         if e is not None:
             if shape != want[1:] or e >= want[0]:
                 wrong.append(f"{name} {shape} (expected {want[1:]} for expert {e} of {want[0]})")
@@ -217,34 +160,17 @@ def plan_hf_to_ma(hf: HFDir, cfg: ModelConfig, save_dtype=None) -> Tuple[List[Pi
         raise CheckpointError(f"{len(missing)} of our tensors are not (fully) present in {hf.path}: "
                               f"{', '.join(detail)}; a shard may be missing or config.json may not match")
     # one written dtype per tensor
-    src = {}
+    srcs: Dict[str, List[Source]] = {}
     for p in pieces:
-        src.setdefault(p.ma, set()).add(hf.headers[p.hf][0])
+        srcs.setdefault(p.ma, []).append(p.src)
     for p in pieces:
-        kinds = src[p.ma]
-        if kinds <= _INT_KINDS:  # integer tables (V4's tid2eid) are never cast
-            p.dtype = _ST_DTYPES[sorted(kinds)[0]]
-        elif any(p.ma.endswith(k) for k in KEEP_FP32):
-            p.dtype = torch.float32
-        elif save_dtype is not None:
-            p.dtype = save_dtype
-        elif "F8_E4M3" in kinds:
-            p.dtype = torch.bfloat16
-        else:
-            p.dtype = _ST_DTYPES[sorted(kinds)[0]]
+        p.dtype = written_dtype(p.hf, srcs[p.ma], save_dtype)
         p.nbytes = math.prod(p.shape) * torch.empty((), dtype=p.dtype).element_size()
     return pieces, cfg, notes
 
 
 def _load_piece(root: str, p: Piece) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(root, p.file), framework="pt") as f:
-        t = f.get_tensor(p.hf)
-    if p.scale is not None:
-        with safe_open(os.path.join(root, p.scale_file), framework="pt") as f:
-            s = f.get_tensor(p.scale)
-        t = dequantize_blocks(t, s, out_dtype=p.dtype)
+    t = load_tensor(p.src, out_dtype=p.dtype)
     if p.rows is not None:
         t = t[:, p.rows[0]:p.rows[1]]
     if len(t.shape) + 1 == len(p.shape):
@@ -281,6 +207,7 @@ def _assign(pieces: Sequence[Piece], workers: int) -> List[List[Piece]]:
 def _worker(rank, workers, store, root, tmp, assigned, shapes, progress):
     import torch.distributed as dist
     torch.set_num_threads(1)
+    fix_malloc_threshold()  # a process of our own (hf_dir.fix_malloc_threshold)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=workers)
     try:
         bar = _bar(len(assigned[rank]), f"hf2ma worker {rank}", rank) if progress else None
@@ -297,8 +224,11 @@ def _bar(total, desc, position=0):
 
 
 def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, vp: Optional[int] = None,
-                     save_dtype: Optional[str] = None, workers: int = 1, progress: bool = True) -> Dict[str, Any]:
-    """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS)."""
+                     save_dtype: Optional[str] = None, workers: int = 1, progress: bool = True,
+                     mtp_copies: str = "error") -> Dict[str, Any]:
+    """Convert; returns a report dict (tensor count, bytes, largest tensor / file, peak RSS).
+    mtp_copies: "error" | "keep-main" when an MTP layer's embed_tokens / shared_head.head differ from the main
+    ones (hf_mtp_copies.py)."""
     dtype = _dtype(save_dtype)
     hf = read_hf_dir(hf_dir)
     cfg = ModelConfig.from_hf_dict(hf.config)
@@ -309,6 +239,7 @@ def convert_hf_to_ma(hf_dir: str, save_dir: str, tp: int = 1, pp: int = 1, ep: i
                          num_layers_per_virtual_pipeline_stage=vp)
     validate_all(cfg, par)
     pieces, cfg, notes = plan_hf_to_ma(hf, cfg, dtype)
+    notes += check_mtp_copies(hf, cfg, mtp_copies)
     for n in notes:
         logger.warning(n)
     shapes = expected_tensors(cfg)
@@ -358,7 +289,7 @@ def hf_layout(cfg: ModelConfig, stored: Dict[str, Tuple[Tuple[int, ...], torch.d
                 out.append((hn, ma, (e,) + (0,) * (len(shape) - 1), (1,) + shape[1:], shape[1:]))
         else:
             out.append((hf_names[0], ma, (0,) * len(shape), shape, shape))
-    for k in range(cfg.num_nextn_predict_layers if cfg.model_type != "deepseek_v4" else 0):
+    for k in range(cfg.num_nextn_predict_layers if cfg.model_type != "deepseek_v4" else 0):  # V3 hub copies
         for dup, src in (("embed_tokens.weight", "model.embed_tokens.weight"),
                          ("shared_head.head.weight", "lm_head.weight")):
             if src in stored:
@@ -372,11 +303,26 @@ def hf_layout(cfg: ModelConfig, stored: Dict[str, Tuple[Tuple[int, ...], torch.d
     return sorted(out, key=order)
 
 
+def _disk_namer(model_type: str, naming: str):
+    """canonical HF name -> written name for ``--save-naming`` (DeepSeek's original naming exists for V4 only)."""
+    if naming not in v4_names.NAMINGS:
+        raise ConfigError(f"--save-naming {naming!r} is unknown; use one of {', '.join(v4_names.NAMINGS)}")
+    if model_type == "deepseek_v4":
+        def rename(n):
+            try:
+                return v4_names.disk_name(n, naming)
+            except v4_names.UnknownName as e:
+                raise CheckpointError(f"cannot write {n} in the {naming!r} naming: {e}")
+        return rename
+    if naming != "hf":
+        raise ConfigError(f"--save-naming {naming} is for DeepSeek-V4 checkpoints; {model_type} has one naming "
+                          f"(the hub's): drop the flag")
+    return lambda n: n
+
+
 def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = None,
                      max_shard_bytes: int = 5 * 2 ** 30, progress: bool = True,
-                     model_config: Optional[ModelConfig] = None) -> Dict[str, Any]:
-    from safetensors.torch import save_file
-
+                     model_config: Optional[ModelConfig] = None, naming: str = "hf") -> Dict[str, Any]:
     dtype = _dtype(save_dtype)
     path, _ = find_checkpoint(ckpt_dir)
     if path is None:
@@ -388,56 +334,34 @@ def convert_ma_to_hf(ckpt_dir: str, hf_dir: str, save_dtype: Optional[str] = Non
             raise CheckpointError(f"{path}/common.json records no model config; pass --model-config config.json")
         model_config = ModelConfig(**common["model_config"])
     cfg = model_config
+    rename = _disk_namer(cfg.model_type, naming)
     stored = tensor_index(path)
-    items = hf_layout(cfg, stored)
-    out_dtype = {}
-    for hn, ma, *_ in items:
+    layout = hf_layout(cfg, stored)
+    out_dtype, where = {}, {}
+    for hn, ma, off, box, hshape in layout:
         src = stored[ma][1]
-        keep = dtype is None or any(ma.endswith(k) for k in KEEP_FP32) or not src.is_floating_point
+        keep = dtype is None or keep_fp32(hn) or not src.is_floating_point
         out_dtype[hn] = src if keep else dtype
-    # shard plan (by bytes), then one shard in memory at a time
-    shards, cur, cur_bytes = [], [], 0
-    for it in items:
-        nb = math.prod(it[4]) * torch.empty((), dtype=out_dtype[it[0]]).element_size()
-        if cur and cur_bytes + nb > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(it)
-        cur_bytes += nb
-    if cur:
-        shards.append(cur)
-    os.makedirs(hf_dir, exist_ok=True)
-    n = len(shards)
-    weight_map, total = {}, 0
-    bar = _bar(len(items), "ma2hf") if progress else None
-    largest = 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+        where[hn] = (ma, off, box)
+
+    def materialize(shard):
         targets, chunks = {}, []
-        for hn, ma, off, box, hshape in shard:
+        for hn, _, _ in shard:
+            ma, off, box = where[hn]
             t = torch.empty(box, dtype=stored[ma][1])
             chunks.append(Chunk(ma, stored[ma][0], off, t))
             targets[hn] = t
         read_chunks(path, chunks)
-        tensors = {hn: t.reshape(next(h for x, _, _, _, h in shard if x == hn)).to(out_dtype[hn]).contiguous()
-                   for hn, t in targets.items()}
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        largest = max(largest, nbytes)
-        save_file(tensors, os.path.join(hf_dir, fname), metadata={"format": "pt"})
-        for hn in tensors:
-            weight_map[hn] = fname
-        total += nbytes
-        if bar is not None:
-            bar.update(len(shard))
-        del targets, chunks, tensors
+        return {hn: targets[hn].reshape(shape) for hn, shape, _ in shard}
+
+    bar = _bar(len(layout), "ma2hf") if progress else None
+    rep = write_hf_shards(hf_dir, [(hn, hshape, out_dtype[hn]) for hn, _, _, _, hshape in layout], materialize,
+                          max_shard_bytes, rename=rename, bar=bar)
     if bar is not None:
         bar.close()
-    if n > 1:
-        _write_text(os.path.join(hf_dir, "model.safetensors.index.json"),
-                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     hf_cfg = cfg.to_hf_dict()
     dtypes = {str(d).replace("torch.", "") for d in out_dtype.values() if d.is_floating_point}
     hf_cfg["torch_dtype"] = "bfloat16" if "bfloat16" in dtypes else sorted(dtypes)[0]
     _write_text(os.path.join(hf_dir, "config.json"), json.dumps(hf_cfg, indent=2))
-    return {"tensors": len(items), "shards": n, "bytes": total, "largest_shard_bytes": largest,
-            "peak_rss_bytes": peak_rss_bytes()}
+    return {"tensors": len(layout), "shards": rep["shards"], "bytes": rep["bytes"],
+            "largest_shard_bytes": rep["largest_shard_bytes"], "peak_rss_bytes": peak_rss_bytes()}

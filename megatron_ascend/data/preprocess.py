@@ -342,7 +342,12 @@ def run(args) -> dict:
                    "mask": (args.output_prefix + LOSS_MASK_SUFFIX, np.uint8)}
     else:
         outputs = {k: (f"{args.output_prefix}_{k}_document", dtype) for k in args.json_keys}
-    builders = {k: IndexedDatasetBuilder(data_file_path(p), dt) for k, (p, dt) in outputs.items()}
+    created = _missing_dirs(os.path.dirname(os.path.abspath(args.output_prefix)))
+    try:
+        builders = {k: IndexedDatasetBuilder(data_file_path(p), dt) for k, (p, dt) in outputs.items()}
+    except BaseException:
+        _remove_empty(created)
+        raise
     total_bytes = sum(os.path.getsize(f) for f in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "skipped": 0, "empty": 0, "first_empty": None,
              "bad_lines": []}
@@ -389,11 +394,15 @@ def run(args) -> dict:
             pool.close()
             pool.join()
             pool = None
+        if stats["documents"] == 0:
+            raise DataError(f"{', '.join(files[:3])}: no document to write ({stats['empty']} empty, "
+                            f"{stats['skipped']} skipped lines); nothing was written - check --input and --json-keys")
         for k, (p, _) in outputs.items():
             builders[k].finalize(index_file_path(p))
     except BaseException:
         for b in builders.values():
             b.abort()
+        _remove_empty(created)  # the directories this run created for --output-prefix, if still empty
         raise
     finally:
         if pool is not None:
@@ -403,6 +412,26 @@ def run(args) -> dict:
     stats["seconds"] = time.time() - t0
     stats["outputs"] = [p for p, _ in outputs.values()]
     return stats
+
+
+def _missing_dirs(path: str) -> List[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while path and not os.path.exists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+def _remove_empty(dirs: List[str]) -> None:
+    for d in dirs:
+        try:
+            os.rmdir(d)  # only when empty
+        except OSError:
+            return
 
 
 def _log_progress(args, stats, t0) -> None:

@@ -93,6 +93,9 @@ def build_data_iterator(dataset, sampler, num_workers: int = 0, pin_memory: bool
         kw["persistent_workers"] = True
         if prefetch_factor is not None:
             kw["prefetch_factor"] = prefetch_factor
+    # its own generator: DataLoader draws a worker base seed from the global RNG at every iter(), which would
+    # shift the global RNG of a resumed run (the iterator is built after the checkpoint's RNG is restored)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         pin_memory=pin_memory, collate_fn=collate_fn or collate, **kw)
+                                         pin_memory=pin_memory, collate_fn=collate_fn or collate,
+                                         generator=torch.Generator().manual_seed(0), **kw)
     return iter(loader)

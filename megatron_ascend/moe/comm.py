@@ -10,8 +10,8 @@ same functions in the same order, also when it has no rows to send (a zero-row t
 nothing here skips a collective because the local tensor is empty, which is what keeps uneven routing
 from hanging.
 
-Split sizes are python int lists (gloo's ``all_to_all_single`` wants them so), so dropless dispatch
-costs one device-to-host copy of the counts per layer.
+Split sizes are python int lists (``all_to_all_single`` takes them so on NCCL, HCCL and gloo), so dispatch
+costs one device-to-host copy of the counts per layer (dispatcher.py gathers every host int it needs into it).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def gather_sizes(n: int, group, device=None) -> List[int]:
     t = torch.tensor([int(n)], dtype=torch.int64, device=device)
     out = [torch.zeros_like(t) for _ in range(group_size(group))]
     dist.all_gather(out, t, group=group)
-    return [int(o.item()) for o in out]
+    return torch.cat(out).tolist()  # one device-to-host read
 
 
 def _gather_v(x: torch.Tensor, sizes: List[int], group) -> torch.Tensor:

@@ -2,11 +2,12 @@
 
 Owns:
 * ``grouped_linear(x, W, counts)``: x [N, in] sorted by group, W [G, out, in], counts [G] python ints ->
-  [N, out] (``grouped_mm`` takes the weight as [G, k, n]). Uses the fused kernel when the platform table has
-  one (``kernels.get('grouped_matmul')`` is not the reference), else ``torch._grouped_mm`` when it can run
-  (fp32/bf16/fp16, 16-byte aligned rows) -- with its own backward whose weight gradient is one GEMM per
-  expert, written into ``main_grad`` under gradient-accumulation fusion (tensor_parallel/wgrad.py) -- else
-  one padded ``bmm`` over [G, max(counts), k] (float64 tests, odd sizes).
+  [N, out] (``grouped_mm`` takes the weight as [G, k, n]): the kernel table's ``grouped_matmul``. On Ascend
+  that is torch_npu's / MindSpeed's grouped GEMM (platform/kernels_npu.py); on CPU / CUDA the implementation
+  registered here, ``torch._grouped_mm`` when it can run (fp32/bf16/fp16, 16-byte aligned rows) -- with its own
+  backward whose weight gradient is one GEMM per expert, written into ``main_grad`` under gradient-accumulation
+  fusion (tensor_parallel/wgrad.py) -- else one GEMM per group into the output's rows (``_LoopGroupedLinear``:
+  memory independent of the routing, float64 tests and odd sizes).
 * ``GroupedExperts`` (``mlp.experts``): ``gate_proj``/``up_proj`` [E_local, I/etp, h] and ``down_proj``
   [E_local, h, I/etp]; expert dim sharded over ep, the I dim over etp; SwiGLU with V4's optional clamp.
   Under expert-TP each etp rank returns a *partial* output (its I slice); the dispatcher sums it.
@@ -29,6 +30,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from .. import platform
 from ..platform import kernels
 from ..tensor_parallel import random as tp_random
 from ..tensor_parallel import wgrad
@@ -56,16 +58,6 @@ def _grouped_mm_native_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.shape[1] * es) % 16 == 0 and (w.shape[2] * es) % 16 == 0 and x.shape[0] > 0
 
 
-def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    g = w.shape[0]
-    cnt = torch.tensor(counts, dtype=torch.long, device=x.device)
-    cap = max(counts) if counts else 0
-    group = torch.repeat_interleave(torch.arange(g, device=x.device), cnt)
-    pos = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(cnt, 0) - cnt)[group]
-    buf = x.new_zeros(g, cap, x.shape[1]).index_put((group, pos), x)
-    return torch.bmm(buf, w)[group, pos]
-
-
 class _GroupedLinear(torch.autograd.Function):
     """y_g = x_g W[g]^T for W [G, out, in] with torch._grouped_mm forward and input-gradient; the weight
     gradient is one GEMM per group (``wgrad.grouped_wgrad``: into ``W.main_grad`` under gradient-accumulation
@@ -87,27 +79,74 @@ class _GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    """[N, in] (rows grouped by expert, ``counts[g]`` rows each) x ``weight`` [G, out, in] -> [N, out]:
-    row block g times W[g]^T (the layout of nn.Linear weights, stacked per expert)."""
-    if x.shape[0] == 0:
-        # keep x AND w in the graph: a rank whose experts got no rows must still run the backward of the
-        # all-to-all that delivered those (zero) rows, or its peers wait for it forever
-        return x @ weight[0].t() + 0 * weight.sum()
-    fused = kernels.get("grouped_matmul")
-    if fused is not kernels._REFERENCE["grouped_matmul"]:
-        return fused(x, weight.transpose(1, 2), torch.tensor(counts, dtype=torch.long, device=x.device))
+class _LoopGroupedLinear(torch.autograd.Function):
+    """The fallback where torch._grouped_mm cannot run (float64, unaligned rows, a build or device without it):
+    one GEMM per non-empty group written into that group's rows of the output (``mm(out=)``), the input gradient
+    likewise, the weight gradient per group (into ``main_grad`` under gradient-accumulation fusion). Memory is
+    the output and the input gradient -- the same with every token on one expert as with balanced routing; the
+    padded ``bmm`` it replaces built [G, max(counts), in] and [G, max(counts), out] buffers, G times the memory
+    and the work when one expert takes all tokens (bench/grouped_fallback_memory.py prints both)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts):
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        start = 0
+        for g, c in enumerate(counts):
+            if c:
+                torch.mm(x[start:start + c], weight[g].t(), out=out[start:start + c])
+            start += c
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(x)
+            start = 0
+            for g, c in enumerate(ctx.counts):
+                if c:
+                    torch.mm(dy[start:start + c], weight[g], out=dx[start:start + c])
+                start += c
+        dw = wgrad.grouped_wgrad(dy, x, ctx.counts, weight) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def loop_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """The memory-bounded fallback (``_LoopGroupedLinear``): [N, in] x [G, out, in] -> [N, out]."""
+    return _LoopGroupedLinear.apply(x, weight, list(counts))
+
+
+def _torch_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """The kernel table's ``grouped_matmul`` on CPU / CUDA: torch._grouped_mm when it can run, else the loop."""
     key = (x.device.type, x.dtype)
     w = weight.transpose(1, 2)
     if _NATIVE_OK.get(key, True) and _grouped_mm_native_ok(x, w):
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        offs = platform.host_ints_to_device(counts, torch.int64, x.device).cumsum(0).to(torch.int32)
         try:
             if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
                 return _GroupedLinear.apply(x, weight, counts, offs)
             return torch._grouped_mm(x, w, offs=offs)
         except RuntimeError:  # this build / device does not take this dtype (e.g. fp32 on some GPUs)
             _NATIVE_OK[key] = False
-    return _padded_bmm(x, w, counts)
+    return loop_grouped_linear(x, weight, counts)
+
+
+kernels.register_fused("grouped_matmul", _torch_grouped_linear, "torch._grouped_mm")  # every kind; NPU bindings first
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """[N, in] (rows grouped by expert, ``counts[g]`` rows each) x ``weight`` [G, out, in] -> [N, out]:
+    row block g times W[g]^T (the layout of nn.Linear weights, stacked per expert). The kernel table's
+    ``grouped_matmul``: torch_npu / MindSpeed grouped GEMM on Ascend, torch._grouped_mm (or the loop) here."""
+    if x.shape[0] == 0:
+        # keep x AND w in the graph: a rank whose experts got no rows must still run the backward of the
+        # all-to-all that delivered those (zero) rows, or its peers wait for it forever
+        return x @ weight[0].t() + 0 * weight.sum()
+    return kernels.get("grouped_matmul")(x, weight, list(counts))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: List[int]) -> torch.Tensor:

@@ -120,9 +120,11 @@ def update_expert_bias(model, groups, rate: float) -> None:
     routers = _routers(model)
     if not routers:
         return
-    counts = torch.stack([r.local_tokens_per_expert.to(torch.float32) for r in routers])
+    # int64 over the group: exact (each rank's fp32 counts are integers below 2**24 per step)
+    counts = torch.stack([r.local_tokens_per_expert.to(torch.int64) for r in routers])
     if groups is not None:
         counts = comm.all_reduce_no_grad(counts, groups.tp_dp_cp)
+    counts = counts.to(torch.float32)
     mean = counts.mean(dim=-1, keepdim=True)
     step = torch.sign(mean - counts) * rate
     for r, st in zip(routers, step):
@@ -145,25 +147,28 @@ def collect_load_stats(model, groups=None, reset: bool = True) -> Dict[str, floa
     for r in routers:
         aux = getattr(r, "aux_values", {})
         calls = max(getattr(r, "aux_calls", 0), 1)
-        vals = [float(aux.get(n, 0.0)) / calls for n in names]
-        rows.append(torch.cat([r.stat_tokens_per_expert.double(), r.stat_dropped.double().view(1),
-                               torch.tensor(vals, dtype=torch.float64)]))
+        st = r.stat_tokens_per_expert
+        vals = [aux[n].to(st) / calls if n in aux else st.new_zeros(()) for n in names]
+        rows.append(torch.cat([st, r.stat_dropped.to(st).view(1)] + [v.view(1) for v in vals]))
+    # in the router's statistics dtype on the device: fp32 (HCCL does not reduce float64; float64 only in the
+    # float64 CPU tests). Counts are integers, exact below 2**24 per expert and step; the aux values are logged
+    # only (relative rounding <= group size * 2**-24)
     table = torch.stack(rows)
     dp = 1
     if groups is not None:
         table = comm.all_reduce_no_grad(table, groups.tp_dp_cp)
         dp = groups.size("dp_cp")
-    for r, row in zip(routers, table):
+    for r, row in zip(routers, table.tolist()):  # one device-to-host read for every layer
         e = r.num_experts
         tok = row[:e]
         p = f"moe/layer_{r.layer_idx}/"
-        mean = tok.mean().item()
-        out[p + "max_tokens"] = tok.max().item()
+        mean = sum(tok) / e
+        out[p + "max_tokens"] = max(tok)
         out[p + "mean_tokens"] = mean
-        out[p + "max_over_mean"] = tok.max().item() / mean if mean > 0 else 0.0
-        out[p + "dropped_tokens"] = row[e].item()
+        out[p + "max_over_mean"] = max(tok) / mean if mean > 0 else 0.0
+        out[p + "dropped_tokens"] = row[e]
         for j, n in enumerate(names):
-            out[p + n] = row[e + 1 + j].item() / dp
+            out[p + n] = row[e + 1 + j] / dp
         if reset:
             r.stat_tokens_per_expert.zero_()
             r.stat_dropped.zero_()

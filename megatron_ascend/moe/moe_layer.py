@@ -184,21 +184,23 @@ class MoELayer(nn.Module):
                                                    self.tp_group)
         if cfg.moe_z_loss_coeff > 0 and grad_on:
             aux_terms["z_loss"] = z_loss(logits, cfg.moe_z_loss_coeff, s_full * b)
-        dropped = 0
+        dropped = None  # a device count: no host read per layer
         route_idx = idx
-        if cfg.moe_expert_capacity_factor is not None:
+        dropless = cfg.moe_expert_capacity_factor is None
+        if not dropless:
             keep = capacity_keep_mask(idx, weights, cfg.n_routed_experts, cfg.moe_expert_capacity_factor)
-            dropped = int((~keep).sum())
+            dropped = (~keep).sum()
             route_idx = torch.where(keep, idx, torch.full_like(idx, -1))
         recompute = in_backward_recompute()
         if not recompute:
             self.gate.record(idx, dropped, grad_on)
-        out = self.dispatcher.dispatch_combine(x, route_idx, weights, self.experts)
+        out = self.dispatcher.dispatch_combine(x, route_idx, weights, self.experts, dropless=dropless)
         if aux_terms:
             if not recompute:
                 vals = getattr(self.gate, "aux_values", {})
-                for k, v in aux_terms.items():
-                    vals[k] = vals.get(k, 0.0) + float(v.detach())
+                for k, v in aux_terms.items():  # device tensors: read once per step by collect_load_stats
+                    v = v.detach()
+                    vals[k] = vals[k] + v if k in vals else v
                 self.gate.aux_values = vals
                 self.gate.aux_calls = getattr(self.gate, "aux_calls", 0) + 1
             out = attach_aux_loss(out, sum(aux_terms.values()), self.aux_loss_scale)

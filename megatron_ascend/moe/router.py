@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, ModelConfig
+from ..platform import kernels
 
 
 def score(logits: torch.Tensor, func: str) -> torch.Tensor:
@@ -70,6 +71,14 @@ def select_experts(scores: torch.Tensor, topk: int, method: str, n_group: int = 
         return choice.masked_fill(~mask, float("-inf")).topk(topk, dim=-1).indices
 
 
+@kernels.reference("router_topk")
+def router_topk(logits: torch.Tensor, scores: torch.Tensor, topk: int, method: str, n_group: int, topk_group: int,
+                bias: Optional[torch.Tensor], scoring: str) -> torch.Tensor:
+    """The kernel table's ``router_topk`` reference: ``select_experts`` on the scores (``logits`` and
+    ``scoring`` are for fused kernels that score the logits themselves, e.g. torch_npu's npu_moe_gating_top_k)."""
+    return select_experts(scores, topk, method, n_group, topk_group, bias)
+
+
 def routing_weights(scores: torch.Tensor, idx: torch.Tensor, method: str, norm_topk_prob: bool,
                     scaling: float) -> torch.Tensor:
     w = scores.gather(1, idx)
@@ -82,6 +91,13 @@ def routing_weights(scores: torch.Tensor, idx: torch.Tensor, method: str, norm_t
     return w * scaling
 
 
+def count_per_expert(e: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(e, minlength=n)`` for ids 0 <= e < n (int64 [n]) without bincount's host read: on CUDA
+    (and NPU) bincount first reads max(e) from the device to size its output, a sync per call."""
+    e = e.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=e.device).scatter_add_(0, e, torch.ones_like(e))
+
+
 def capacity_keep_mask(idx: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity_factor: float
                        ) -> torch.Tensor:
     """[T, K] bool: keep at most ceil(T*K/E*cf) assignments per expert, the highest-weight ones (Megatron's
@@ -92,7 +108,7 @@ def capacity_keep_mask(idx: torch.Tensor, weights: torch.Tensor, n_experts: int,
     w = weights.detach().reshape(-1)
     by_prob = torch.argsort(w, descending=True, stable=True)
     order = by_prob[torch.argsort(e[by_prob], stable=True)]  # grouped by expert, highest weight first
-    counts = torch.bincount(e, minlength=n_experts)
+    counts = count_per_expert(e, n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(e)
     rank_in_expert[order] = torch.arange(e.numel(), device=e.device) - starts[e[order]]
@@ -155,18 +171,21 @@ class TopKRouter(nn.Module):
             idx = self.tid2eid[input_ids.reshape(-1).long()].long()
             method = "noaux_tc"  # V4 weight rule
         else:
-            idx = select_experts(scores, self.topk, self.method, self.n_group, self.topk_group,
-                                 self.e_score_correction_bias)
+            idx = kernels.get("router_topk")(logits, scores, self.topk, self.method, self.n_group, self.topk_group,
+                                             self.e_score_correction_bias, self.scoring)
             method = self.method
         weights = routing_weights(scores, idx, method, self.norm_topk_prob, self.scaling)
         return weights, idx, scores, logits
 
     @torch.no_grad()
-    def record(self, idx: torch.Tensor, dropped: int, count_for_bias: bool) -> None:
+    def record(self, idx: torch.Tensor, dropped: Optional[torch.Tensor], count_for_bias: bool) -> None:
         """Add this forward's routing counts: to the bias-update buffer when ``count_for_bias`` (the caller
-        passes torch.is_grad_enabled() of the forward, so eval does not count), and to the monitoring stats."""
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(self.stat_tokens_per_expert)
+        passes torch.is_grad_enabled() of the forward, so eval does not count), and to the monitoring stats.
+        ``dropped``: the number of dropped assignments as a device tensor (None when dropless); nothing here
+        reads the device."""
+        counts = count_per_expert(idx, self.num_experts).to(self.stat_tokens_per_expert)
         if count_for_bias:
             self.local_tokens_per_expert += counts
         self.stat_tokens_per_expert += counts
-        self.stat_dropped += dropped
+        if dropped is not None:
+            self.stat_dropped += dropped

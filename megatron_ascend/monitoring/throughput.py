@@ -20,8 +20,9 @@ def measure_matmul_tflops(n: int = 512, dtype: torch.dtype = torch.float32, repe
     """Median TFLOP/s of an n x n x n matmul on this process's device (a ceiling for CPU MFU)."""
     from .. import platform
     dev = platform.get_platform().device()
-    a = torch.randn(n, n, dtype=dtype, device=dev)
-    b = torch.randn(n, n, dtype=dtype, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)  # not the global RNG: a resumed run must draw what the first did
+    a = torch.randn(n, n, dtype=dtype, device=dev, generator=g)
+    b = torch.randn(n, n, dtype=dtype, device=dev, generator=g)
     for _ in range(2):
         a @ b
     platform.synchronize()

@@ -15,9 +15,10 @@ lr(n) for step count n (0 before the first ``step``):
 Warm-up and decay lengths may be fractional: a schedule given in samples (--train-samples with
 --lr-warmup-samples / --lr-decay-samples) is this one with the lengths divided by the global batch size, which
 at a constant batch is Megatron's sample-counted schedule. The trainer calls ``step(1)`` after each successful
-optimizer step. ``state_dict`` holds the step count and
-the settings; ``load_state_dict`` restores the step count and keeps the current run's settings (a changed
-setting is reported in ``load_state_dict``'s return value so the trainer can log it).
+optimizer step. ``state_dict`` holds the step count and the settings; ``load_state_dict`` restores the step
+count and keeps the current run's settings, or takes the checkpoint's with ``use_checkpoint_settings``.
+``settings_diff`` lists what differs: the checkpoint package refuses a difference unless
+--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler decides.
 """
 from __future__ import annotations
 
@@ -108,9 +109,21 @@ class OptimizerParamScheduler:
     def state_dict(self) -> Dict:
         return dict(self._settings(), num_steps=self.num_steps)
 
-    def load_state_dict(self, sd: Dict) -> List[str]:
-        """Restore the step count; return the settings that differ from the checkpoint ('name: old -> new')."""
-        changed = [f"{k}: {sd[k]} -> {v}" for k, v in self._settings().items() if k in sd and sd[k] != v]
+    def settings_diff(self, sd: Dict) -> List[str]:
+        """The settings that differ between a checkpoint's state_dict and this scheduler ('name: ckpt -> this')."""
+        return [f"{k}: {sd[k]} -> {v}" for k, v in self._settings().items() if k in sd and sd[k] != v]
+
+    def load_state_dict(self, sd: Dict, use_checkpoint_settings: bool = False) -> List[str]:
+        """Restore the step count; keep this run's settings, or with ``use_checkpoint_settings`` take the
+        checkpoint's (Megatron's --use-checkpoint-opt_param-scheduler). Returns settings_diff(sd) as it was."""
+        changed = self.settings_diff(sd)
+        if use_checkpoint_settings:
+            self.max_lr, self.min_lr = float(sd.get("max_lr", self.max_lr)), float(sd.get("min_lr", self.min_lr))
+            self.warmup_steps = _whole(sd.get("lr_warmup_steps", self.warmup_steps))
+            self.decay_steps = _whole(sd.get("lr_decay_steps", self.decay_steps))
+            self.decay_style = sd.get("lr_decay_style", self.decay_style)
+            self.wsd_decay_steps = sd.get("lr_wsd_decay_steps", self.wsd_decay_steps)
+            self.wsd_decay_style = sd.get("lr_wsd_decay_style", self.wsd_decay_style)
         self.num_steps = 0
         self.step(int(sd["num_steps"]))
         return changed

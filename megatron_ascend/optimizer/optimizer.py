@@ -9,7 +9,8 @@ Owns: ``MegatronOptimizer`` and ``build_optimizer``. Model chunks must be wrappe
   each bucket it owns (dense buckets shard over dp x cp, expert buckets over expert-dp), per param as the
   1-D slice ``param.view(-1)[start:end]`` of the owned range.
 * step: finish the grad reduction of every chunk -> (fp16) unscale -> global grad norm across all groups
-  (clip_grads.py) -> skip the step and count it if the norm is inf / nan (fp16: the loss scaler backs off)
+  (clip_grads.py) -> skip the step and count it if the norm is inf / nan (fp16: the loss scaler backs off;
+  the trainer reports it with the ranks and ``nonfinite_grad_params()``, training/health.py)
   -> clip -> Adam(W) (decoupled weight decay as torch.optim.AdamW; no decay on 1-D params and ``*.bias``)
   -> copy main params into the model params -> all-gather the updated shards (distributed optimizer)
   -> post-step hooks. Module buffers (``requires_grad`` False tensors and registered buffers, e.g. the MoE
@@ -305,6 +306,20 @@ class MegatronOptimizer:
     # -- the step --------------------------------------------------------------------------------------
     def _main_grads(self, counted_only: bool = False) -> List[torch.Tensor]:
         return [e.main_param.grad for e in self.entries if not counted_only or e.counted]
+
+    @torch.no_grad()
+    def nonfinite_grad_params(self, limit: int = 3) -> List[str]:
+        """Names of the first ``limit`` params whose gradient (this rank's part, after the reduction and
+        unscaling of the last ``step``) holds an inf or nan: the NaN report (training/health.py) calls it when
+        ``step`` skipped an update for a non-finite grad norm. Empty when every local grad is finite."""
+        out = []
+        for e in self.entries:
+            g = e.main_param.grad if e.main_param.grad is not None else e.grad_view
+            if g is not None and g.numel() and not bool(torch.isfinite(g).all()):
+                out.append(e.name)
+                if len(out) >= limit:
+                    break
+        return out
 
     def get_grad_norm(self) -> float:
         return global_grad_norm(self._main_grads(counted_only=True), self.groups, self.device, self._norm_dtype)

@@ -179,8 +179,8 @@ def count_global_tokens(loss_masks: Iterable[torch.Tensor], groups=None) -> torc
     """Sum of the loss masks of this rank's microbatches, all-reduced over the loss group (``groups.loss``: data x
     context parallel ranks): the ``num_tokens`` the schedules divide by. Call it on every rank of that group."""
     total = None
-    for mask in loss_masks:
-        s = mask.detach().to(torch.float64).sum()
+    for mask in loss_masks:  # int64 (exact; HCCL does not reduce float64): 0/1 masks summed per micro-batch
+        s = mask.detach().sum(dtype=torch.float32).round().to(torch.int64)
         total = s if total is None else total + s
     if total is None:
         raise PipelineScheduleError("count_global_tokens got no loss masks; pass the masks of every microbatch")

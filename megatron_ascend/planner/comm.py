@@ -129,8 +129,8 @@ def rank_step_volume(cfg: ModelConfig, layout: Layout, split: StageSplit, p: int
         _add(v, "dp_cp", "all_reduce", dense * o.grad_bytes, d)
         _add(v, "edp", "all_reduce", expert * o.grad_bytes, edp)
     # the loss group (dp x cp, parallel_state.LOSS_GROUP) also carries the trainer's global token count (one
-    # float64, every rank) and, on the loss stage, the logged loss sums (lm; per MTP depth its sum and token count)
-    _add(v, "dp_cp", "all_reduce", 8 * (1 + ((1 + 2 * D) if last else 0)), d)
+    # int64, every rank) and, on the loss stage, the logged loss sums (fp32: lm; per MTP depth its sum and count)
+    _add(v, "dp_cp", "all_reduce", 8 + (4 * (1 + 2 * D) if last else 0), d)
     if layout.pp > 1 and (first != last) and (cfg.num_nextn_predict_layers or cfg.tie_word_embeddings):
         V = padded_vocab(cfg, t) // t
         # the grad sum, plus embedding_sync's int64 [2 x 2] agreement check before it

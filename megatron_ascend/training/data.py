@@ -51,8 +51,9 @@ def build_datasets(data: DataConfig, train: TrainingConfig, global_batch_size: i
                                         train.seq_length, train.seed, pack=pack, pad=pad,
                                         cache_dir=data.data_cache_path)
         return Datasets(tr, va, te)
+    _refuse_empty(data.data_path)
     eod = tokenizer.eod if tokenizer is not None else None
-    kw = dict(vocab_size=tokenizer.vocab_size if tokenizer is not None else None)
+    kw = dict(vocab_size=tokenizer.vocab_size if tokenizer is not None else vocab_size)  # ids the embedding can take
     if eod is not None:
         kw.update(eod=eod, pad=tokenizer.pad, reset_position_ids=data.reset_position_ids,
                   reset_attention_mask=data.reset_attention_mask, eod_mask_loss=data.eod_mask_loss)
@@ -63,7 +64,23 @@ def build_datasets(data: DataConfig, train: TrainingConfig, global_batch_size: i
     tr, va, te = build_train_valid_test_datasets(list(data.data_path), data.split,
                                                  [n_train, n_valid or 0, n_test or 0], train.seq_length,
                                                  train.seed, data.data_cache_path, **kw)
+    if tr is None:
+        from ..data.errors import DataError
+        raise DataError(f"--data-path {' '.join(data.data_path)} gives the training split no documents (--split "
+                        f"{data.split}); the dataset is empty or the split gives training weight 0: check the "
+                        f"preprocessed files and --split")
     return Datasets(tr, va, te)
+
+
+def _refuse_empty(data_path) -> None:
+    """A dataset without documents is a DataError naming it (before any split warns about it)."""
+    from ..data.blended_dataset import parse_data_path
+    from ..data.errors import DataError
+    from ..data.indexed_dataset import IndexedDataset
+    for p in parse_data_path(list(data_path))[1]:
+        if len(IndexedDataset(p)) == 0:
+            raise DataError(f"--data-path {p} holds no documents ({p}.idx lists none); preprocess a non-empty "
+                            f"corpus or drop it from the blend")
 
 
 def train_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -3,7 +3,8 @@
 ``run(argv, stage)`` parses the Megatron-style flags, trains, and returns the TrainResult (tests call it inside
 harness.run_distributed workers, where torch.distributed is already initialised); ``cli(argv, stage)`` is the
 command-line form: --show-layout prints the rank layout and exits 0, a configuration / data / checkpoint
-error prints one line and exits 2, a finished (or SIGTERM-interrupted, checkpointed) run exits 0.
+error prints one line and exits 2, a run stopped by --nan-policy stop exits 3 (after saving the last good
+state), a finished (or SIGTERM-interrupted, checkpointed) run exits 0.
 
 Before training, rank 0 prints the foreign flags accepted without effect (one line, arguments_compat) and
 any notes; with MindSpeed-LLM's ``--enable-hf2mg-convert`` the HuggingFace directory given to --load is
@@ -96,9 +97,9 @@ def convert_hf_at_load(args) -> None:
             f.endswith(".safetensors") for f in os.listdir(load))):
         raise ConfigError(f"--enable-hf2mg-convert: --load {load!r} holds no HuggingFace checkpoint (config.json "
                           f"and *.safetensors); give the HF directory, or drop the flag to load our checkpoint")
-    platform.init_distributed(getattr(args, "distributed_timeout_minutes", None) or 30.0)
+    platform.init_distributed(options=platform.RuntimeOptions.from_args(args))  # the HCCL environment first
     out = os.path.join(load, HF2MA_SUBDIR)
-    failed = torch.zeros(1)
+    failed = torch.zeros(1, device=platform.get_platform().device())  # NCCL / HCCL reduce device tensors only
     if dist.get_rank() == 0 and find_checkpoint(out)[0] is None:
         # in a process of its own: the conversion writes with torch.distributed.checkpoint, which would
         # otherwise be collective over this job's ranks
@@ -151,10 +152,29 @@ def run(argv: Optional[List[str]] = None, stage: str = "pretrain", print_fn=None
     return result
 
 
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def cli(argv: Optional[List[str]] = None, stage: str = "pretrain") -> int:
+    """Exit code 2 with one ``error: ...`` line on stderr for a configuration / data / checkpoint error, printed
+    by rank 0 only (every rank meets the same error: flags are checked before any process group exists, and
+    checkpoint / data errors are agreed over the ranks), so under torchrun that line comes first, once."""
+    from .health import TrainingHalted
     try:
         run(argv, stage)
     except _errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingHalted as e:
+        if _rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     return 0

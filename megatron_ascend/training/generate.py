@@ -30,7 +30,7 @@ def load_single_process_model(load_dir: str):
     from ..checkpointing import find_checkpoint, load_checkpoint, read_common
     from ..config import ConfigError, ModelConfig, ParallelConfig
     from ..models import build_model
-    path, _ = find_checkpoint(load_dir)
+    path, _ = find_checkpoint(load_dir, verify="size")  # load_checkpoint verifies the checksums
     if path is None:
         raise ConfigError(f"--load {load_dir!r} holds no checkpoint; pass the --save directory of a training run")
     common = read_common(path)

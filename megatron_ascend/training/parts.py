@@ -204,10 +204,12 @@ def moe_log_values(stats: Dict[str, float], num_moe_layers: int) -> Dict[str, Di
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
-def checkpoint_exists(load_dir: str) -> bool:
-    from ..checkpointing import find_checkpoint
-    path, _ = find_checkpoint(load_dir)
-    return path is not None
+def checkpoint_exists(load_dir: str, partial_ok: bool = False) -> bool:
+    """Whether ``load_dir`` holds a complete checkpoint (not yet verified: load does that). A HuggingFace
+    model directory, or (unless ``partial_ok``: --load is --save) one with interrupted saves only, is a
+    CheckpointError naming the fix."""
+    from ..checkpointing import checkpoint_candidates
+    return bool(checkpoint_candidates(load_dir, partial_ok=partial_ok))
 
 
 def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, groups, extra_state,
@@ -218,10 +220,13 @@ def save_checkpoint(save_dir, iteration, model_chunks, optimizer, scheduler, gro
                 save_retain=save_retain, save_optim=save_optim, save_rng=save_rng, async_save=async_save)
 
 
-def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, finetune, no_load_optim, no_load_rng):
+def load_checkpoint(load_dir, model_chunks, optimizer, scheduler, groups, train_cfg: TrainingConfig):
     from ..checkpointing import load_checkpoint as load
-    return load(load_dir, model_chunks, optimizer, scheduler, groups, finetune=finetune,
-                no_load_optim=no_load_optim, no_load_rng=no_load_rng)
+    t = train_cfg
+    return load(load_dir, model_chunks, optimizer, scheduler, groups, finetune=t.finetune,
+                no_load_optim=t.no_load_optim, no_load_rng=t.no_load_rng, verify=t.ckpt_verify,
+                fallback=t.ckpt_fallback, override_scheduler=t.override_opt_param_scheduler,
+                use_checkpoint_scheduler=t.use_checkpoint_opt_param_scheduler)
 
 
 def wait_for_checkpoint() -> None:

@@ -3,6 +3,8 @@
 ``ExitSignalHandler`` installs a handler that only records the signal; the training loop polls ``received()`` at
 the end of each iteration, all ranks agree (an all-reduce of the flag, because a scheduler may signal ranks at
 slightly different times), then the loop saves and exits. The previous handler is restored by ``release()``.
+The flag travels as an int32 tensor on the platform's device: NCCL / HCCL reduce device tensors only (a host
+tensor fails with "No backend type associated with device type cpu"; tests/test_fake_accelerator.py).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .. import platform
 
 
 class ExitSignalHandler:
@@ -39,9 +43,9 @@ class ExitSignalHandler:
         """True on every rank when any rank has received the signal (collective when distributed)."""
         flag = self._received
         if dist.is_available() and dist.is_initialized():
-            t = torch.tensor([1.0 if flag else 0.0])
+            t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=platform.get_platform().device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-            flag = bool(t.item() > 0)
+            flag = bool(t.item() > 0)  # the one host read the decision needs
         return flag
 
     def release(self) -> None:

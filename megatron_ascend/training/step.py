@@ -30,12 +30,15 @@ def prefetch(data_iterator: Iterator[dict], n: int, device: torch.device) -> Lis
 
 
 def global_token_count(batches: Sequence[dict], loss_group) -> torch.Tensor:
-    """Loss-mask tokens of the global batch (this rank's micro-batches all-reduced over the loss group,
-    ``groups.loss``), on the batches' device (NCCL / HCCL reduce device tensors only)."""
+    """Loss-mask tokens of the global batch: this rank's micro-batches, all-reduced over the loss group
+    (``groups.loss``), as an int64 tensor on the batches' device. Exact: each micro-batch's 0/1 mask is summed in
+    fp32 (exact below 2**24 tokens per micro-batch) and rounded to an integer, and the sum over micro-batches and
+    ranks is int64 (HCCL does not reduce float64; NCCL / HCCL reduce device tensors only). Every dataset here
+    builds 0/1 masks; a fractional mask would be counted to the nearest token per micro-batch."""
     dev = batches[0]["loss_mask"].device if batches else get_platform().device()
-    n = torch.zeros((), dtype=torch.float64, device=dev)
+    n = torch.zeros((), dtype=torch.int64, device=dev)
     for b in batches:
-        n += b["loss_mask"].detach().double().sum()
+        n += b["loss_mask"].detach().sum(dtype=torch.float32).round().to(torch.int64)
     if loss_group is not None and dist.is_initialized():
         dist.all_reduce(n, group=loss_group)
     return n
@@ -90,28 +93,34 @@ def reduce_logged_losses(results, global_tokens: torch.Tensor, loss_group, pp_gr
                          loss_src_rank: int) -> Dict[str, float]:
     """Sum the per-micro-batch logged sums, all-reduce over the loss group, divide by the global LM token count (or
     by the entry's own ``/__count``), and broadcast from the rank of the pipeline stage that computes the loss
-    (``loss_src_rank``, from the placement) so every rank logs the same numbers."""
+    (``loss_src_rank``, from the placement) so every rank logs the same numbers.
+
+    The sums stay on the device in fp32 (the loss function produced them in fp32; HCCL does not reduce float64)
+    and come to the host once, as one list: a logged value's relative rounding is at most
+    (num_microbatches + loss group size) * 2**-24 beyond the fp32 of its terms -- logging only, no gradient
+    depends on it."""
+    dev = get_platform().device()
     sums: Dict[str, torch.Tensor] = {}
     names: List[str] = []
     if holds_loss:
         for log in results or []:
             for k, v in log.items():
                 if torch.is_tensor(v):
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64)) + v.detach().double().cpu()
+                    v = v.detach().to(dev, torch.float32)
+                    sums[k] = sums[k] + v if k in sums else v
         names = sorted(sums)
     if dist.is_initialized() and pp_group is not None and dist.get_world_size(pp_group) > 1:
         obj = [names]
         dist.broadcast_object_list(obj, src=loss_src_rank, group=pp_group)
         names = obj[0]
-    vec = torch.stack([sums.get(k, torch.zeros((), dtype=torch.float64)) for k in names]) if names else \
-        torch.zeros(0, dtype=torch.float64)
-    vec = vec.to(get_platform().device())  # NCCL / HCCL reduce device tensors only
+    vec = torch.stack([sums[k] if k in sums else torch.zeros((), device=dev) for k in names]) if names else \
+        torch.zeros(0, device=dev)
     if dist.is_initialized() and names:
         if holds_loss and loss_group is not None:
             dist.all_reduce(vec, group=loss_group)
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.broadcast(vec, src=loss_src_rank, group=pp_group)
-    values = {k: float(vec[i]) for i, k in enumerate(names)}
+    values = dict(zip(names, vec.tolist()))  # one device-to-host read
     denom = max(float(global_tokens), 1.0)
     out = {}
     for k, v in values.items():

@@ -12,8 +12,9 @@ run on this rank's tokens; the latents ``[c_q | c_kv | k_pe]`` cross into the TP
 per-head partial gradients); q_b_proj / kv_b_proj are column-parallel (heads), o_proj row-parallel.
 Inputs ``x [s(/tp), b, h]`` -> output ``[s(/tp), b, h]``.
 
-Core attention is torch's scaled_dot_product_attention with either ``is_causal`` or a boolean mask
-``[b, 1, s, s]`` (packed segments, DSA top-k) where it has a kernel that keeps q, k, v for backward, else an
+Core attention is the kernel table's ``attention`` (platform/kernels.py): torch_npu's npu_fusion_attention on
+Ascend; torch's scaled_dot_product_attention with either ``is_causal`` or a boolean mask ``[b, 1, s, s]``
+(packed segments, DSA top-k) where it has a kernel that keeps q, k, v for backward; else the reference here, an
 explicit softmax(QK^T)V that keeps q, k, v themselves (torch's math fallback keeps scaled copies instead):
 causal, it runs per query block over the keys up to the block's end (``causal_query_blocks``: the masked
 upper triangle is skipped, ~1.7x faster fwd+bwd at s=512 on CPU, probabilities saved per block). Selective
@@ -32,13 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import ModelConfig
+from ...platform import kernels
 from ...tensor_parallel import mappings as M
 from ...tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, tp_info
 from ...tensor_parallel.random import checkpoint, checkpoint_discard_output
 from ...tensor_parallel.sharding import mark_sharded
 from ...tensor_parallel import wgrad
 from .norm import RMSNorm
-from .rope import apply_rope_interleaved, softmax_scale
+from .rope import apply_rope_interleaved, inv_freq_and_attention_factor, softmax_scale
 
 LATENT_NORM_EPS = 1e-6  # HF and the DeepSeek reference build q_a / kv_a norms with the default eps
 
@@ -48,33 +50,6 @@ def _replicated_linear(i: int, o: int, bias: bool, sequence_parallel: bool) -> n
     for p in lin.parameters():
         mark_sharded(p, None, sequence_parallel=sequence_parallel)
     return lin
-
-
-_SDPA_KEEPS_INPUTS = {}
-
-
-def _sdpa_keeps_inputs(q: torch.Tensor, v: torch.Tensor, masked: bool) -> bool:
-    """Whether torch's scaled_dot_product_attention keeps q, k, v themselves for backward (a fused / flash
-    kernel) for this device, dtype and head dims, found once by running it on a tiny problem. It does not when
-    it falls back to its math path (e.g. on CPU when q/k and v head dims differ): that path saves scaled
-    copies of q and k, so dropping q/k/v (selective ``mla_up_proj`` recompute) would free nothing."""
-    key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1], masked)
-    if key not in _SDPA_KEEPS_INPUTS:
-        s, dq, dv = 4, q.shape[-1], v.shape[-1]
-        with torch.enable_grad():
-            t = [torch.ones(s, 1, 1, d, dtype=q.dtype, device=q.device, requires_grad=True) for d in (dq, dq, dv)]
-            kept = set()
-
-            def pack(x):
-                kept.add(x.untyped_storage().data_ptr())
-                return x
-
-            mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril().view(1, 1, s, s) if masked else None
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in t), attn_mask=mask,
-                                               is_causal=not masked)
-        _SDPA_KEEPS_INPUTS[key] = all(x.untyped_storage().data_ptr() in kept for x in t)
-    return _SDPA_KEEPS_INPUTS[key]
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -183,16 +158,19 @@ def _causal_block_attention(qt, kt, vt, scale):
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                    scale: float) -> torch.Tensor:
     """q, k: [s, b, n, dq]; v: [s, b, n, dv]; mask None (causal) or bool [b, 1, s, s] (True = attend).
-    Returns [s, b, n*dv]. torch's SDPA where it has a kernel that keeps q, k, v (flash / fused), else the
-    explicit form (see ``_sdpa_keeps_inputs``); both keep q, k, v themselves for backward."""
+    Returns [s, b, n*dv]: the kernel table's ``attention`` (torch_npu's npu_fusion_attention on Ascend, torch's
+    SDPA where it has a kernel that keeps q, k, v, else ``math_attention`` below, the reference)."""
+    return kernels.get("attention")(q, k, v, mask, scale)
+
+
+@kernels.reference("attention")
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                   scale: float) -> torch.Tensor:
+    """The reference of the table's ``attention``: explicit softmax(QK^T)V with the bool mask, or, causal, the
+    query-block form (``_CausalBlockAttention``); both keep q, k, v themselves for backward."""
     qt, kt, vt = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, n, s, d]
-    if not _sdpa_keeps_inputs(q, v, mask is not None):
-        o = _explicit_attention(qt, kt, vt, mask, scale) if mask is not None else \
-            _causal_block_attention(qt, kt, vt, scale)
-    elif mask is None:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
-    else:
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    o = _explicit_attention(qt, kt, vt, mask, scale) if mask is not None else \
+        _causal_block_attention(qt, kt, vt, scale)
     s, b = q.shape[0], q.shape[1]
     return o.permute(2, 0, 1, 3).reshape(s, b, -1)
 
@@ -232,6 +210,7 @@ class MLAttention(nn.Module):
         self.o_proj = RowParallelLinear(H * c.v_head_dim, c.hidden_size, groups, bias=c.attention_bias,
                                         sequence_parallel=self.sp)
         self.softmax_scale = softmax_scale(c)
+        self.rope_factor = inv_freq_and_attention_factor(c)[1]  # YaRN factor inside cos / sin (kernel table)
         self.indexer = None
         if c.has_indexer:
             from .indexer import DSAIndexer
@@ -249,8 +228,9 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(s, b, self.n_local, c.qk_nope_head_dim + c.v_head_dim)
         k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-        q_pe = apply_rope_interleaved(q_pe, cos, sin)
-        k_pe = apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin).expand(s, b, self.n_local, c.qk_rope_head_dim)
+        q_pe = apply_rope_interleaved(q_pe, cos, sin, self.rope_factor)
+        k_pe = apply_rope_interleaved(k_pe.unsqueeze(2), cos, sin, self.rope_factor).expand(
+            s, b, self.n_local, c.qk_rope_head_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe], dim=-1)
         return q, k, v.contiguous()

@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 
+from ...platform import kernels
 from ..chunk import CausalLMChunk
 from .layer import DecoderLayer
 from .mtp import MTPLayer
@@ -48,9 +49,7 @@ def segment_mask(segment_ids: Optional[torch.Tensor], s: int) -> Optional[torch.
     """Block-diagonal causal mask bool [b, 1, s, s] (True = attend) for packed sequences; None = causal."""
     if segment_ids is None:
         return None
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal).unsqueeze(1)
+    return kernels.packed_mask(segment_ids)  # remembers the segments: a varlen attention kernel may use them
 
 
 class DeepseekForCausalLM(CausalLMChunk):

@@ -17,6 +17,7 @@ from typing import Tuple
 import torch
 
 from ...config import ModelConfig
+from ...platform import kernels
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -74,11 +75,18 @@ class RotaryTables:
         return cos.unsqueeze(2), sin.unsqueeze(2)  # [s, b, 1, d/2]
 
 
-def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           attention_factor: float = 1.0) -> torch.Tensor:
     """Rotate each pair (x[2i], x[2i+1]) by angle i (DeepSeek MLA layout); output keeps the pair layout.
-    x: [s, b, n, d]; cos/sin: [s, b, 1, d/2].
+    x: [s, b, n, d]; cos/sin: [s, b, 1, d/2] (``attention_factor``: the YaRN factor they include). The kernel
+    table's ``rope_interleaved`` (torch_npu's npu_rotary_mul on Ascend), whose reference is below."""
+    return kernels.get("rope_interleaved")(x, cos, sin, attention_factor)
 
-    One complex multiply of the pairs viewed as complex numbers by ``cos + i sin`` (fp32, like the reference
+
+@kernels.reference("rope_interleaved")
+def rope_interleaved_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             attention_factor: float = 1.0) -> torch.Tensor:
+    """One complex multiply of the pairs viewed as complex numbers by ``cos + i sin`` (fp32, like the reference
     below, which it equals bitwise on CPU: the products and the sum / difference are the same fp32 ops), so
     forward and backward are one elementwise op each instead of four multiplies, two adds and a stack."""
     dtype = x.dtype

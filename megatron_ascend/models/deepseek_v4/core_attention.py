@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ...platform import kernels
+
 QUERY_BLOCK = 128  # query rows per block (blocks also read window - 1 earlier keys)
 
 
@@ -163,6 +165,17 @@ def sink_window_attention(q: torch.Tensor, kv: torch.Tensor, comp: Optional[torc
     w) or long [b, s, k] (the entries it attends, -1 for none); sinks [H]. Returns (o [b, s, H, D], the
     attention mass on each entry summed over these heads [b, s, n] fp32 when ``want_mass``, else None)."""
     if comp is None:
+        if not want_mass:  # a sliding layer: the kernel table's sliding_attention (torch_npu on Ascend >= 7.3)
+            return kernels.get("sliding_attention")(q, kv, sinks, scale, window, block), None
         comp = kv.new_zeros(kv.shape[0], 0, kv.shape[-1])
         sel = None
     return _SinkWindowAttention.apply(q, kv, comp, sel, sinks, scale, window, block, want_mass)
+
+
+@kernels.reference("sliding_attention")
+def sliding_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
+                      block: int = QUERY_BLOCK) -> torch.Tensor:
+    """The reference of the table's ``sliding_attention``: the window-and-sink attention above without
+    compressed entries. q [b, s, H, D], kv [b, s, D], sinks [H] -> o [b, s, H, D]."""
+    comp = kv.new_zeros(kv.shape[0], 0, kv.shape[-1])
+    return _SinkWindowAttention.apply(q, kv, comp, None, sinks, scale, window, block, False)[0]
