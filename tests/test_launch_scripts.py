@@ -131,14 +131,15 @@ def test_v2_lite_pretrain_then_sft_recipes_run_shrunk_on_2_cpu_processes(assets)
 
 
 def test_v4_pro_and_full_size_v3_recipes_parse_and_lay_out(assets, tmp_path):
-    """V4-Pro: the trainer does not build V4 yet, so its flags are checked to parse and build the configs and
-    the layout (SHOW_LAYOUT=1) at a shrunk size; V3's full-size layout (512 ranks, 61 layers + MTP) too."""
+    """V4-Pro: the recipe's flags parse and build the configs and the layout (SHOW_LAYOUT=1) at a shrunk size
+    (a tiny V4 with sliding, CSA and HCA layers); V3's full-size layout (512 ranks, 61 layers + MTP) too."""
     from megatron_ascend.config import ModelConfig
     v4 = ModelConfig(model_type="deepseek_v4", vocab_size=512, hidden_size=32, intermediate_size=64,
                      moe_intermediate_size=16, num_hidden_layers=5, num_attention_heads=4, q_lora_rank=16,
                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                     num_experts_per_tok=2, first_k_dense_replace=0, hc_mult=2, head_dim=16,
-                     max_position_embeddings=128)
+                     num_experts_per_tok=2, first_k_dense_replace=0, hc_mult=2, head_dim=16, o_groups=2,
+                     o_lora_rank=8, sliding_window=8, compress_ratios=[0, 4, 8, 4, 8], index_n_heads=2,
+                     index_head_dim=8, index_topk=4, num_hash_layers=1, max_position_embeddings=128)
     with open(tmp_path / "v4.json", "w") as f:
         json.dump(v4.to_hf_dict(), f)
     out = _run("posttrain_scripts/posttrain_deepseek_v4_pro_1024x910c.sh", dict(

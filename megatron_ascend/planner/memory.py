@@ -215,11 +215,18 @@ def layer_activation_terms(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 
 
 def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOptions, mtp_block: bool = False) -> float:
-    """Bytes one decoder layer keeps for backward for one micro-batch (full recompute: only its input)."""
+    """Bytes one decoder layer keeps for backward for one micro-batch (full recompute: only its checkpoint's
+    inputs: a decoder layer's input, V4's its n streams; an MTP depth is one checkpoint of the shifted embedding
+    and what the depth before passes on: V3 both are new tensors (depth 1 reads the final-normed hidden, which
+    the main head's norm does not keep), V4 the embedding only (depth 1 reads the main streams, which hc_head
+    keeps; a later depth's streams are head_activation_bytes')."""
     tokens = o.seq_length * o.micro_batch_size
     if o.recompute == "full":
         sp_div = o.tp if o.sp else 1
-        m = max(cfg.hc_mult, 1) if cfg.model_type == "deepseek_v4" else 1
+        if cfg.model_type == "deepseek_v4":
+            m = 1 if mtp_block else max(cfg.hc_mult, 1)
+        else:
+            m = 2 if mtp_block else 1
         return tokens * m * cfg.hidden_size * o.act_bytes / sp_div
     return tokens * sum(layer_activation_terms(cfg, layer_idx, o, mtp_block).values())
 
@@ -227,7 +234,8 @@ def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: int, with_mtp: int) -> float:
     """Final norm + output head + vocab-parallel CE (fp32 softmax of the local vocab slice, local target, masks),
     once per head (main + each MTP depth), plus each MTP depth's enorm / hnorm / eh_proj inputs. Under full
-    recompute the MTP block (its norms, projection and final norm) is one checkpoint: only its head remains."""
+    recompute the MTP block (its norms, projection and final norm) is one checkpoint: only its head remains (the
+    checkpoint's inputs are layer_activation_bytes(..., mtp_block=True)'s)."""
     if cfg.model_type == "deepseek_v4":
         return memory_v4.head_bytes(cfg, o, vocab_local, with_mtp)
     tokens = o.seq_length * o.micro_batch_size
@@ -237,7 +245,7 @@ def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: i
     ce = h * a + vocab_local * 4 + 8 + 2 + 8  # head input (gathered), softmax, local target, masks, labels
     main = (2 * h * a + st) / sp_div + ce + 4  # final norm in / out + 1/rms; + the fp32 loss mask
     if o.recompute == "full":
-        mtp = h * a / sp_div + ce
+        mtp = ce
     else:
         mtp = (2 * h * a + st) / sp_div + ce + (2 * (2 * h * a + st) + 2 * h * a) / sp_div
     return tokens * (main + mtp * with_mtp)

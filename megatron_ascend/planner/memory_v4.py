@@ -207,14 +207,15 @@ def _ce_bytes(cfg: ModelConfig, o, vocab_local: int) -> float:
 def head_bytes(cfg: ModelConfig, o, vocab_local: int, with_mtp: int) -> float:
     """Per micro-batch: the main head (hc_head, final norm, lm_head + CE) and each MTP depth's embedding ids,
     projections, hc_head, norm, head and shifted fp32 loss mask. Under full recompute an MTP depth is one
-    checkpoint: its embedding input (and, after the first depth, the previous depth's streams) and its head stay."""
+    checkpoint: its embedding input (memory.layer_activation_bytes' MTP term), after the first depth the previous
+    depth's streams, and its head stay."""
     tokens = o.seq_length * o.micro_batch_size
     _, loc, _, a = _ctx(o)
     main = hc_head_bytes(cfg, o) + loc * _v4_norm(cfg.hidden_size) + _ce_bytes(cfg, o, vocab_local)
     mtp = 0.0
     for k in range(with_mtp):
         if o.recompute == "full":
-            mtp += loc * cfg.hidden_size * a + (loc * cfg.hc_mult * cfg.hidden_size * a if k else 0.0)
+            mtp += loc * cfg.hc_mult * cfg.hidden_size * a if k else 0.0  # the previous depth's streams
         else:
             mtp += sum(mtp_extra_terms(cfg, o).values())
         mtp += _ce_bytes(cfg, o, vocab_local) + 8 + F32  # + its embedding ids and loss mask
