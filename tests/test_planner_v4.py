@@ -1,5 +1,8 @@
 """The planner's DeepSeek-V4 terms against the model as built (models/deepseek_v4).
 
+* Activations: the planner's per-layer (sliding, CSA, HCA), MTP-depth and whole-forward bytes against
+  recompute.SavedTensorMeter on the built model, fp32 for every recompute option, bf16 per layer (within 10 %).
+
 * Parameters: every rank of several TP / PP / EP / SP layouts (uneven stages, MTP on the last stage, an MTP
   layer whose attention is CSA, two MTP depths) holds exactly the dense / expert / kept-fp32 elements that
   planner.params says. Ranks are built one after another in this process on torch's "fake" process-group
@@ -182,3 +185,75 @@ def test_flops_equal_flop_counter_on_built_model(case):
     expect_bwd = 2 * (fwd.get_total_flops() - 2 * T * idx_fwd - combine) + combine + 2 * T * idx_bwd
     assert bwd.get_total_flops() == pytest.approx(expect_bwd, rel=1e-12)
     assert kinds == {("csa", "gathered" if case.startswith("gathered") else "dense")}, kinds
+
+
+# ------------------------------------------------------------------------------------------------------
+# Activations: planner/memory_v4.py against the bytes autograd saves (recompute.SavedTensorMeter)
+# ------------------------------------------------------------------------------------------------------
+V4_RECOMPUTE = {  # name: (apply_recompute kwargs, planner recompute, planner selective modules)
+    "none": ({"granularity": None}, "none", ()),
+    "selective": None,  # the planner's V4 set (memory.SELECTIVE_MODULES_V4), filled in the test
+    "mhc": (dict(granularity="selective", modules=("mhc",)), "selective", ("mhc",)),
+    "core_attn_moe": (dict(granularity="selective", modules=("core_attn", "moe")), "selective", ("core_attn", "moe")),
+    "full": (dict(granularity="full", method="uniform", num_layers=1), "full", ()),
+}
+
+
+@pytest.mark.parametrize("rc", list(V4_RECOMPUTE))
+def test_activation_estimate_equals_meter(rc):
+    """Per decoder layer (0 sliding, 1 / 3 CSA with the indexer loss on, 2 / 4 HCA; hash- and score-routed MoE),
+    the MTP depth and the whole forward: the planner's bytes within 10 % of the meter's (they agree to < 1 %
+    in fp32 today; full recompute: the checkpoint scope holds every layer's streams and the MTP embedding)."""
+    from megatron_ascend.models import build_model
+    from megatron_ascend.planner import memory, memory_v4
+    from megatron_ascend.recompute import SavedTensorMeter, apply_recompute
+    mods = memory.SELECTIVE_MODULES_V4
+    kw, mode, mods = V4_RECOMPUTE[rc] or (dict(granularity="selective", modules=mods), "selective", mods)
+    cfg = v4_config(dsa_indexer_loss_coeff=0.1)
+    assert [cfg.attention_type(i)[:3] for i in range(5)] == ["sli", "com", "hea", "com", "hea"]
+    model = build_model(cfg, init_seed=5)
+    apply_recompute(model, **kw)
+    s, b = 64, 2
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    with SavedTensorMeter(model) as meter:
+        model(ids, labels=ids, loss_mask=torch.ones(b, s))
+    o = memory.ActivationOptions(seq_length=s, micro_batch_size=b, act_bytes=4, recompute=mode,
+                                 selective_modules=mods)
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    est = {f"layer.{i}": memory.layer_activation_bytes(cfg, i, o) for i in range(L)}
+    mtp_layer = memory.layer_activation_bytes(cfg, L, o, True)
+    total = (sum(est.values()) + D * mtp_layer + memory.head_activation_bytes(cfg, o, cfg.vocab_size, D)
+             + memory.embedding_activation_bytes(o, cfg) + memory_v4.rope_checkpoint_bytes(cfg, o, range(L + D)))
+    measured = dict(meter.per_scope)
+    if mode == "full":
+        assert measured["checkpoint"] == pytest.approx(sum(est.values()) + D * mtp_layer, rel=0.10), measured
+    else:
+        # the MTP depth's scope: its decoder layer and its own norms / projections / hc_head (head_bytes' part)
+        est["mtp.0"] = mtp_layer + s * b * sum(memory_v4.mtp_extra_terms(cfg, o).values())
+        for scope, e in est.items():
+            assert measured[scope] == pytest.approx(e, rel=0.10), (scope, measured[scope], e)
+    assert meter.total_bytes == pytest.approx(total, rel=0.10), (measured, total)
+
+
+@pytest.mark.parametrize("rc", ["none", "selective"])
+def test_activation_estimate_equals_meter_bf16(rc):
+    """bf16 as the trainer casts it (mHC parameters, V4 norms and routers kept fp32): each layer's bytes, including
+    the fp32 copies the mixings and norms make of bf16 streams, within 10 % of the meter (< 1 % today)."""
+    from megatron_ascend.models import build_model
+    from megatron_ascend.planner import memory
+    from megatron_ascend.recompute import SavedTensorMeter, apply_recompute
+    from megatron_ascend.training.parts import _cast_keep_fp32_buffers
+    mods = memory.SELECTIVE_MODULES_V4 if rc == "selective" else ()
+    cfg = v4_config(dsa_indexer_loss_coeff=0.1)
+    model = build_model(cfg, init_seed=5)
+    _cast_keep_fp32_buffers(model, torch.bfloat16)
+    if mods:
+        apply_recompute(model, granularity="selective", modules=mods)
+    s, b = 64, 2
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    with SavedTensorMeter(model) as meter:
+        model(ids, labels=ids, loss_mask=torch.ones(b, s))
+    o = memory.ActivationOptions(seq_length=s, micro_batch_size=b, act_bytes=2, recompute=rc, selective_modules=mods)
+    for i in range(cfg.num_hidden_layers):
+        est = memory.layer_activation_bytes(cfg, i, o)
+        assert meter.per_scope[f"layer.{i}"] == pytest.approx(est, rel=0.10), (i, meter.per_scope[f"layer.{i}"], est)
