@@ -144,9 +144,15 @@ def test_v4_pro_and_full_size_v3_recipes_parse_and_lay_out(assets, tmp_path):
         json.dump(v4.to_hf_dict(), f)
     out = _run("posttrain_scripts/posttrain_deepseek_v4_pro_1024x910c.sh", dict(
         SHOW_LAYOUT="1", DEVICES_PER_NODE="8", HF_CONFIG=str(tmp_path / "v4.json"), LOG_DIR=str(tmp_path),
-        CKPT_LOAD_DIR=str(tmp_path / "none"), PP="4", EP="2", FIRST_STAGE_LAYERS="2", LAST_STAGE_LAYERS="1",
-        SEQ_LEN="64", GBS="8"))
+        CKPT_LOAD_DIR=str(tmp_path / "none"), TP="1", PP="4", EP="2", EXPERT_TP="1", FIRST_STAGE_LAYERS="2",
+        LAST_STAGE_LAYERS="1", SEQ_LEN="64", GBS="8"))
     assert "world 8: tp 1 cp 1 pp 4 dp 2" in out and "placement: pp 4 x vp 1, 5 layers + 1 MTP" in out, out
+    # V4-Flash: its TP + SP, EP, selective recompute with mhc, shrunk to 16 ranks
+    out = _run("posttrain_scripts/posttrain_deepseek_v4_flash_256x910c.sh", dict(
+        SHOW_LAYOUT="1", NNODES="2", DEVICES_PER_NODE="8", HF_CONFIG=str(tmp_path / "v4.json"), LOG_DIR=str(tmp_path),
+        CKPT_LOAD_DIR=str(tmp_path / "none"), TP="2", PP="2", EP="4", FIRST_STAGE_LAYERS="3", LAST_STAGE_LAYERS="2",
+        SEQ_LEN="64", GBS="32"))
+    assert "world 16: tp 2 cp 1 pp 2 dp 4" in out and "placement: pp 2 x vp 1, 5 layers + 1 MTP" in out, out
     with open(tmp_path / "v3_full.json", "w") as f:
         json.dump(ModelConfig().to_hf_dict(), f)  # the released DeepSeek-V3 sizes (61 layers, 256 experts)
     out = _run("pretrain_scripts/pretrain_deepseek_v3_671b_ascend.sh", dict(
