@@ -131,21 +131,28 @@ def test_v2_lite_pretrain_then_sft_recipes_run_shrunk_on_2_cpu_processes(assets)
 
 
 def test_v4_pro_and_full_size_v3_recipes_parse_and_lay_out(assets, tmp_path):
-    """V4-Pro: the trainer does not build V4 yet, so its flags are checked to parse and build the configs and
-    the layout (SHOW_LAYOUT=1) at a shrunk size; V3's full-size layout (512 ranks, 61 layers + MTP) too."""
+    """V4-Pro: the recipe's flags parse and build the configs and the layout (SHOW_LAYOUT=1) at a shrunk size
+    (a tiny V4 with sliding, CSA and HCA layers); V3's full-size layout (512 ranks, 61 layers + MTP) too."""
     from megatron_ascend.config import ModelConfig
     v4 = ModelConfig(model_type="deepseek_v4", vocab_size=512, hidden_size=32, intermediate_size=64,
                      moe_intermediate_size=16, num_hidden_layers=5, num_attention_heads=4, q_lora_rank=16,
                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
-                     num_experts_per_tok=2, first_k_dense_replace=0, hc_mult=2, head_dim=16,
-                     max_position_embeddings=128)
+                     num_experts_per_tok=2, first_k_dense_replace=0, hc_mult=2, head_dim=16, o_groups=2,
+                     o_lora_rank=8, sliding_window=8, compress_ratios=[0, 4, 8, 4, 8], index_n_heads=2,
+                     index_head_dim=8, index_topk=4, num_hash_layers=1, max_position_embeddings=128)
     with open(tmp_path / "v4.json", "w") as f:
         json.dump(v4.to_hf_dict(), f)
     out = _run("posttrain_scripts/posttrain_deepseek_v4_pro_1024x910c.sh", dict(
         SHOW_LAYOUT="1", DEVICES_PER_NODE="8", HF_CONFIG=str(tmp_path / "v4.json"), LOG_DIR=str(tmp_path),
-        CKPT_LOAD_DIR=str(tmp_path / "none"), PP="4", EP="2", FIRST_STAGE_LAYERS="2", LAST_STAGE_LAYERS="1",
-        SEQ_LEN="64", GBS="8"))
+        CKPT_LOAD_DIR=str(tmp_path / "none"), TP="1", PP="4", EP="2", EXPERT_TP="1", FIRST_STAGE_LAYERS="2",
+        LAST_STAGE_LAYERS="1", SEQ_LEN="64", GBS="8"))
     assert "world 8: tp 1 cp 1 pp 4 dp 2" in out and "placement: pp 4 x vp 1, 5 layers + 1 MTP" in out, out
+    # V4-Flash: its TP + SP, EP, selective recompute with mhc, shrunk to 16 ranks
+    out = _run("posttrain_scripts/posttrain_deepseek_v4_flash_256x910c.sh", dict(
+        SHOW_LAYOUT="1", NNODES="2", DEVICES_PER_NODE="8", HF_CONFIG=str(tmp_path / "v4.json"), LOG_DIR=str(tmp_path),
+        CKPT_LOAD_DIR=str(tmp_path / "none"), TP="2", PP="2", EP="4", FIRST_STAGE_LAYERS="3", LAST_STAGE_LAYERS="2",
+        SEQ_LEN="64", GBS="32"))
+    assert "world 16: tp 2 cp 1 pp 2 dp 4" in out and "placement: pp 2 x vp 1, 5 layers + 1 MTP" in out, out
     with open(tmp_path / "v3_full.json", "w") as f:
         json.dump(ModelConfig().to_hf_dict(), f)  # the released DeepSeek-V3 sizes (61 layers, 256 experts)
     out = _run("pretrain_scripts/pretrain_deepseek_v3_671b_ascend.sh", dict(

@@ -15,10 +15,12 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError, ModelConfig, validate_all
 from .layout import Cluster, Layout
+from . import memory_v4
 from .memory import (GIB, ActivationOptions, ModelStateBytes, Precision, embedding_activation_bytes,
-                     head_activation_bytes, inflight_microbatches, layer_activation_bytes, model_state_bytes)
+                     head_activation_bytes, inflight_microbatches, layer_activation_bytes, model_state_bytes,
+                     selective_modules)
 from .params import ParamCount, StageSplit, padded_vocab, rank_params, stage_split
-from .step_time import StepTime, TimeOptions, layer_flops, head_flops, step_time
+from .step_time import StepTime, TimeOptions, head_flops, layer_flops, mtp_layer_flops, step_time
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def layer_splits(cfg: ModelConfig, pp: int, vp: int, seq: int) -> List[Tuple[Opt
             return float("inf")
         lf = [sum(layer_flops(cfg, seq, i) for i in split.rank_layers(p)) for p in range(pp)]
         D = cfg.num_nextn_predict_layers
-        lf[-1] += D * layer_flops(cfg, seq, L, True) + (D + 1) * head_flops(cfg)
+        lf[-1] += mtp_layer_flops(cfg, seq) + (D + 1) * head_flops(cfg)
         return max(lf)
     out.sort(key=cost)
     return out[:1]
@@ -109,7 +111,8 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
     counts = [_rank_params(cfg, split, p, layout.tp, layout.ep, layout.etp) for p in range(layout.pp)]
     ao = ActivationOptions(seq_length=seq_length, micro_batch_size=layout.micro_batch_size, tp=layout.tp,
                            sp=layout.sp, ep=layout.ep, etp=layout.etp, recompute=layout.recompute,
-                           flash_attention=mopts.flash_attention, act_bytes=prec.activation)
+                           flash_attention=mopts.flash_attention, act_bytes=prec.activation,
+                           selective_modules=selective_modules(cfg))
     full = ActivationOptions(**{**ao.__dict__, "recompute": "none"})
     vocab_local = padded_vocab(cfg, layout.tp) // layout.tp
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -119,6 +122,8 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, seq_length: int
         per_layer = [_layer_act(cfg, i, o) for i in split.layers[p][v]]
         per_layer += [_layer_act(cfg, L, o, True)] * D if head else []
         act = sum(per_layer)
+        if cfg.model_type == "deepseek_v4":  # the RoPE tables selective mla_up_proj keeps per chunk
+            act += memory_v4.rope_checkpoint_bytes(cfg, o, list(split.layers[p][v]) + ([L] if head and D else []))
         if head:
             act += head_activation_bytes(cfg, o, vocab_local, D)
         if (p, v) == (0, 0):

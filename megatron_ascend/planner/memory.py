@@ -7,7 +7,8 @@ fp32 main params, fp32 Adam m and v: 2 + 4 + (4 + 8) / d bytes per parameter.
 
 Activations: ``layer_activation_bytes`` sums, per decoder layer and micro-batch, the tensors autograd keeps
 for backward in a plain-PyTorch DeepSeek layer (MLA + MoE, or dense MLP), term by term (see TERMS below) as a
-function of s, b, h, heads, head dims, top-k, TP / SP and recompute. Each term names the tensor it stands for,
+function of s, b, h, heads, head dims, top-k, TP / SP and recompute; DeepSeek-V4 layers (mHC streams, sliding /
+CSA / HCA attention, V4 MoE), heads and MTP depths are memory_v4's. Each term names the tensor it stands for,
 so a measurement with a saved-tensor meter can be compared term by term. The pipeline schedule multiplies
 one micro-batch's stage activations by the number of micro-batches in flight on the stage (1F1B: p - rank;
 interleaved: Megatron's warm-up count).
@@ -16,11 +17,11 @@ Does not own: parameter counts (params.py), time (step_time.py).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from ..config import ModelConfig
+from . import memory_v4
 from .params import ParamCount
 
 GIB = 1024 ** 3
@@ -73,13 +74,14 @@ def model_state_bytes(count: ParamCount, prec: Precision, dp: int, edp: int, dis
                       fp32_params: Optional[int] = None) -> ModelStateBytes:
     """Exact bytes of params, grads, fp32 main params and Adam states held by one rank.
 
-    ``fp32_params``: dense params kept in fp32 under bf16 (default: the router weights, which the trainer keeps
-    fp32 as DeepSeek does; they are their own main params). ``*_padding``: elements the distributed
+    ``fp32_params``: dense params kept in fp32 under bf16 (default ``count.fp32``: the router weights, which the
+    trainer keeps fp32 as DeepSeek does, and V4's mHC parameters and V4RMSNorm weights; they are their own main
+    params). ``*_padding``: elements the distributed
     optimizer's buckets add to the param and grad buffers (read them from the live buffers for an exact match;
     0 for planning). Main params and optimizer states cover 1/d of the real elements on average: a rank's exact
     share depends on where the bucket padding falls, their sum over the group is exact."""
     n = count.total
-    f32 = count.parts.get("router", 0) + count.parts.get("mtp_router", 0) if fp32_params is None else fp32_params
+    f32 = count.fp32 if fp32_params is None else fp32_params
     if prec.param == 4:
         f32 = 0
     pad = dense_padding + expert_padding if distributed_optimizer else 0
@@ -108,6 +110,14 @@ RECOMPUTE_CHOICES = ("none", "selective", "full")
 # the log-sum-exp of fused attention; "moe_act" half of the routed and shared SwiGLU tensors; "shared_experts"
 # the shared expert; "mlp" the dense SwiGLU; "moe" the whole MoE block but its input.
 SELECTIVE_MODULES = ("layernorm", "mla_up_proj", "moe_act")
+# DeepSeek-V4's: the same plus "mhc" (the mixing coefficients, recomputed from the streams each mixing keeps
+# anyway; the largest per-token saving of a V4 layer: docs/V4.md)
+SELECTIVE_MODULES_V4 = ("layernorm", "mhc", "mla_up_proj", "moe_act")
+
+
+def selective_modules(cfg: ModelConfig) -> Tuple[str, ...]:
+    """What the planner's "selective" recomputes for this model."""
+    return SELECTIVE_MODULES_V4 if cfg.model_type == "deepseek_v4" else SELECTIVE_MODULES
 
 
 @dataclass(frozen=True)
@@ -162,29 +172,6 @@ def _mla_terms(cfg: ModelConfig, o: ActivationOptions) -> Dict[str, float]:
     return t
 
 
-def _v4_attention_terms(cfg: ModelConfig, o: ActivationOptions, ratio: int) -> Dict[str, float]:
-    """V4 attention (approximate; §6.3): q per head (head_dim), one shared kv, output, grouped o_a out, mHC."""
-    h, n = cfg.hidden_size, cfg.num_attention_heads
-    hd = cfg.head_dim or (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    nl = n / o.tp
-    a, st = o.act_bytes, o.norm_stats_bytes
-    m = max(cfg.hc_mult, 1)
-    q_lora = cfg.q_lora_rank or h
-    t: Dict[str, float] = {}
-    t["attn.hc"] = m * h * a + m * h * 4  # the m residual streams (fp32 for the mixing) + sublayer input
-    t["attn.input_norm"] = h * a * 2 + st
-    t["attn.q_lora"] = q_lora * a * 2 + st
-    t["attn.qkv"] = (nl * hd + hd) * a * (0 if o.recompute == "selective" else 1) + nl * hd * a
-    t["attn.core"] = nl * hd * a + nl * 4
-    t["attn.o_lora"] = (cfg.o_groups or 1) / o.tp * (cfg.o_lora_rank or h) * a
-    if ratio:
-        overlap = 2 if ratio == 4 else 1
-        t["attn.compressor"] = 2 * overlap * hd * a
-        if ratio == 4 and cfg.index_topk:
-            t["attn.indexer"] = (cfg.index_n_heads * cfg.index_head_dim + 2 * cfg.index_head_dim) * a
-    return t
-
-
 def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, float]:
     """Bytes saved per micro-batch token by the FFN sublayer (dense SwiGLU, or moe/ MoELayer with the
     all-to-all dispatcher: router, the inverse permutation, permuted rows, grouped SwiGLU, weighted combine)."""
@@ -217,12 +204,10 @@ def _ffn_terms(cfg: ModelConfig, o: ActivationOptions, moe: bool) -> Dict[str, f
 
 def layer_activation_terms(cfg: ModelConfig, layer_idx: int, o: ActivationOptions,
                            mtp_block: bool = False) -> Dict[str, float]:
-    """Bytes per micro-batch token saved for backward by one decoder layer (no recompute / selective)."""
+    """Bytes per micro-batch token saved for backward by one decoder layer (no recompute / selective). V4's MTP
+    layer k is global layer num_hidden_layers + k (its extra projections and head: head_activation_bytes)."""
     if cfg.model_type == "deepseek_v4":
-        ratio = 0 if mtp_block else (cfg.compress_ratios[layer_idx] if layer_idx < len(cfg.compress_ratios) else 0)
-        t = _v4_attention_terms(cfg, o, ratio)
-        t.update(_ffn_terms(cfg, o, True))
-        return t
+        return memory_v4.layer_terms(cfg, layer_idx, o)
     t = _mla_terms(cfg, o)
     moe = cfg.is_moe_layer(cfg.num_hidden_layers - 1 if mtp_block else layer_idx)
     t.update(_ffn_terms(cfg, o, moe))
@@ -230,11 +215,18 @@ def layer_activation_terms(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 
 
 def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOptions, mtp_block: bool = False) -> float:
-    """Bytes one decoder layer keeps for backward for one micro-batch (full recompute: only its input)."""
+    """Bytes one decoder layer keeps for backward for one micro-batch (full recompute: only its checkpoint's
+    inputs: a decoder layer's input, V4's its n streams; an MTP depth is one checkpoint of the shifted embedding
+    and what the depth before passes on: V3 both are new tensors (depth 1 reads the final-normed hidden, which
+    the main head's norm does not keep), V4 the embedding only (depth 1 reads the main streams, which hc_head
+    keeps; a later depth's streams are head_activation_bytes')."""
     tokens = o.seq_length * o.micro_batch_size
     if o.recompute == "full":
         sp_div = o.tp if o.sp else 1
-        m = max(cfg.hc_mult, 1) if cfg.model_type == "deepseek_v4" else 1
+        if cfg.model_type == "deepseek_v4":
+            m = 1 if mtp_block else max(cfg.hc_mult, 1)
+        else:
+            m = 2 if mtp_block else 1
         return tokens * m * cfg.hidden_size * o.act_bytes / sp_div
     return tokens * sum(layer_activation_terms(cfg, layer_idx, o, mtp_block).values())
 
@@ -242,7 +234,10 @@ def layer_activation_bytes(cfg: ModelConfig, layer_idx: int, o: ActivationOption
 def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: int, with_mtp: int) -> float:
     """Final norm + output head + vocab-parallel CE (fp32 softmax of the local vocab slice, local target, masks),
     once per head (main + each MTP depth), plus each MTP depth's enorm / hnorm / eh_proj inputs. Under full
-    recompute the MTP block (its norms, projection and final norm) is one checkpoint: only its head remains."""
+    recompute the MTP block (its norms, projection and final norm) is one checkpoint: only its head remains (the
+    checkpoint's inputs are layer_activation_bytes(..., mtp_block=True)'s)."""
+    if cfg.model_type == "deepseek_v4":
+        return memory_v4.head_bytes(cfg, o, vocab_local, with_mtp)
     tokens = o.seq_length * o.micro_batch_size
     h = cfg.hidden_size
     sp_div = o.tp if o.sp else 1
@@ -250,14 +245,17 @@ def head_activation_bytes(cfg: ModelConfig, o: ActivationOptions, vocab_local: i
     ce = h * a + vocab_local * 4 + 8 + 2 + 8  # head input (gathered), softmax, local target, masks, labels
     main = (2 * h * a + st) / sp_div + ce + 4  # final norm in / out + 1/rms; + the fp32 loss mask
     if o.recompute == "full":
-        mtp = h * a / sp_div + ce
+        mtp = ce
     else:
         mtp = (2 * h * a + st) / sp_div + ce + (2 * (2 * h * a + st) + 2 * h * a) / sp_div
     return tokens * (main + mtp * with_mtp)
 
 
 def embedding_activation_bytes(o: ActivationOptions, cfg: Optional[ModelConfig] = None) -> float:
-    """Token ids for the embedding backward (int64) and the fp32 RoPE cos / sin tables shared by all layers."""
+    """Token ids for the embedding backward (int64) and the fp32 RoPE cos / sin tables shared by all layers (V4:
+    the ids only, memory_v4.embedding_bytes)."""
+    if cfg is not None and cfg.model_type == "deepseek_v4":
+        return memory_v4.embedding_bytes(cfg, o)
     rope = cfg.qk_rope_head_dim * 4 if cfg is not None else 0
     return o.seq_length * o.micro_batch_size * (8.0 + rope)
 

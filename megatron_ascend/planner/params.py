@@ -1,12 +1,16 @@
 """Exact parameter counts per pipeline stage and per rank, from a ModelConfig and a layout.
 
-Owns: the element count of every parameter tensor of a DeepSeek model (V2 / V2-Lite / V3 / V3.2 exactly as
-the library builds them; V4 from the formulas of deepseek_architecture.md §6, because V4 attention is not in
-the library yet), split into what one rank holds under TP / EP / ETP and a pipeline stage's layers.
+Owns: the element count of every parameter tensor of a DeepSeek model (V2 / V2-Lite / V3 / V3.2 / V4 exactly
+as the library builds them: tests/test_planner.py compares every rank of several TP / PP / EP layouts with the
+built model chunks), split into what one rank holds under TP / EP / ETP and a pipeline stage's layers, and
+which of them stay fp32 in bf16 training (``ParamCount.fp32``: the router weights; for V4 also the mHC
+parameters and the V4RMSNorm weights, as models/deepseek_v4 marks them ``keep_fp32``).
 
 Sharding rules (ARCHITECTURE.md, deepseek_architecture.md §5.1 / §9): column-parallel by heads / FFN width
 (q_b_proj, kv_b_proj, q_proj, gate/up), row-parallel o_proj / down_proj, replicated q_a / kv_a projections,
 norms and the router; vocab-parallel embedding and head; routed experts whole per EP rank, split over ETP.
+V4 (models/deepseek_v4/attention.py): q_b_proj, the sinks, o_a_proj (by output group), o_b_proj and the
+indexer's q_b_proj / weights_proj split over TP; q_a_proj, kv_proj, their norms and the compressors replicated.
 MTP sits on the last stage and, on a rank without the first stage, holds its own copy of the word embedding
 (Megatron-Core's rule; under dualpipev rank 0 holds both ends of the V, so one copy).
 
@@ -27,21 +31,24 @@ class ParamCount:
     dense: int = 0
     expert: int = 0
     parts: Dict[str, int] = field(default_factory=dict)  # readable breakdown (dense + expert)
+    fp32: int = 0  # dense elements the trainer keeps fp32 under bf16 (their own main params)
 
     @property
     def total(self) -> int:
         return self.dense + self.expert
 
-    def add(self, name: str, n: int, expert: bool = False) -> None:
+    def add(self, name: str, n: int, expert: bool = False, fp32: bool = False) -> None:
         if expert:
             self.expert += n
         else:
             self.dense += n
+            self.fp32 += n if fp32 else 0
         self.parts[name] = self.parts.get(name, 0) + n
 
     def __iadd__(self, other: "ParamCount") -> "ParamCount":
         self.dense += other.dense
         self.expert += other.expert
+        self.fp32 += other.fp32
         for k, v in other.parts.items():
             self.parts[k] = self.parts.get(k, 0) + v
         return self
@@ -84,32 +91,32 @@ def mla_params(cfg: ModelConfig, tp: int = 1) -> ParamCount:
     return c
 
 
-def v4_attention_params(cfg: ModelConfig, ratio: int, tp: int = 1) -> ParamCount:
-    """DeepSeek-V4 attention of one layer (§6.3), with input_layernorm. Heads, wq_b, the grouped wo_a and wo_b
-    are split over TP (by head groups); the single shared KV head, the compressor and the indexer are
-    replicated. This is the planner's assumption: the library has no V4 attention yet."""
+def v4_attention_params(cfg: ModelConfig, layer_idx: int, tp: int = 1) -> ParamCount:
+    """DeepSeek-V4 attention of layer ``layer_idx`` (MTP layers: num_hidden_layers + k) on one TP rank, with
+    input_layernorm, as models/deepseek_v4/attention.py builds it: q_b_proj (heads), sinks, o_a_proj (whole
+    output groups) and o_b_proj split over TP; q_a_proj, kv_proj, their norms and the compressor replicated; in
+    CSA layers the lightning indexer's q_b_proj and weights_proj split over TP (its compressor replicated)."""
     c = ParamCount()
-    h, n = cfg.hidden_size, cfg.num_attention_heads
-    hd = cfg.head_dim or (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-    q_lora = cfg.q_lora_rank or h
-    groups = cfg.o_groups or 1
-    o_lora = cfg.o_lora_rank or h
+    h, n, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    q_lora, groups, o_lora = cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
     nl = _div(n, tp, "num_attention_heads")
     gl = _div(groups, tp, "o_groups")
-    c.add("norms", h)  # input_layernorm (attn_norm)
-    c.add("attn_tp", nl)  # attn_sink
-    c.add("attn_replicated", q_lora * h + q_lora + hd * h + hd)  # wq_a, q_norm, wkv, kv_norm
-    c.add("attn_tp", nl * hd * q_lora)  # wq_b
-    c.add("attn_tp", gl * o_lora * (n * hd // groups))  # wo_a [G*o_lora, H*hd/G]
-    c.add("attn_tp", h * gl * o_lora)  # wo_b [h, G*o_lora]
-    if ratio:
-        overlap = 2 if ratio == 4 else 1
-        # compressor: ape [ratio, c*hd], wkv and wgate [c*hd, h], norm [hd]
-        c.add("compressor", ratio * overlap * hd + 2 * overlap * hd * h + hd)
-        if ratio == 4 and cfg.index_topk:
+    c.add("norms", h, fp32=True)  # input_layernorm (V4RMSNorm: kept fp32)
+    c.add("attn_tp", nl)  # sinks
+    c.add("attn_replicated", q_lora * h + q_lora + hd * h + hd)  # q_a_proj, q_a_norm, kv_proj, kv_norm
+    c.add("attn_tp", nl * hd * q_lora)  # q_b_proj
+    c.add("attn_tp", gl * o_lora * (n * hd // groups))  # o_a_proj [G*o_lora, H*hd/G]
+    c.add("attn_tp", h * gl * o_lora)  # o_b_proj [h, G*o_lora]
+    kind = cfg.attention_type(layer_idx)
+    if kind != "sliding_attention":
+        ratio = cfg.compress_ratio(layer_idx)
+        width = (2 if kind == "compressed_sparse_attention" else 1) * hd  # CSA: overlapping windows
+        # compressor: position_bias [ratio, width], kv_proj and gate_proj [width, h], kv_norm [hd]
+        c.add("compressor", ratio * width + 2 * width * h + hd)
+        if kind == "compressed_sparse_attention":
             nh, d = cfg.index_n_heads, cfg.index_head_dim
-            c.add("indexer", ratio * 2 * d + 2 * 2 * d * h + d)  # its own overlap compressor
-            c.add("indexer", nh * d * q_lora + nh * h)  # wq_b, weights_proj
+            c.add("indexer", ratio * 2 * d + 2 * 2 * d * h + d)  # its own overlapping compressor (replicated)
+            c.add("indexer", _div(nh, tp, "index_n_heads") * (d * q_lora + h))  # q_b_proj, weights_proj
     return c
 
 
@@ -121,17 +128,24 @@ def hc_params(cfg: ModelConfig) -> int:
     return 2 * ((2 + m) * m * m * cfg.hidden_size + (2 + m) * m + 3)
 
 
+def hc_head_params(cfg: ModelConfig) -> int:
+    """The stream collapse before a head (model.hc_head, each V4 MTP depth's own): hc_fn [m, m*h], hc_base [m],
+    hc_scale [1]."""
+    m = cfg.hc_mult
+    return m * m * cfg.hidden_size + m + 1 if m else 0
+
+
 # -- feed-forward ------------------------------------------------------------------------------------------
 def ffn_params(cfg: ModelConfig, moe: bool, tp: int = 1, ep: int = 1, etp: int = 1) -> ParamCount:
     """Dense SwiGLU MLP or MoE block of one layer on one rank, with post_attention_layernorm."""
     c = ParamCount()
     h = cfg.hidden_size
-    c.add("norms", h)
+    c.add("norms", h, fp32=cfg.model_type == "deepseek_v4")  # post_attention_layernorm (V4: kept fp32)
     if not moe:
         c.add("dense_mlp", 3 * h * _div(cfg.intermediate_size, tp, "intermediate_size"))
         return c
     E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-    c.add("router", E * h)  # gate.weight (the correction bias is a buffer, not a parameter)
+    c.add("router", E * h, fp32=True)  # gate.weight, kept fp32 (the correction bias / tid2eid are buffers)
     if cfg.n_shared_experts:
         c.add("shared_experts", 3 * h * _div(cfg.n_shared_experts * I, tp, "shared expert width"))
     c.add("routed_experts", _div(E, ep, "n_routed_experts") * 3 * h * _div(I, etp, "moe_intermediate_size"),
@@ -142,13 +156,12 @@ def ffn_params(cfg: ModelConfig, moe: bool, tp: int = 1, ep: int = 1, etp: int =
 # -- layers, stages ----------------------------------------------------------------------------------------
 def layer_params(cfg: ModelConfig, layer_idx: int, tp: int = 1, ep: int = 1, etp: int = 1,
                  mtp_block: bool = False) -> ParamCount:
-    """One decoder layer (global index ``layer_idx``; ``mtp_block`` for the transformer block inside MTP)."""
+    """One decoder layer (global index ``layer_idx``; ``mtp_block`` for the transformer block inside MTP: V4's
+    MTP layer k is global layer num_hidden_layers + k, V2/V3's takes the last layer's FFN kind)."""
     c = ParamCount()
     if cfg.model_type == "deepseek_v4":
-        ratios = cfg.compress_ratios
-        ratio = 0 if mtp_block else (ratios[layer_idx] if layer_idx < len(ratios) else 0)
-        c += v4_attention_params(cfg, ratio, tp)
-        c.add("hc", hc_params(cfg))
+        c += v4_attention_params(cfg, layer_idx, tp)
+        c.add("hc", hc_params(cfg), fp32=True)
         c += ffn_params(cfg, True, tp, ep, etp)
         return c
     c += mla_params(cfg, tp)
@@ -158,18 +171,19 @@ def layer_params(cfg: ModelConfig, layer_idx: int, tp: int = 1, ep: int = 1, etp
     return c
 
 
-def mtp_params(cfg: ModelConfig, tp: int = 1, ep: int = 1, etp: int = 1) -> ParamCount:
-    """One MTP depth (without the shared embedding / head): norms, projection, one block, its final norm."""
+def mtp_params(cfg: ModelConfig, tp: int = 1, ep: int = 1, etp: int = 1, depth: int = 0) -> ParamCount:
+    """MTP depth ``depth`` (0-based; without the shared embedding / head): norms, projection, one block, its
+    final norm (V4: e_proj, h_proj, enorm, hnorm, norm, its own hc_head)."""
     c = ParamCount()
     h = cfg.hidden_size
     if cfg.model_type == "deepseek_v4":
-        c.add("mtp_proj", 2 * h * h + 3 * h)  # e_proj, h_proj, enorm, hnorm, norm
-        m = cfg.hc_mult
-        c.add("hc", m * m * h + m + 1 if m else 0)  # its hc_head
+        c.add("mtp_proj", 2 * h * h)  # e_proj, h_proj (replicated)
+        c.add("mtp_norms", 3 * h, fp32=True)  # enorm, hnorm, norm (V4RMSNorm)
+        c.add("mtp_hc", hc_head_params(cfg), fp32=True)  # its hc_head
     else:
         c.add("mtp_proj", h * 2 * h + 3 * h)  # eh_proj [h, 2h] (replicated), enorm, hnorm, shared_head.norm
-    blk = layer_params(cfg, cfg.num_hidden_layers, tp, ep, etp, mtp_block=True)
-    c += ParamCount(blk.dense, blk.expert, {"mtp_" + k: v for k, v in blk.parts.items()})
+    blk = layer_params(cfg, cfg.num_hidden_layers + depth, tp, ep, etp, mtp_block=True)
+    c += ParamCount(blk.dense, blk.expert, {"mtp_" + k: v for k, v in blk.parts.items()}, blk.fp32)
     return c
 
 
@@ -268,17 +282,17 @@ def rank_params(cfg: ModelConfig, split: StageSplit, p: int, tp: int = 1, ep: in
     for i in split.rank_layers(p):
         c += layer_params(cfg, i, tp, ep, etp)
     if last:
-        c.add("final_norm", h)
-        if cfg.model_type == "deepseek_v4" and cfg.hc_mult:
-            m = cfg.hc_mult
-            c.add("hc", m * m * h + m + 1)  # hc_head
+        v4 = cfg.model_type == "deepseek_v4"
+        c.add("final_norm", h, fp32=v4)
+        if v4:
+            c.add("hc", hc_head_params(cfg), fp32=True)  # model.hc_head
         if not (cfg.tie_word_embeddings and first):
             c.add("output_layer", V * h)  # a tied head on a later stage is a copy kept in sync
         if mtp:
             if not first:
                 c.add("embedding", V * h)  # MTP's copy of the word embedding (shared through the embedding group)
-            for _ in range(mtp):
-                c += mtp_params(cfg, tp, ep, etp)
+            for k in range(mtp):
+                c += mtp_params(cfg, tp, ep, etp, k)
     return c
 
 
@@ -288,8 +302,8 @@ def total_params(cfg: ModelConfig, include_mtp: bool = True) -> int:
     c = rank_params(cfg, split, 0)
     if not include_mtp and cfg.num_nextn_predict_layers:
         c2 = ParamCount()
-        for _ in range(cfg.num_nextn_predict_layers):
-            c2 += mtp_params(cfg)
+        for k in range(cfg.num_nextn_predict_layers):
+            c2 += mtp_params(cfg, depth=k)
         return c.total - c2.total
     return c.total
 

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional
 from ..config import ModelConfig
 from .enumerate import MemoryOptions, Plan
 from .layout import Cluster
-from .memory import GIB, Precision
+from .memory import GIB, Precision, selective_modules
 from .params import active_params, total_params
 from .step_time import TimeOptions, model_flops_per_token
 
@@ -30,12 +30,15 @@ def assumptions(cfg: ModelConfig, cluster: Cluster, seq: int, gbs: int, prec: Pr
         f"{'overlapped with the last backward / first forward' if topts.overlap_dp else 'exposed'}",
         f"memory: + {mopts.reserve_gib:g} GiB reserve per device, fits if <= {mopts.usable_fraction:.0%} of HBM; "
         f"{'fused (flash) attention' if mopts.flash_attention else 'unfused attention (s x s probabilities saved)'}",
-        "recompute: selective = layernorm + mla_up_proj + moe_act (DeepSeek-V3's choice + MoE SwiGLU, as recompute.py "
-        "frees them); full = uniform, 1 layer: layer inputs + one layer's working set",
+        f"recompute: selective = {' + '.join(selective_modules(cfg))} (DeepSeek-V3's choice + MoE SwiGLU"
+        f"{' + V4 mHC coefficients' if cfg.model_type == 'deepseek_v4' else ''}, as recompute.py frees them); "
+        "full = uniform, 1 layer: layer inputs + one layer's working set",
     ]
     if cfg.model_type == "deepseek_v4":
-        lines.append("V4 attention (CSA/HCA, mHC) is not implemented in the library yet: its parameters and FLOPs "
-                     "are modelled from deepseek_architecture.md §6; TP splits heads / o_groups, kv/compressor replicated")
+        lines.append("V4 as models/deepseek_v4 builds it: parameters per rank exact, FLOPs as monitoring counts them, "
+                     "activations by planner/memory_v4.py (mHC streams and mixings, sliding / CSA / HCA, reference "
+                     "kernels; checked against the saved-tensor meter); TP splits heads / o_groups, kv and "
+                     "compressors replicated")
     return lines
 
 

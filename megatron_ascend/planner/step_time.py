@@ -1,9 +1,10 @@
 """Step time of a layout: compute at an assumed kernel efficiency, exposed communication, pipeline bubble.
 
 FLOPs: the planner's own per-layer implementation of Megatron's ``num_floating_point_operations`` extended
-to MLA, the V3.2 indexer, MoE, MTP and V4 attention (§6 formulas), so that each pipeline stage can be costed
-separately. tests/test_planner.py asserts that the per-layer sum equals monitoring.flops.model_flops_per_token
-for V2-Lite, V3, V3.2 and V4 configs (two independent implementations of one formula).
+to MLA, the V3.2 indexer, MoE and MTP, so that each pipeline stage can be costed separately; tests/test_planner.py
+asserts that the per-layer sum equals monitoring.flops.model_flops_per_token for V2-Lite, V3, V3.2 (two
+independent implementations of one formula). DeepSeek-V4 layers take monitoring.flops.v4_layer_macs (checked
+against torch's FlopCounterMode on the built model by tests/test_planner_v4.py); the sum is still compared.
 
 Model:
   t_mb(p)  = F_mb(p) / (peak x efficiency) + exposed TP / EP / PP time of one micro-batch on stage p
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..config import ModelConfig
+from ..monitoring.flops import v4_indexer_flops, v4_layer_macs
 from .comm import CommOptions, collective_seconds, ep_seconds, rank_step_volume
 from .layout import Cluster, Layout
 from .params import ParamCount, StageSplit, padded_vocab
@@ -38,31 +40,19 @@ def _keys(s: int, window: Optional[int] = None) -> float:
 
 
 def attention_macs(cfg: ModelConfig, s: int, layer_idx: int, mtp_block: bool = False) -> Dict[str, float]:
-    """Forward multiply-accumulates per token of one attention sublayer: {'proj': ..., 'core': ...}."""
+    """Forward multiply-accumulates per token of one attention sublayer: {'proj': ..., 'core': ...} (+ 'up_proj':
+    what selective mla_up_proj recomputes). V4: 'proj' also holds the compressor and both mHC mixings, plus
+    'indexer_proj' / 'indexer_scores' (how often they run: monitoring.flops.v4_indexer_flops) and 'mhc_coeff'
+    (the mixing-coefficient projections selective mhc recomputes); MTP layer k is global layer
+    num_hidden_layers + k."""
     h, n = cfg.hidden_size, cfg.num_attention_heads
     if cfg.model_type == "deepseek_v4":
-        ratio = 0 if mtp_block else (cfg.compress_ratios[layer_idx] if layer_idx < len(cfg.compress_ratios) else 0)
-        hd = cfg.head_dim or (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
-        ql, G, ol = cfg.q_lora_rank or h, cfg.o_groups or 1, cfg.o_lora_rank or h
-        proj = ql * (h + 1) + ql * n * hd + hd * (h + 1)  # wq_a + q_norm, wq_b, wkv + kv_norm
-        proj += n * hd * ol + G * ol * h  # grouped wo_a, wo_b
-        keys = _keys(s, cfg.sliding_window or None)
-        if ratio:
-            entries = s / ratio
-            c = 2 if ratio == 4 else 1
-            proj += 2 * c * hd * h  # compressor wkv, wgate
-            if ratio == 4 and cfg.index_topk:
-                nh, d = cfg.index_n_heads, cfg.index_head_dim
-                proj += ql * nh * d + h * nh + 2 * 2 * d * h  # indexer q, head weights, its compressor
-                proj += entries / 2.0 * nh * d  # indexer scores
-                keys += _keys(int(entries), cfg.index_topk) if entries >= 1 else 0.0
-            else:
-                keys += entries / 2.0
-        core = keys * n * hd * 2
-        if cfg.hc_mult:
-            m = cfg.hc_mult
-            proj += 2 * (2 + m) * m * m * h  # mHC mixing for both sublayers
-        return {"proj": proj, "core": core}
+        t = v4_layer_macs(cfg, s, layer_idx)
+        m = cfg.hc_mult
+        # mla_up_proj re-runs q_b_proj twice (core attention's backward and its own); mhc the coefficients once
+        return {"proj": t["proj"] + t["compressor"] + t["mhc"], "core": t["core"],
+                "indexer_proj": t["indexer_proj"], "indexer_scores": t["indexer_scores"],
+                "up_proj": 2 * cfg.q_lora_rank * n * cfg.head_dim, "mhc_coeff": 2 * (2 + m) * m * m * h}
     d_nope, d_rope, d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     qk = d_nope + d_rope
     if cfg.q_lora_rank:
@@ -95,34 +85,51 @@ def ffn_macs(cfg: ModelConfig, layer_idx: int, mtp_block: bool = False) -> float
 
 
 def layer_flops(cfg: ModelConfig, s: int, layer_idx: int, mtp_block: bool = False) -> float:
-    """Training FLOPs per token of one decoder layer (fwd + bwd = 3 x 2 x MACs)."""
+    """Training FLOPs per token of one decoder layer (fwd + bwd = 3 x 2 x MACs; a V4 indexer without its loss
+    runs forward only)."""
     a = attention_macs(cfg, s, layer_idx, mtp_block)
-    return FWD_BWD * FMA * (a["proj"] + a["core"] + ffn_macs(cfg, layer_idx, mtp_block))
+    idx = v4_indexer_flops(cfg, a) if "indexer_proj" in a else 0.0
+    return FWD_BWD * FMA * (a["proj"] + a["core"] + ffn_macs(cfg, layer_idx, mtp_block)) + idx
 
 
 def head_flops(cfg: ModelConfig, vocab: Optional[int] = None) -> float:
-    return FWD_BWD * FMA * cfg.hidden_size * (vocab or cfg.vocab_size)
+    """One output head (V4: with the hc_head collapse projection before it)."""
+    hc = cfg.hc_mult * cfg.hc_mult if cfg.model_type == "deepseek_v4" else 0
+    return FWD_BWD * FMA * cfg.hidden_size * ((vocab or cfg.vocab_size) + hc)
 
 
 def mtp_extra_flops(cfg: ModelConfig) -> float:
+    """One MTP depth besides its decoder layer and head: V3 eh_proj [2h -> h] + 3 norms; V4 e_proj [h -> h] and
+    h_proj applied to each of the n streams."""
     h = cfg.hidden_size
+    if cfg.model_type == "deepseek_v4":
+        return FWD_BWD * FMA * (1 + cfg.hc_mult) * h * h
     return FWD_BWD * FMA * (3 * h + 2 * h * h)
+
+
+def mtp_layer_flops(cfg: ModelConfig, s: int, recompute: str = "none") -> float:
+    """Every MTP depth's decoder layer and extra projections (depth k is global layer num_hidden_layers + k)."""
+    L = cfg.num_hidden_layers
+    return sum(layer_flops(cfg, s, L + k, True) + recompute_flops(cfg, s, L + k, recompute, True)
+               + mtp_extra_flops(cfg) for k in range(cfg.num_nextn_predict_layers))
 
 
 def model_flops_per_token(cfg: ModelConfig, s: int, vocab: Optional[int] = None) -> float:
     """The planner's own count (must equal monitoring.flops.model_flops_per_token)."""
     D = cfg.num_nextn_predict_layers
-    total = sum(layer_flops(cfg, s, i) for i in range(cfg.num_hidden_layers))
-    total += D * (layer_flops(cfg, s, cfg.num_hidden_layers, mtp_block=True) + mtp_extra_flops(cfg))
+    total = sum(layer_flops(cfg, s, i) for i in range(cfg.num_hidden_layers)) + mtp_layer_flops(cfg, s)
     return total + (D + 1) * head_flops(cfg, vocab)
 
 
 def recompute_flops(cfg: ModelConfig, s: int, layer_idx: int, recompute: str, mtp_block: bool = False) -> float:
-    """Extra forward FLOPs per token that recomputation re-runs for one layer."""
+    """Extra forward FLOPs per token that recomputation re-runs for one layer (selective: the planner's set,
+    memory.selective_modules(cfg))."""
+    a = attention_macs(cfg, s, layer_idx, mtp_block)
     if recompute == "full":
-        return layer_flops(cfg, s, layer_idx, mtp_block) / FWD_BWD
-    if recompute == "selective":  # mla_up_proj (+ norms and the SwiGLU product: elementwise, not counted)
-        return FMA * attention_macs(cfg, s, layer_idx, mtp_block).get("up_proj", 0.0)
+        idx = a.get("indexer_proj", 0.0) + a.get("indexer_scores", 0.0)
+        return FMA * (a["proj"] + a["core"] + idx + ffn_macs(cfg, layer_idx, mtp_block))
+    if recompute == "selective":  # mla_up_proj, V4 mhc (+ norms and the SwiGLU product: elementwise, not counted)
+        return FMA * (a.get("up_proj", 0.0) + a.get("mhc_coeff", 0.0))
     return 0.0
 
 
@@ -133,10 +140,7 @@ def stage_flops_per_token(cfg: ModelConfig, s: int, split: StageSplit, p: int, r
     for i in split.rank_layers(p):
         f += layer_flops(cfg, s, i) + recompute_flops(cfg, s, i, recompute)
     if split.is_last(p):
-        D = cfg.num_nextn_predict_layers
-        L = cfg.num_hidden_layers
-        f += D * (layer_flops(cfg, s, L, True) + recompute_flops(cfg, s, L, recompute, True) + mtp_extra_flops(cfg))
-        f += (D + 1) * head_flops(cfg, vocab)
+        f += mtp_layer_flops(cfg, s, recompute) + (cfg.num_nextn_predict_layers + 1) * head_flops(cfg, vocab)
     return f
 
 

@@ -10,8 +10,8 @@
 # Layout, from the planner:
 #   $ python tools/plan.py --model-config bench/reference/models/v4-flash.json --device Ascend910C \
 #       --num-devices 128 --seq-length 4096 --global-batch-size 1024
-#   TP2 PP8 EP8 ETP2 DP8 SP distopt rc=full mbs1 first/last=6/1   1325 tok/s/dev 120 TFLOP/s  step 24.72 s |
-#   54.3 GiB peak (best of 2736 layouts, 76 fit)
+#   TP2 PP8 EP8 ETP2 DP8 SP distopt rc=full mbs1 first/last=6/1   1339 tok/s/dev 120 TFLOP/s  step 24.47 s |
+#   55.2 GiB peak (best of 2736 layouts, 76 fit; planner with V4 activations as metered)
 RECIPE_VERSION=1
 RECIPE_STAGE=pretrain
 RECIPE_MODEL=v4-flash

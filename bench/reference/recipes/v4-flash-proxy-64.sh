@@ -11,8 +11,9 @@
 # Layout, from the planner:
 #   $ python tools/plan.py --model-config bench/reference/models/v4-flash-proxy-64.json --device Ascend910B2 \
 #       --num-devices 64 --seq-length 4096 --global-batch-size 1024
-#   TP4 PP4 VP2 EP8 DP4 SP distopt rc=selective mbs1 first/last=4/0   4673 tok/s/dev 145 TFLOP/s
-#   step 14.02 s | 59.7 GiB peak (best of 2340 layouts, 552 fit)
+#   TP4 PP4 VP2 EP8 DP4 SP distopt rc=selective mbs1 first/last=4/0   4472 tok/s/dev 138 TFLOP/s
+#   step 14.66 s | 55.7 GiB peak (2nd of 2340 layouts, 527 fit, with V4 activations as metered; the 1st,
+#   TP8 EP1 ETP8 DP2 rc=none at 4531 tok/s/dev and 58.3 GiB, is 1.3 % faster: within the model's error)
 RECIPE_VERSION=1
 RECIPE_STAGE=pretrain
 RECIPE_MODEL=v4-flash-proxy-64

@@ -14,8 +14,8 @@
 # Layout, from the planner (its preset v4pro-1024-910c asks the same question):
 #   $ python tools/plan.py --model-config bench/reference/models/v4-pro.json --device Ascend910C \
 #       --num-devices 1024 --seq-length 8192 --global-batch-size 512
-#   TP16 PP1 EP64 ETP16 DP64 SP distopt rc=full mbs1   275 tok/s/dev 91 TFLOP/s  step 14.89 s | 58.4 GiB peak
-#   (best of 4140 layouts, 126 fit)
+#   TP16 PP1 EP64 ETP16 DP64 SP distopt rc=full mbs1   276 tok/s/dev 90 TFLOP/s  step 14.84 s | 55.9 GiB peak
+#   (best of 4140 layouts, 117 fit; planner with V4 activations as metered)
 RECIPE_VERSION=1
 RECIPE_STAGE=sft
 RECIPE_MODEL=v4-pro

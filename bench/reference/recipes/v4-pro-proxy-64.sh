@@ -10,8 +10,8 @@
 # Layout, from the planner:
 #   $ python tools/plan.py --model-config bench/reference/models/v4-pro-proxy-64.json --device Ascend910B2 \
 #       --num-devices 64 --seq-length 4096 --global-batch-size 1024
-#   TP8 PP1 EP64 DP8 SP distopt rc=full mbs1   2287 tok/s/dev 105 TFLOP/s  step 28.66 s | 58.7 GiB peak
-#   (best of 1728 layouts, 3 fit)
+#   TP8 PP1 EP64 DP8 SP distopt rc=full mbs1   2264 tok/s/dev 106 TFLOP/s  step 28.94 s | 58.7 GiB peak
+#   (best of 1728 layouts, 2 fit; planner with V4 activations as metered)
 RECIPE_VERSION=1
 RECIPE_STAGE=pretrain
 RECIPE_MODEL=v4-pro-proxy-64
