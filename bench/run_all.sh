@@ -25,6 +25,7 @@ run pipeline_bubble python bench/pipeline_bubble.py
 run grad_overlap python bench/grad_overlap.py
 run scaling python bench/scaling.py --reps 3
 run grouped_fallback_memory python bench/grouped_fallback_memory.py
+run v4_memory python bench/v4_memory.py
 run planner_v3 python tools/plan.py --preset v3-2048-h800 --top 10
 run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
 {
@@ -52,7 +53,7 @@ run planner_v4pro python tools/plan.py --preset v4pro-1024-910c --top 10
   echo
   echo "## Results"
   echo
-  cat "$TMP"/vs_transformers.md "$TMP"/v4_vs_transformers.md "$TMP"/mfu.md "$TMP"/breakdown_mfu.md "$TMP"/breakdown_small.md "$TMP"/comm_volume.md "$TMP"/memory.md "$TMP"/recompute.md "$TMP"/pipeline_bubble.md "$TMP"/grad_overlap.md "$TMP"/scaling.md "$TMP"/grouped_fallback_memory.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
+  cat "$TMP"/vs_transformers.md "$TMP"/v4_vs_transformers.md "$TMP"/mfu.md "$TMP"/breakdown_mfu.md "$TMP"/breakdown_small.md "$TMP"/comm_volume.md "$TMP"/memory.md "$TMP"/recompute.md "$TMP"/pipeline_bubble.md "$TMP"/grad_overlap.md "$TMP"/scaling.md "$TMP"/grouped_fallback_memory.md "$TMP"/v4_memory.md "$TMP"/planner_v3.md "$TMP"/planner_v4pro.md
 } > "$OUT"
 rm -rf "$TMP"
 echo "wrote $OUT" >&2

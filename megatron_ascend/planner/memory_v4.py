@@ -132,8 +132,9 @@ def _indexer_loss_terms(cfg: ModelConfig, o, m: int, entries: int) -> Dict[str, 
         t["attn.indexer.x"] = h * a
     pool = 2 * m * d * (F32 + (a if a < F32 else 0) + a)
     t["attn.indexer.keys"] = entries / s * (pool + _rms_norm(d, a) + 4 * r)
-    # q (fp32), its RoPE table, the keys broadcast per query (fp32), ReLU scores, head weights
-    t["attn.indexer.scores"] = nl * d * F32 + 4 * r + entries * d * F32 + nl * entries * F32 + nl * F32
+    # q (fp32), its RoPE table, the fp32 keys the score matmul keeps (one [entries, d] per sequence, not per
+    # query), ReLU scores [s, heads, entries], head weights
+    t["attn.indexer.scores"] = nl * d * F32 + 4 * r + entries / s * d * F32 + nl * entries * F32 + nl * F32
     rows = max(s - m + 1, 0) / s  # queries with at least one visible entry
     t["attn.indexer.kl"] = 1 + rows * entries * (3 + 2 * F32)  # row mask; 3 masks, log q, p per row
     return t

@@ -71,8 +71,11 @@ class V4Indexer(nn.Module):
                          self.head_dim, True, tables_at)                  # [b, n, D]
         k = M.copy_to_tensor_model_parallel_region(k, self.group)         # every local head reads the keys
         q = apply_partial_rope(self.q_b_proj(c_q).view(s, b, self.n_local, self.head_dim), cos, sin)
-        qb = q.permute(1, 0, 2, 3).float()                               # [b, s, n_l, D]
-        sc = torch.relu(torch.matmul(qb, k.float().transpose(1, 2).unsqueeze(1)) * self.head_dim ** -0.5)
+        qb = q.permute(1, 0, 2, 3).float().reshape(b, s * self.n_local, self.head_dim)  # [b, s * n_l, D]
+        # one batched matmul per sequence: broadcasting the keys over the queries ([b, 1, D, n] against
+        # [b, s, n_l, D]) made torch.matmul copy them per query for backward at b > 1 (s x the keys' bytes)
+        sc = torch.bmm(qb, k.float().transpose(1, 2)).view(b, s, self.n_local, -1)
+        sc = torch.relu(sc * self.head_dim ** -0.5)                       # [b, s, n_l, n]
         w = self.scorer.weights_proj(x).permute(1, 0, 2).float() * self.n_heads ** -0.5  # [b, s, n_l]
         index = torch.matmul(w.unsqueeze(-2), sc).squeeze(-2)            # [b, s, n] (partial over heads)
         return M.reduce_from_tensor_model_parallel_region(index, self.group)
