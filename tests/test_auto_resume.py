@@ -30,10 +30,14 @@ def test_killed_ranks_restart_and_resume_bitwise(tmp_path):
     assert rc == 0, log[-4000:]
     assert "no checkpoint under --load" in log and "starting from scratch" in log  # empty dir at the first start
     a = audit(log, ck)
-    assert a["attempts"] == 3, log[-4000:]
     # attempt 2 resumed from the tracker's iteration 2 (iteration 4 was renamed but never tracked), attempt 3
-    # from iteration 4 (re-saved by attempt 2)
-    assert a["loads"] == [2, 4] and not a["suspicious_loads"] and a["final_iter"] == ITERS, a
+    # from iteration 4 (re-saved by attempt 2). A rank may still die while exiting after the final commit (seen
+    # once in 8 loaded runs: gloo's "terminate called without an active exception" at interpreter exit); torchrun
+    # then restarts the group and that attempt loads the final checkpoint and exits at once (the second test
+    # below): it may add attempts that load iteration ITERS, nothing else
+    extra = a["attempts"] - 3
+    assert extra >= 0 and a["loads"] == [2, 4] + [ITERS] * extra, (a, log[-4000:])
+    assert not a["suspicious_loads"] and a["final_iter"] == ITERS, a
     diff = differing(checkpoint_tensors(os.path.join(ref, f"iter_{ITERS:07d}")), checkpoint_tensors(a["final"]))
     assert not diff, diff[:5]
 
