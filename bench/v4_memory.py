@@ -73,20 +73,16 @@ def measure(cfg, seq: int, batch: int, precision: str, setting: str):
         model(ids, labels=ids, loss_mask=torch.ones(batch, seq))
     o = memory.ActivationOptions(seq_length=seq, micro_batch_size=batch, act_bytes=act_bytes, recompute=mode,
                                  selective_modules=mods)
-    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    layers = {i: memory.layer_activation_bytes(cfg, i, o) for i in range(L)}
-    mtp_layer = memory.layer_activation_bytes(cfg, L, o, True)
-    total = (sum(layers.values()) + D * mtp_layer + memory.head_activation_bytes(cfg, o, cfg.vocab_size, D)
-             + memory.embedding_activation_bytes(o, cfg) + memory_v4.rope_checkpoint_bytes(cfg, o, range(L + D)))
+    est = memory_v4.forward_estimate(cfg, o)
     got = dict(meter.per_scope)
     out = {}
     if mode == "full":
-        out["checkpoint (every layer's inputs)"] = (got["checkpoint"], sum(layers.values()) + D * mtp_layer)
+        out["checkpoint (every layer's inputs)"] = (got["checkpoint"], est["checkpoint"])
     else:
-        for i, e in layers.items():
-            out[f"layer.{i} {cfg.attention_type(i).split('_')[0]}"] = (got[f"layer.{i}"], e)
-        out["mtp.0"] = (got["mtp.0"], mtp_layer + seq * batch * sum(memory_v4.mtp_extra_terms(cfg, o).values()))
-    out["whole forward"] = (meter.total_bytes, total)
+        for i in range(cfg.num_hidden_layers):
+            out[f"layer.{i} {cfg.attention_type(i).split('_')[0]}"] = (got[f"layer.{i}"], est[f"layer.{i}"])
+        out["mtp.0"] = (got["mtp.0"], est["mtp.0"])
+    out["whole forward"] = (meter.total_bytes, est["total"])
     return out
 
 

@@ -219,20 +219,15 @@ def test_activation_estimate_equals_meter(rc):
         model(ids, labels=ids, loss_mask=torch.ones(b, s))
     o = memory.ActivationOptions(seq_length=s, micro_batch_size=b, act_bytes=4, recompute=mode,
                                  selective_modules=mods)
-    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    est = {f"layer.{i}": memory.layer_activation_bytes(cfg, i, o) for i in range(L)}
-    mtp_layer = memory.layer_activation_bytes(cfg, L, o, True)
-    total = (sum(est.values()) + D * mtp_layer + memory.head_activation_bytes(cfg, o, cfg.vocab_size, D)
-             + memory.embedding_activation_bytes(o, cfg) + memory_v4.rope_checkpoint_bytes(cfg, o, range(L + D)))
+    est = memory_v4.forward_estimate(cfg, o)
     measured = dict(meter.per_scope)
     if mode == "full":
-        assert measured["checkpoint"] == pytest.approx(sum(est.values()) + D * mtp_layer, rel=0.10), measured
+        assert measured["checkpoint"] == pytest.approx(est["checkpoint"], rel=0.10), measured
     else:
-        # the MTP depth's scope: its decoder layer and its own norms / projections / hc_head (head_bytes' part)
-        est["mtp.0"] = mtp_layer + s * b * sum(memory_v4.mtp_extra_terms(cfg, o).values())
-        for scope, e in est.items():
-            assert measured[scope] == pytest.approx(e, rel=0.10), (scope, measured[scope], e)
-    assert meter.total_bytes == pytest.approx(total, rel=0.10), (measured, total)
+        # per decoder layer and the MTP depth's scope (its decoder layer and its own norms / projections / hc_head)
+        for scope in [f"layer.{i}" for i in range(cfg.num_hidden_layers)] + ["mtp.0"]:
+            assert measured[scope] == pytest.approx(est[scope], rel=0.10), (scope, measured[scope], est[scope])
+    assert meter.total_bytes == pytest.approx(est["total"], rel=0.10), (measured, est["total"])
 
 
 @pytest.mark.parametrize("rc", ["none", "selective"])

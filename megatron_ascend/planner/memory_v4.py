@@ -239,3 +239,22 @@ def rope_checkpoint_bytes(cfg: ModelConfig, o, layer_ids: Iterable[int]) -> floa
         return 0.0
     kinds = {cfg.attention_type(i) == "sliding_attention" for i in layer_ids}
     return o.seq_length * o.micro_batch_size * len(kinds) * 2 * (cfg.qk_rope_head_dim // 2) * F32
+
+
+def forward_estimate(cfg: ModelConfig, o) -> Dict[str, float]:
+    """The planner's bytes for one whole-model chunk (every decoder layer, the MTP depths, head, embedding, RoPE
+    tables), keyed by recompute.SavedTensorMeter's scopes: ``layer.{i}``, ``mtp.{k}`` (the depth's decoder layer
+    plus its own norms / projections / hc_head), ``checkpoint`` (under full recompute: what the checkpointed
+    layers and MTP depths keep) and ``total`` (the whole forward). tests/test_planner_v4.py and
+    bench/v4_memory.py compare it with the meter."""
+    from . import memory
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    out = {f"layer.{i}": memory.layer_activation_bytes(cfg, i, o) for i in range(L)}
+    mtp_layer = memory.layer_activation_bytes(cfg, L, o, True)
+    layers = sum(out.values()) + D * mtp_layer
+    out["checkpoint"] = layers
+    for k in range(D):
+        out[f"mtp.{k}"] = mtp_layer + o.seq_length * o.micro_batch_size * sum(mtp_extra_terms(cfg, o).values())
+    out["total"] = (layers + memory.head_activation_bytes(cfg, o, cfg.vocab_size, D)
+                    + memory.embedding_activation_bytes(o, cfg) + rope_checkpoint_bytes(cfg, o, range(L + D)))
+    return out
